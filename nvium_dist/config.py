@@ -1,0 +1,307 @@
+"""Typed configuration: model, parallelism, data and training, loaded from YAML with `--set a.b=v` overrides.
+
+Validation happens here, before any process group or weight exists, so a bad config fails in
+milliseconds with a message that says what to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which field and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    ffn_hidden_size: int = 344
+    # Early exits sit after these layer counts (1-based, strictly increasing, inside 1..L-1).
+    # An empty list is the dense baseline: the final head only.
+    exits: list[int] = field(default_factory=lambda: [1, 2, 4])
+    seq_length: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    router_hidden_ratio: float = 0.66
+    # Megatron's make-vocab-size-divisible-by: the vocab is padded to a multiple of this times TP.
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def num_heads_total(self) -> int:
+        return len(self.exits) + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def router_hidden_size(self) -> int:
+        return int(self.router_hidden_ratio * self.hidden_size)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """Depth (in layers) at which each head reads the residual stream; the last is L."""
+        return list(self.exits) + [self.num_layers]
+
+    @property
+    def segment_ranges(self) -> list[tuple[int, int]]:
+        """Layer ranges [start, end) that each run before one head."""
+        bounds = [0] + self.exit_layers
+        return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "seq_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
+                f"choose num_heads among {[h for h in range(1, 65) if self.hidden_size % h == 0]}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+        exits = list(self.exits)
+        if any(b <= a for a, b in zip(exits, exits[1:])):
+            raise ConfigError(f"model.exits={exits} must be strictly increasing")
+        bad = [e for e in exits if not 1 <= e <= self.num_layers - 1]
+        if bad:
+            raise ConfigError(
+                f"model.exits={exits}: exits {bad} are outside 1..{self.num_layers - 1} "
+                f"(an exit after layer L is the final head, which always exists)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    device: str = "cpu"  # "cpu" (gloo, fp32) or "cuda" (nccl)
+    dtype: str = "auto"  # "auto" = bf16 on cuda, fp32 on cpu; or "fp32" / "bf16"
+
+    @property
+    def torch_dtype_name(self) -> str:
+        if self.dtype == "auto":
+            return "bfloat16" if self.device == "cuda" else "float32"
+        return {"fp32": "float32", "bf16": "bfloat16"}[self.dtype]
+
+    def validate(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"parallel.device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"parallel.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.pipeline_parallel > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} with pipeline_parallel={self.pipeline_parallel}: "
+                "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+        if (self.offload_optimizer or self.offload_params) and self.zero_stage == 0:
+            raise ConfigError("CPU offload needs ZeRO: set parallel.zero_stage to 1, 2 or 3 (offload_params needs 3)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
+                f"{self.tensor_parallel} x {self.pipeline_parallel}; launch a multiple of {model_parallel} processes")
+        return world_size // model_parallel
+
+
+@dataclass
+class DataConfig:
+    # Megatron blend: ["PREFIX"] or ["0.3", "A", "0.7", "B"]. Empty: build the bundled default corpus.
+    train_data: list[str] = field(default_factory=list)
+    valid_data: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_model: str = ""
+    default_corpus_vocab: int = 2048
+    cache_dir: str = ""
+
+
+@dataclass
+class BetaControllerConfig:
+    enabled: bool = False
+    baseline_metrics: str = ""  # the dense run's metrics.jsonl (eval records)
+    dead_band: float = 0.005
+    k_up: float = 8.0
+    k_down: float = 4.0
+    max_step: float = 0.5
+    beta_min: float = 0.0
+    beta_max: float = 10.0
+
+
+@dataclass
+class TrainingConfig:
+    run_dir: str = "runs/tiny"
+    seed: int = 1234
+    train_iters: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"  # "cosine" or "wsd"
+    warmup_fraction: float = 0.01
+    decay_fraction: float = 0.1  # wsd: the final fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    beta: float = 0.15
+    router_warmup_steps: int = 0  # the warmup lasts max(this, router_warmup_fraction * train_iters)
+    router_warmup_fraction: float = 0.05
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    save_interval: int = 100
+    keep_checkpoints: int = 3
+    wandb_project: str = ""  # empty: wandb off; otherwise offline unless WANDB_MODE says otherwise
+    tensorboard: bool = False
+    beta_controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)
+
+    def validate(self) -> None:
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"training.lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
+        if self.train_iters <= 0 or self.micro_batch_size <= 0:
+            raise ConfigError("training.train_iters and training.micro_batch_size must be positive")
+
+
+@dataclass
+class NviumConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self, world_size: int | None = None) -> None:
+        self.model.validate()
+        self.parallel.validate()
+        self.training.validate()
+        tp, pp = self.parallel.tensor_parallel, self.parallel.pipeline_parallel
+        if self.model.num_heads % tp:
+            raise ConfigError(
+                f"model.num_heads={self.model.num_heads} is not divisible by parallel.tensor_parallel={tp}")
+        for name in ("ffn_hidden_size", "hidden_size"):
+            if getattr(self.model, name) % tp:
+                raise ConfigError(f"model.{name}={getattr(self.model, name)} is not divisible by tensor_parallel={tp}")
+        if pp > 1 and pp > self.model.num_heads_total:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={pp} but the model has {self.model.num_heads_total} segments: "
+                "pipeline stages split at exits, so use at most one stage per segment")
+        if world_size is not None:
+            dp = self.parallel.data_parallel_size(world_size)
+            per_step = self.training.micro_batch_size * dp
+            if self.training.global_batch_size % per_step:
+                raise ConfigError(
+                    f"training.global_batch_size={self.training.global_batch_size} is not divisible by "
+                    f"micro_batch_size x data_parallel = {self.training.micro_batch_size} x {dp}")
+
+    def vocab_padding_note(self) -> str | None:
+        padded = self.model.padded_vocab_size(self.parallel.tensor_parallel)
+        if padded == self.model.vocab_size:
+            return None
+        return (f"vocab {self.model.vocab_size} padded to {padded} (multiple of make_vocab_size_divisible_by="
+                f"{self.model.make_vocab_size_divisible_by} x tensor_parallel={self.parallel.tensor_parallel}); "
+                "padded logits are masked out of every softmax")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(annotation, value, key)
+    if origin is list:
+        (item_type,) = get_args(annotation)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",") if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls, values: dict[str, Any], prefix: str = ""):
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown config key(s) {unknown} at {where}; valid keys: {sorted(names)}")
+    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> NviumConfig:
+    """Reads a YAML config (sections model/parallel/data/training), applies `a.b=value` overrides, validates."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    config = _build(NviumConfig, tree)
+    config.validate()
+    return config
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    config = _build(ModelConfig, values, "model")
+    config.validate()
+    return config

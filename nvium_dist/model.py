@@ -1,0 +1,279 @@
+"""The N-vium transformer on megatron-core tensor-parallel layers.
+
+A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, untied embedding/output, no biases) whose layers are
+split into segments at the exits. After each segment a head reads the residual stream: its own
+RMSNorm, a zero-initialised residual adapter, the shared vocab-parallel output matrix and (for early
+exits) a router giving [continue, exit] logits. Segments and heads are callable on their own so the
+decoder and pipeline stages can run them one at a time; the mixture math lives in `mixture.py`.
+
+Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product_attention`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvium_dist.config import ModelConfig
+from nvium_dist.mixture import MixtureTerms, mixture_terms
+from nvium_dist.parallel import tensor_parallel_group
+
+
+class KVCacheLayer(Protocol):
+    """One layer's cache: stores new keys/values at their positions, returns what the queries attend to."""
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        """keys/values [b, heads, s, hd] -> (all keys, all values, boolean mask [b, 1, s, s_all] or None)."""
+
+
+def _parallel_config(tensor_parallel: int, params_dtype: torch.dtype, initialise: bool):
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=initialise,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+    )
+
+
+def _normal(std: float):
+    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotates [b, heads, s, hd] by the angles of `positions` [b, s] (rotate-half convention)."""
+    angles = positions.unsqueeze(-1).float() * inv_freq  # [b, s, hd/2]
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(1)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(1)
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_config, tp_group, output_init_std: float):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        tp = layer_config.tensor_model_parallel_size
+        self.local_heads = config.num_heads // tp
+        self.head_dim = config.head_dim
+        # Output features are laid out head-major [head, (q, k, v), head_dim], so a contiguous TP split
+        # hands each rank whole heads.
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size, 3 * config.hidden_size, config=layer_config, init_method=_normal(config.init_std),
+            bias=False, gather_output=False, tp_group=tp_group)
+        self.out = RowParallelLinear(
+            config.hidden_size, config.hidden_size, config=layer_config, init_method=_normal(output_init_std),
+            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [b, s, d] -> rotated q, k and v, each [b, local_heads, s, head_dim]."""
+        b, s, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return apply_rotary(q, positions, self.inv_freq), apply_rotary(k, positions, self.inv_freq), v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCacheLayer | None = None):
+        q, k, v = self.project(x, positions)
+        if cache is None:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v, mask = cache.update(k, v, positions)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, _, s, _ = attended.shape
+        out, _ = self.out(attended.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+        return out
+
+
+class SwiGLU(nn.Module):
+    """down(SiLU(gate(x)) * up(x)); gate and up are separate column-parallel matrices so TP splits stay aligned."""
+
+    def __init__(self, hidden: int, ffn: int, layer_config, tp_group, init_std: float, output_init_std: float):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        def column():
+            return ColumnParallelLinear(hidden, ffn, config=layer_config, init_method=_normal(init_std),
+                                        bias=False, gather_output=False, tp_group=tp_group)
+
+        self.gate, self.up = column(), column()
+        self.down = RowParallelLinear(ffn, hidden, config=layer_config, init_method=_normal(output_init_std),
+                                      bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, _ = self.gate(x)
+        up, _ = self.up(x)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype):
+        super().__init__()
+        output_std = config.init_std / math.sqrt(2 * config.num_layers)
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.attn = Attention(config, layer_config, tp_group, output_std)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, layer_config, tp_group,
+                          config.init_std, output_std)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCacheLayer | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ResidualAdapter(nn.Module):
+    """a(n) = n + W2 SiLU(W1 n), W2 zero-initialised so a fresh adapter is the identity."""
+
+    def __init__(self, hidden: int, layer_config, tp_group, init_std: float):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        self.w1 = ColumnParallelLinear(hidden, hidden, config=layer_config, init_method=_normal(init_std),
+                                       bias=False, gather_output=False, tp_group=tp_group)
+        self.w2 = RowParallelLinear(hidden, hidden, config=layer_config, init_method=nn.init.zeros_,
+                                    bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, n: torch.Tensor) -> torch.Tensor:
+        h, _ = self.w1(n)
+        out, _ = self.w2(F.silu(h))
+        return n + out
+
+
+class Router(nn.Module):
+    """Per-token MLP on the exit's normalised state: d -> ~0.66d -> GELU -> d -> RMSNorm -> [continue, exit].
+
+    Small and replicated on every TP rank (identical inputs and seeds keep the replicas identical).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        d, h = config.hidden_size, config.router_hidden_size
+        self.fc1 = nn.Linear(d, h, dtype=dtype)
+        self.fc2 = nn.Linear(h, d, dtype=dtype)
+        self.norm = RMSNorm(d, config.norm_eps, dtype)
+        self.logits = nn.Linear(d, 2, dtype=dtype)
+        for layer, std in ((self.fc1, config.init_std), (self.fc2, config.init_std), (self.logits, 0.4 / math.sqrt(d))):
+            if layer.weight.device.type != "meta":
+                nn.init.normal_(layer.weight, std=std)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, n: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.norm(self.fc2(F.gelu(self.fc1(n)))))
+
+
+class ExitHead(nn.Module):
+    """Norm + adapter in front of the shared output matrix; early exits also carry a router."""
+
+    def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype, with_router: bool):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
+        self.adapter = ResidualAdapter(config.hidden_size, layer_config, tp_group, config.init_std)
+        self.router = Router(config, dtype) if with_router else None
+
+
+class NviumModel(nn.Module):
+    def __init__(self, config: ModelConfig, tensor_parallel: int = 1, dtype: torch.dtype = torch.float32,
+                 initialise: bool = True):
+        """Builds the TP shard of this rank (parallel_state must be initialised when tensor_parallel > 1).
+
+        `initialise=False` skips weight initialisation, for building on the meta device or before loading.
+        """
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+
+        config.validate()
+        self.config = config
+        self.padded_vocab_size = config.padded_vocab_size(tensor_parallel)
+        tp_group = tensor_parallel_group()
+        if tensor_parallel > 1 and tp_group is None:
+            raise RuntimeError("tensor_parallel > 1 needs torch.distributed and parallel_state initialised first")
+        layer_config = _parallel_config(tensor_parallel, dtype, initialise)
+        self.embedding = VocabParallelEmbedding(
+            self.padded_vocab_size, config.hidden_size, init_method=_normal(config.init_std),
+            config=layer_config, tp_group=tp_group)
+        self.layers = nn.ModuleList(Block(config, layer_config, tp_group, dtype) for _ in range(config.num_layers))
+        num_heads = config.num_heads_total
+        self.heads = nn.ModuleList(
+            ExitHead(config, layer_config, tp_group, dtype, with_router=k < num_heads - 1) for k in range(num_heads))
+        # One output matrix for every head (vocab-parallel logits, never gathered).
+        self.output = ColumnParallelLinear(
+            config.hidden_size, self.padded_vocab_size, config=layer_config, init_method=_normal(config.init_std),
+            bias=False, gather_output=False, tp_group=tp_group)
+        local_vocab = self.padded_vocab_size // tensor_parallel
+        tp_rank = tp_group.rank() if tp_group is not None else 0
+        vocab_ids = torch.arange(local_vocab) + tp_rank * local_vocab
+        self.register_buffer("padding_mask", vocab_ids >= config.vocab_size, persistent=False)
+
+    # -- pieces the decoder and the pipeline stages call one at a time --------------------------------
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+    def run_segment(self, segment: int, hidden: torch.Tensor, positions: torch.Tensor,
+                    caches: list[KVCacheLayer] | None = None) -> torch.Tensor:
+        """Runs the layers between head `segment - 1` and head `segment`; `caches` is indexed by layer."""
+        start, end = self.config.segment_ranges[segment]
+        for layer in range(start, end):
+            hidden = self.layers[layer](hidden, positions, caches[layer] if caches is not None else None)
+        return hidden
+
+    def head_logits(self, head: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (this rank's vocab slice of the logits, padding at -inf; router logits [..., 2] or None)."""
+        exit_head = self.heads[head]
+        normed = exit_head.norm(hidden)
+        router_logits = exit_head.router(normed) if exit_head.router is not None else None
+        logits, _ = self.output(exit_head.adapter(normed))
+        if bool(self.padding_mask.any()):
+            logits = logits.masked_fill(self.padding_mask, float("-inf"))
+        return logits, router_logits
+
+    def head_label_log_probs(self, head: int, hidden: torch.Tensor, labels: torch.Tensor):
+        """-> (log p_head(label) [b, s] through vocab-parallel cross entropy, router logits or None)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits, router_logits = self.head_logits(head, hidden)
+        # vocab_parallel_cross_entropy overwrites its input; these logits are not needed afterwards.
+        return -vocab_parallel_cross_entropy(logits.float(), labels), router_logits
+
+    @staticmethod
+    def default_positions(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, force_continue: bool = False) -> MixtureTerms:
+        """Full-depth training forward: every head on every token, combined into the mixture."""
+        positions = self.default_positions(tokens)
+        hidden = self.embed(tokens)
+        head_log_probs, router_logits = [], []
+        for head in range(self.config.num_heads_total):
+            hidden = self.run_segment(head, hidden, positions)
+            log_p, router = self.head_label_log_probs(head, hidden, labels)
+            head_log_probs.append(log_p)
+            if router is not None:
+                router_logits.append(router)
+        return mixture_terms(
+            torch.stack(head_log_probs, dim=-1),
+            torch.stack(router_logits, dim=-2) if router_logits else None,
+            self.config.exit_layers, self.config.num_layers, force_continue=force_continue)

@@ -1,0 +1,148 @@
+"""Process groups: torch.distributed + megatron-core parallel_state, and the adapter DeepSpeed expects.
+
+Megatron lays ranks out tensor-parallel fastest, then data, then pipeline; DeepSpeed's
+PipeModelDataParallelTopology(pipe, data, model) puts model fastest, then data, then pipe. The two
+agree, and `check_rank_layout` asserts it at start-up rather than trusting it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nvium_dist.config import ParallelConfig
+
+
+@dataclass
+class ParallelInfo:
+    rank: int
+    world_size: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> ParallelInfo:
+    """Initialises torch.distributed from torchrun's environment (a single process works without it)
+    and megatron-core's parallel_state with the configured TP and PP sizes."""
+    from megatron.core import parallel_state
+
+    if parallel.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("parallel.device=cuda but no CUDA device is visible; use --set parallel.device=cpu")
+    if not dist.is_initialized():
+        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise RuntimeError("WORLD_SIZE > 1 without MASTER_PORT: launch with torchrun (or srun + torchrun)")
+            os.environ["MASTER_PORT"] = str(free_port())
+        if parallel.device == "cuda":
+            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        dist.init_process_group(
+            backend="nccl" if parallel.device == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    parallel.data_parallel_size(world_size)  # raises a ConfigError when the sizes do not divide
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+    )
+    return current_parallel_info(parallel.device)
+
+
+def current_parallel_info(device: str = "cpu") -> ParallelInfo:
+    from megatron.core import parallel_state as ps
+
+    torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    return ParallelInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        device=torch_device,
+    )
+
+
+def tensor_parallel_group():
+    """The TP group when parallel_state is up, else None (single process, e.g. building on meta)."""
+    from megatron.core import parallel_state
+
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+class DeepSpeedMPU:
+    """The legacy accessor names `deepspeed.initialize(mpu=...)` calls, over megatron-core parallel_state.
+
+    DeepSpeed treats "model parallel" as the tensor-parallel group here; pipeline stages are DeepSpeed's
+    own business through PipelineModule's topology.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    # ZeRO-3 and the pipeline engine ask for these names as well.
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+
+def check_rank_layout(info: ParallelInfo) -> None:
+    """Asserts that DeepSpeed's pipe/data/model topology gives this rank the coordinates megatron gave it."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topology = PipeModelDataParallelTopology(num_pp=info.pp_size, num_mp=info.tp_size, num_dp=info.dp_size)
+    coord = topology.get_coord(info.rank)
+    expected = (info.pp_rank, info.dp_rank, info.tp_rank)
+    if (coord.pipe, coord.data, coord.model) != expected:
+        raise RuntimeError(
+            f"rank {info.rank}: DeepSpeed topology says (pipe, data, model) = {(coord.pipe, coord.data, coord.model)} "
+            f"but megatron parallel_state says {expected}; the two layouts disagree")

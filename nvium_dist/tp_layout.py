@@ -1,0 +1,84 @@
+"""Between one full (TP=1, unpadded-vocab) state dict and a tensor-parallel shard of NviumModel.
+
+The full form is what exports hold and what every layout converts through: vocab rows are stored
+unpadded, so a checkpoint does not depend on the TP size it was trained with. Only parameters are
+carried (megatron's linears add `_extra_state` entries to state_dict that hold nothing here).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+VOCAB_PARAMETERS = ("embedding.weight", "output.weight")
+
+
+def partition_dims(model: nn.Module) -> dict[str, int | None]:
+    """Parameter name -> the dimension TP splits (None: replicated on every TP rank)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    dims: dict[str, int | None] = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+                dims[name] = 0
+            elif isinstance(module, RowParallelLinear):
+                dims[name] = 1 if param_name == "weight" else None
+            else:
+                dims[name] = None
+    return dims
+
+
+def _is_vocab(name: str) -> bool:
+    return name.endswith(VOCAB_PARAMETERS)
+
+
+def shard_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
+                          vocab_size: int) -> dict[str, torch.Tensor]:
+    """The slice of a full state dict that TP rank `tp_rank` of `tp_size` holds (vocab rows padded first)."""
+    dims = partition_dims(model)
+    local = dict(model.named_parameters())
+    missing = sorted(set(local) - set(full))
+    unexpected = sorted(set(full) - set(local))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    shards = {}
+    for name, tensor in full.items():
+        if _is_vocab(name):
+            if tensor.shape[0] != vocab_size:
+                raise ValueError(f"{name} has {tensor.shape[0]} vocab rows, the model config says {vocab_size}")
+            padded_rows = local[name].shape[0] * tp_size
+            tensor = torch.cat([tensor, tensor.new_zeros(padded_rows - vocab_size, *tensor.shape[1:])])
+        dim = dims.get(name)
+        if dim is not None:
+            tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
+        if tensor.shape != local[name].shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit the model's {tuple(local[name].shape)}")
+        shards[name] = tensor.contiguous()
+    return shards
+
+
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> None:
+    shards = shard_full_state_dict(model, full, tp_rank, tp_size, model.config.vocab_size)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(shards[name])
+
+
+def gather_full_state_dict(model: nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
+    """All-gathers this TP group's shards into the full state dict (vocab padding stripped), on CPU."""
+    dims = partition_dims(model)
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    full = {}
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        dim = dims.get(name)
+        if dim is not None and tp_size > 1:
+            pieces = [torch.empty_like(tensor) for _ in range(tp_size)]
+            dist.all_gather(pieces, tensor.contiguous(), group=tp_group)
+            tensor = torch.cat(pieces, dim=dim)
+        if _is_vocab(name):
+            tensor = tensor[: model.config.vocab_size]
+        full[name] = tensor.cpu().contiguous()
+    return full

@@ -1,0 +1,205 @@
+"""The model on real megatron-core layers: reference equivalence, causality, tensor parallelism, learning."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_runner import run_distributed
+from nvium_dist.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from nvium_dist.mixture import nvium_loss
+
+TINY = dict(vocab_size=300, hidden_size=64, num_layers=6, num_heads=4, ffn_hidden_size=96, exits=[1, 2, 4],
+            seq_length=32, make_vocab_size_divisible_by=64)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from nvium_dist.parallel import init_distributed
+
+    init_distributed(ParallelConfig())
+    yield
+
+
+def build(seed=0, **overrides):
+    from nvium_dist.model import NviumModel
+
+    torch.manual_seed(seed)
+    return NviumModel(ModelConfig(**{**TINY, **overrides}))
+
+
+def reference_transformer(sd, config, tokens):
+    """A plain LLaMA forward written from scratch over the full weights: final norm -> output matrix."""
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * w
+
+    def rope(x):
+        hd = x.shape[-1]
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.arange(x.shape[2]).float()[:, None] * inv
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        return x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
+
+    b, s = tokens.shape
+    h, hd = config.num_heads, config.head_dim
+    x = sd["embedding.weight"][tokens]
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        qkv = (rms(x, sd[p + "attn_norm.weight"]) @ sd[p + "attn.qkv.weight"].T).view(b, s, h, 3, hd)
+        q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))
+        att = torch.softmax((rope(q) @ rope(k).transpose(-1, -2)) / math.sqrt(hd)
+                            + torch.full((s, s), float("-inf")).triu(1), -1) @ v
+        x = x + att.transpose(1, 2).reshape(b, s, h * hd) @ sd[p + "attn.out.weight"].T
+        n = rms(x, sd[p + "mlp_norm.weight"])
+        x = x + (F.silu(n @ sd[p + "mlp.gate.weight"].T) * (n @ sd[p + "mlp.up.weight"].T)) @ sd[p + "mlp.down.weight"].T
+    last = config.num_heads_total - 1
+    logits = rms(x, sd[f"heads.{last}.norm.weight"]) @ sd["output.weight"].T
+    return torch.log_softmax(logits[..., : config.vocab_size], -1)
+
+
+def test_forced_continue_equals_plain_transformer(single_process):
+    model = build()
+    tokens = torch.randint(0, 300, (2, 24))
+    labels = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        terms = model(tokens, labels, force_continue=True)
+        reference = reference_transformer(model.state_dict(), model.config, tokens)
+    # zero routing mass: the mixture is exactly the final head ...
+    assert torch.equal(terms.log_p_mix, terms.log_p_heads[..., -1])
+    # ... and with the adapters at their zero init, the final head is a plain transformer
+    torch.testing.assert_close(terms.log_p_mix, reference.gather(-1, labels[..., None])[..., 0], atol=2e-5, rtol=1e-5)
+
+
+def test_padded_vocab_is_masked(single_process):
+    model = build()
+    assert model.padded_vocab_size == 320
+    logits, router = model.head_logits(0, torch.randn(1, 3, 64))
+    assert torch.isinf(logits[..., 300:]).all() and torch.isfinite(logits[..., :300]).all()
+    assert router.shape == (1, 3, 2)
+
+
+def test_causality_every_head_and_router(single_process):
+    model = build(seed=3)
+    with torch.no_grad():  # give adapters weight so they are exercised too
+        for head in model.heads:
+            head.adapter.w2.weight.normal_(std=0.02)
+    tokens = torch.randint(0, 300, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, 300, (2, 8))
+    outputs = []
+    with torch.no_grad():
+        for toks in (tokens, changed):
+            hidden, positions = model.embed(toks), model.default_positions(toks)
+            per_head = []
+            for k in range(model.config.num_heads_total):
+                hidden = model.run_segment(k, hidden, positions)
+                per_head.append(model.head_logits(k, hidden))
+            outputs.append(per_head)
+    for (logits_a, router_a), (logits_b, router_b) in zip(*outputs):
+        assert torch.equal(logits_a[:, :12], logits_b[:, :12])
+        assert not torch.allclose(logits_a[:, 12:], logits_b[:, 12:])
+        if router_a is not None:
+            assert torch.equal(router_a[:, :12], router_b[:, :12])
+
+
+def _tp_worker(rank, world_size, full_state, tokens, labels):
+    from nvium_dist.model import NviumModel
+    from nvium_dist.parallel import init_distributed
+    from nvium_dist.tp_layout import gather_full_state_dict, load_full_state_dict, partition_dims
+    from megatron.core import parallel_state
+
+    init_distributed(ParallelConfig(tensor_parallel=world_size))
+    model = NviumModel(ModelConfig(**TINY), tensor_parallel=world_size, initialise=False)
+    load_full_state_dict(model, full_state, parallel_state.get_tensor_model_parallel_rank(), world_size)
+    terms = model(tokens, labels)
+    loss = nvium_loss(terms, torch.ones_like(labels), beta=0.15, in_router_warmup=False).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name, param in model.named_parameters():  # gather gradients like weights
+        param.data = param.grad
+    full_grads = gather_full_state_dict(model, parallel_state.get_tensor_model_parallel_group())
+    logits, _ = model.head_logits(1, torch.ones(1, 2, 64))
+    return dict(log_p_heads=terms.log_p_heads.detach(), log_p_mix=terms.log_p_mix.detach(), q=terms.q.detach(),
+                loss=loss.item(), grads=full_grads, local_vocab=logits.shape[-1],
+                split={k: v for k, v in partition_dims(model).items() if v is not None}, n_grads=len(grads))
+
+
+def test_tensor_parallel_2_equals_1():
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
+    labels = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    reference = run_distributed(_tp_worker, 1, _full_state(), tokens, labels)[0]
+    results = run_distributed(_tp_worker, 2, _full_state(), tokens, labels)
+    assert results[0]["local_vocab"] == 192 and reference["local_vocab"] == 320
+    assert "layers.0.attn.out.weight" in results[0]["split"] and "heads.0.router.fc1.weight" not in results[0]["split"]
+    for result in results:
+        assert abs(result["loss"] - reference["loss"]) < 1e-5
+        torch.testing.assert_close(result["log_p_heads"], reference["log_p_heads"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(result["q"], reference["q"], atol=1e-5, rtol=0)
+        for name, grad in reference["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=0, msg=name)
+    worst = max((results[0]["grads"][n] - g).abs().max().item() for n, g in reference["grads"].items())
+    print(f"TP=2 vs TP=1: loss diff {abs(results[0]['loss'] - reference['loss']):.2e}, max grad diff {worst:.2e}")
+
+
+def _full_state():
+    from nvium_dist.parallel import init_distributed
+    from nvium_dist.tp_layout import gather_full_state_dict
+
+    init_distributed(ParallelConfig())
+    model = build(seed=11)
+    with torch.no_grad():
+        for head in model.heads:
+            head.adapter.w2.weight.normal_(std=0.02)
+    return gather_full_state_dict(model)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_repeating_corpus(single_process):
+    torch.manual_seed(0)
+    model = build(seed=0, vocab_size=256, make_vocab_size_divisible_by=128, hidden_size=64, num_layers=4,
+                  exits=[1, 2, 3], ffn_hidden_size=128)
+    pattern = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(1))
+    stream = pattern.repeat(50)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(300):
+        starts = torch.randint(0, len(stream) - 33, (8,))
+        batch = torch.stack([stream[s:s + 33] for s in starts])
+        terms = model(batch[:, :-1], batch[:, 1:])
+        loss = nvium_loss(terms, torch.ones(8, 32), beta=0.15, in_router_warmup=step < 15).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head_ce = -terms.log_p_heads.mean((0, 1))
+    mix_ce = -terms.log_p_mix.mean()
+    print(f"after 300 steps: mixture CE {mix_ce:.3f}, head CE {head_ce.tolist()}, log V {math.log(256):.3f}")
+    assert mix_ce < 0.1 * math.log(256)
+    assert (head_ce[:-1] < 0.5 * math.log(256)).all()  # the early heads learn too
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_heads=5", "not divisible by model.num_heads"),
+    ("model.exits=[2,2]", "strictly increasing"),
+    ("model.exits=[0,3]", "outside 1..5"),
+    ("model.exits=[1,6]", "outside 1..5"),
+    ("parallel.tensor_parallel=3", "num_heads=4 is not divisible by parallel.tensor_parallel=3"),
+    ("parallel.zero_stage=2", "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1"),
+    ("model.hidden_sz=3", "unknown config key"),
+    ("model.num_layers=abc", "model.num_layers must be int"),
+])
+def test_bad_configs_fail_clearly(override, message):
+    overrides = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=6", override]
+    if "zero_stage" in override:
+        overrides.append("parallel.pipeline_parallel=2")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_world_size_and_vocab_padding_messages():
+    config = load_config(None, ["parallel.tensor_parallel=2", "model.vocab_size=1000"])
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        config.validate(world_size=3)
+    assert config.model.padded_vocab_size(2) == 1024
+    assert "padded to 1024" in config.vocab_padding_note()
+    with pytest.raises(ConfigError, match="at most one stage per segment"):
+        load_config(None, ["parallel.pipeline_parallel=5", "model.exits=[2]"])
