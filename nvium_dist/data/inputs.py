@@ -1,0 +1,81 @@
+"""Input discovery and streaming readers shared by the corpus tools (no torch imports).
+
+Inputs are files, directories (searched recursively) or globs. Kinds, by file name:
+    *.jsonl, *.json, *.jsonl.gz, *.json.gz  -> JSON lines, one document per line
+    anything else (e.g. *.txt, *.md, *.txt.gz) -> plain text, one document per file
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from typing import Iterator
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz")
+
+
+def input_kind(path: str) -> str:
+    return "jsonl" if path.lower().endswith(JSONL_SUFFIXES) else "text"
+
+
+def expand_inputs(patterns: list[str] | str) -> list[str]:
+    """Files named by paths, directories or globs; each pattern's matches sorted, duplicates removed.
+
+    Raises FileNotFoundError naming the pattern when one matches nothing.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out: list[str] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        for part in [p for p in pattern.split(",") if p] if "," in pattern and not os.path.exists(pattern) else [pattern]:
+            if os.path.isdir(part):
+                matches = sorted(
+                    os.path.join(d, f) for d, _, fs in os.walk(part) for f in fs if not f.startswith(".")
+                )
+            elif os.path.isfile(part):
+                matches = [part]
+            else:
+                matches = sorted(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise FileNotFoundError(
+                    f"input {part!r} matches no file; pass existing files, directories or quoted globs "
+                    f"(e.g. --input 'data/*.jsonl.gz')"
+                )
+            for m in matches:
+                key = os.path.abspath(m)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(m)
+    return out
+
+
+def open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)
+
+
+def read_text_file(path: str) -> str:
+    with open_binary(path) as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def iter_texts(paths: list[str], json_key: str = "text") -> Iterator[str]:
+    """Stream document texts (JSONL lines with a string ``json_key``; whole text files); bad lines are skipped."""
+    for path in paths:
+        if input_kind(path) == "text":
+            text = read_text_file(path)
+            if text.strip():
+                yield text
+            continue
+        with open_binary(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line).get(json_key)
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(value, str) and value.strip():
+                    yield value

