@@ -10,6 +10,7 @@ Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Protocol
 
@@ -41,8 +42,20 @@ def _parallel_config(tensor_parallel: int, params_dtype: torch.dtype, initialise
     )
 
 
-def _normal(std: float):
-    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
+class ParameterInit:
+    """Initialisation as a pure function of (seed, parameter name): every TP/PP layout, and every stage
+    building only its own layers, starts from the same full weights."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def generator(self, name: str) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def normal(self, name: str, std: float):
+        """An init_method for megatron's layers; they call it on the full (master) weight."""
+        return lambda weight: nn.init.normal_(weight, mean=0.0, std=std, generator=self.generator(name))
 
 
 class RMSNorm(nn.Module):
@@ -69,7 +82,8 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_config, tp_group, output_init_std: float):
+    def __init__(self, config: ModelConfig, layer_config, tp_group, init: ParameterInit, name: str,
+                 output_init_std: float):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -79,10 +93,11 @@ class Attention(nn.Module):
         # Output features are laid out head-major [head, (q, k, v), head_dim], so a contiguous TP split
         # hands each rank whole heads.
         self.qkv = ColumnParallelLinear(
-            config.hidden_size, 3 * config.hidden_size, config=layer_config, init_method=_normal(config.init_std),
+            config.hidden_size, 3 * config.hidden_size, config=layer_config, init_method=init.normal(f"{name}.qkv.weight", config.init_std),
             bias=False, gather_output=False, tp_group=tp_group)
         self.out = RowParallelLinear(
-            config.hidden_size, config.hidden_size, config=layer_config, init_method=_normal(output_init_std),
+            config.hidden_size, config.hidden_size, config=layer_config,
+            init_method=init.normal(f"{name}.out.weight", output_init_std),
             bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -110,16 +125,19 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(SiLU(gate(x)) * up(x)); gate and up are separate column-parallel matrices so TP splits stay aligned."""
 
-    def __init__(self, hidden: int, ffn: int, layer_config, tp_group, init_std: float, output_init_std: float):
+    def __init__(self, hidden: int, ffn: int, layer_config, tp_group, init: ParameterInit, name: str,
+                 init_std: float, output_init_std: float):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        def column():
-            return ColumnParallelLinear(hidden, ffn, config=layer_config, init_method=_normal(init_std),
+        def column(part):
+            return ColumnParallelLinear(hidden, ffn, config=layer_config,
+                                        init_method=init.normal(f"{name}.{part}.weight", init_std),
                                         bias=False, gather_output=False, tp_group=tp_group)
 
-        self.gate, self.up = column(), column()
-        self.down = RowParallelLinear(ffn, hidden, config=layer_config, init_method=_normal(output_init_std),
+        self.gate, self.up = column("gate"), column("up")
+        self.down = RowParallelLinear(ffn, hidden, config=layer_config,
+                                      init_method=init.normal(f"{name}.down.weight", output_init_std),
                                       bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,13 +148,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype, init: ParameterInit,
+                 name: str):
         super().__init__()
         output_std = config.init_std / math.sqrt(2 * config.num_layers)
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
-        self.attn = Attention(config, layer_config, tp_group, output_std)
+        self.attn = Attention(config, layer_config, tp_group, init, f"{name}.attn", output_std)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
-        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, layer_config, tp_group,
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, layer_config, tp_group, init, f"{name}.mlp",
                           config.init_std, output_std)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCacheLayer | None = None) -> torch.Tensor:
@@ -147,11 +166,12 @@ class Block(nn.Module):
 class ResidualAdapter(nn.Module):
     """a(n) = n + W2 SiLU(W1 n), W2 zero-initialised so a fresh adapter is the identity."""
 
-    def __init__(self, hidden: int, layer_config, tp_group, init_std: float):
+    def __init__(self, hidden: int, layer_config, tp_group, init: ParameterInit, name: str, init_std: float):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        self.w1 = ColumnParallelLinear(hidden, hidden, config=layer_config, init_method=_normal(init_std),
+        self.w1 = ColumnParallelLinear(hidden, hidden, config=layer_config,
+                                       init_method=init.normal(f"{name}.w1.weight", init_std),
                                        bias=False, gather_output=False, tp_group=tp_group)
         self.w2 = RowParallelLinear(hidden, hidden, config=layer_config, init_method=nn.init.zeros_,
                                     bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
@@ -168,17 +188,20 @@ class Router(nn.Module):
     Small and replicated on every TP rank (identical inputs and seeds keep the replicas identical).
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, init: ParameterInit, name: str):
         super().__init__()
         d, h = config.hidden_size, config.router_hidden_size
         self.fc1 = nn.Linear(d, h, dtype=dtype)
         self.fc2 = nn.Linear(h, d, dtype=dtype)
         self.norm = RMSNorm(d, config.norm_eps, dtype)
         self.logits = nn.Linear(d, 2, dtype=dtype)
-        for layer, std in ((self.fc1, config.init_std), (self.fc2, config.init_std), (self.logits, 0.4 / math.sqrt(d))):
-            if layer.weight.device.type != "meta":
-                nn.init.normal_(layer.weight, std=std)
-                nn.init.zeros_(layer.bias)
+        stds = {"fc1": config.init_std, "fc2": config.init_std, "logits": 0.4 / math.sqrt(d)}
+        with torch.no_grad():
+            for part, std in stds.items():
+                layer = getattr(self, part)
+                if layer.weight.device.type != "meta":
+                    init.normal(f"{name}.{part}.weight", std)(layer.weight)
+                    layer.bias.zero_()
 
     def forward(self, n: torch.Tensor) -> torch.Tensor:
         return self.logits(self.norm(self.fc2(F.gelu(self.fc1(n)))))
@@ -187,45 +210,85 @@ class Router(nn.Module):
 class ExitHead(nn.Module):
     """Norm + adapter in front of the shared output matrix; early exits also carry a router."""
 
-    def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype, with_router: bool):
+    def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype, init: ParameterInit,
+                 name: str, with_router: bool):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
-        self.adapter = ResidualAdapter(config.hidden_size, layer_config, tp_group, config.init_std)
-        self.router = Router(config, dtype) if with_router else None
+        self.adapter = ResidualAdapter(config.hidden_size, layer_config, tp_group, init, f"{name}.adapter",
+                                       config.init_std)
+        self.router = Router(config, dtype, init, f"{name}.router") if with_router else None
+
+
+class ModelParts:
+    """Builds the model's modules one by one, named as in NviumModel, so pipeline stages can build
+    only the layers and heads they own."""
+
+    def __init__(self, config: ModelConfig, tensor_parallel: int, dtype: torch.dtype, initialise: bool, seed: int):
+        config.validate()
+        self.config, self.dtype, self.tensor_parallel = config, dtype, tensor_parallel
+        self.padded_vocab_size = config.padded_vocab_size(tensor_parallel)
+        self.tp_group = tensor_parallel_group()
+        if tensor_parallel > 1 and self.tp_group is None:
+            raise RuntimeError("tensor_parallel > 1 needs torch.distributed and parallel_state initialised first")
+        self.layer_config = _parallel_config(tensor_parallel, dtype, initialise)
+        self.init = ParameterInit(seed)
+
+    def _vocab_init(self, name: str):
+        """Normal init of the real vocab rows of the full [padded vocab, d] matrix; padding rows zero."""
+        normal = self.init.normal(name, self.config.init_std)
+
+        def init_method(weight):
+            with torch.no_grad():
+                weight.zero_()
+                normal(weight[: self.config.vocab_size])
+        return init_method
+
+    def embedding(self):
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        return VocabParallelEmbedding(self.padded_vocab_size, self.config.hidden_size,
+                                      init_method=self._vocab_init("embedding.weight"),
+                                      config=self.layer_config, tp_group=self.tp_group)
+
+    def block(self, index: int) -> Block:
+        return Block(self.config, self.layer_config, self.tp_group, self.dtype, self.init, f"layers.{index}")
+
+    def head(self, index: int) -> ExitHead:
+        return ExitHead(self.config, self.layer_config, self.tp_group, self.dtype, self.init, f"heads.{index}",
+                        with_router=index < self.config.num_heads_total - 1)
+
+    def output(self):
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        return ColumnParallelLinear(self.config.hidden_size, self.padded_vocab_size, config=self.layer_config,
+                                    init_method=self._vocab_init("output.weight"), bias=False,
+                                    gather_output=False, tp_group=self.tp_group)
+
+    def padding_mask(self) -> torch.Tensor:
+        """True at this rank's logit columns that are vocab padding."""
+        local_vocab = self.padded_vocab_size // self.tensor_parallel
+        tp_rank = self.tp_group.rank() if self.tp_group is not None else 0
+        return torch.arange(local_vocab) + tp_rank * local_vocab >= self.config.vocab_size
 
 
 class NviumModel(nn.Module):
     def __init__(self, config: ModelConfig, tensor_parallel: int = 1, dtype: torch.dtype = torch.float32,
-                 initialise: bool = True):
+                 initialise: bool = True, seed: int = 0):
         """Builds the TP shard of this rank (parallel_state must be initialised when tensor_parallel > 1).
 
-        `initialise=False` skips weight initialisation, for building on the meta device or before loading.
+        Weights depend only on (seed, parameter name), never on the layout. `initialise=False` skips
+        initialisation, for building on the meta device or right before loading weights.
         """
         super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
-
-        config.validate()
+        parts = ModelParts(config, tensor_parallel, dtype, initialise, seed)
         self.config = config
-        self.padded_vocab_size = config.padded_vocab_size(tensor_parallel)
-        tp_group = tensor_parallel_group()
-        if tensor_parallel > 1 and tp_group is None:
-            raise RuntimeError("tensor_parallel > 1 needs torch.distributed and parallel_state initialised first")
-        layer_config = _parallel_config(tensor_parallel, dtype, initialise)
-        self.embedding = VocabParallelEmbedding(
-            self.padded_vocab_size, config.hidden_size, init_method=_normal(config.init_std),
-            config=layer_config, tp_group=tp_group)
-        self.layers = nn.ModuleList(Block(config, layer_config, tp_group, dtype) for _ in range(config.num_layers))
-        num_heads = config.num_heads_total
-        self.heads = nn.ModuleList(
-            ExitHead(config, layer_config, tp_group, dtype, with_router=k < num_heads - 1) for k in range(num_heads))
+        self.padded_vocab_size = parts.padded_vocab_size
+        self.embedding = parts.embedding()
+        self.layers = nn.ModuleList(parts.block(i) for i in range(config.num_layers))
+        self.heads = nn.ModuleList(parts.head(k) for k in range(config.num_heads_total))
         # One output matrix for every head (vocab-parallel logits, never gathered).
-        self.output = ColumnParallelLinear(
-            config.hidden_size, self.padded_vocab_size, config=layer_config, init_method=_normal(config.init_std),
-            bias=False, gather_output=False, tp_group=tp_group)
-        local_vocab = self.padded_vocab_size // tensor_parallel
-        tp_rank = tp_group.rank() if tp_group is not None else 0
-        vocab_ids = torch.arange(local_vocab) + tp_rank * local_vocab
-        self.register_buffer("padding_mask", vocab_ids >= config.vocab_size, persistent=False)
+        self.output = parts.output()
+        self.register_buffer("padding_mask", parts.padding_mask(), persistent=False)
 
     # -- pieces the decoder and the pipeline stages call one at a time --------------------------------
 
