@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Merge several Megatron .bin/.idx datasets into one, keeping documents and their order.
+
+Inputs are dataset prefixes (X for X.bin/X.idx; a trailing .bin/.idx is accepted). They are
+validated, must share a token dtype (and tokenizer, when their summary JSONs say which), and are
+concatenated with megatron-core's IndexedDatasetBuilder.add_index.
+
+Example:
+  python tools/merge_datasets.py --inputs data/bin/a_text_document data/bin/b_text_document \\
+      --output-prefix data/bin/ab_text_document
+"""
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", required=True, help="dataset prefixes, merged in this order")
+    p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx/.summary.json")
+    args = p.parse_args(argv)
+    from nvium_dist.data.indexed import DatasetFormatError
+    from nvium_dist.data.merge import merge_datasets
+
+    try:
+        summary = merge_datasets(args.inputs, args.output_prefix)
+    except (DatasetFormatError, ValueError, FileNotFoundError) as err:
+        print(f"merge_datasets.py: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
