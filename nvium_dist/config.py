@@ -93,6 +93,8 @@ class ParallelConfig:
     offload_params: bool = False
     device: str = "cpu"  # "cpu" (gloo, fp32) or "cuda" (nccl)
     dtype: str = "auto"  # "auto" = bf16 on cuda, fp32 on cpu; or "fp32" / "bf16"
+    # DeepSpeed's shared-memory allreduce for CPU ranks on one node: JIT-compiled at first use (~60 s).
+    cpu_shm_allreduce: bool = False
 
     @property
     def torch_dtype_name(self) -> str:
@@ -134,8 +136,7 @@ class DataConfig:
     valid_data: list[str] = field(default_factory=list)
     split: str = "969,30,1"
     tokenizer_model: str = ""
-    default_corpus_vocab: int = 2048
-    cache_dir: str = ""
+    cache_dir: str = ""  # GPTDataset index cache; default RUN_DIR/data/cache
 
 
 @dataclass

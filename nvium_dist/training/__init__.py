@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, the beta controller, checkpoints, metrics and the loop."""

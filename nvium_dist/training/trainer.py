@@ -1,0 +1,361 @@
+"""The pretraining loop: DeepSpeed engine (ZeRO 0-3) over the TP model, or DeepSpeed's pipeline engine
+for PP > 1; the N-vium objective with router warmup and the beta controller; evaluation, metrics,
+atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nvium_dist.config import NviumConfig
+from nvium_dist.mixture import nvium_loss, router_warmup_steps
+from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, check_rank_layout, init_distributed
+from nvium_dist.training import checkpoint as ckpt
+from nvium_dist.training.beta_controller import BetaController
+from nvium_dist.training.metrics import MetricsLogger
+from nvium_dist.training.schedule import adamw_param_groups, lr_multiplier
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+SAMPLE_ROWS = 2
+
+
+def prepare_default_data(config: NviumConfig, info: ParallelInfo) -> None:
+    """An empty data.train_data means: the bundled Shakespeare corpus, tokenised under RUN_DIR/data."""
+    data_dir = (Path(config.training.run_dir) / "data").resolve()
+    tokenizer = data_dir / "tokenizer.model"
+    prefixes = {split: data_dir / f"shakespeare_{split}" for split in ("train", "valid")}
+    done = data_dir / "READY"
+    if info.rank == 0 and not done.is_file():
+        print(f"[data] building the default corpus, tokenizer and .bin/.idx under {data_dir}", flush=True)
+
+        def tool(name, *args):
+            subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], check=True)
+
+        tool("build_default_corpus.py", "--output-dir", data_dir / "corpus")
+        tool("train_tokenizer.py", "--input", data_dir / "corpus" / "train.jsonl", "--vocab-size",
+             config.model.vocab_size, "--output-prefix", data_dir / "tokenizer")
+        for split, prefix in prefixes.items():
+            tool("preprocess_data.py", "--input", data_dir / "corpus" / f"{split}.jsonl", "--json-keys", "text",
+                 "--tokenizer-model", tokenizer, "--output-prefix", prefix, "--append-eod", "--workers", "1")
+        done.write_text("ok\n")
+    dist.barrier()
+    config.data.train_data = [f"{prefixes['train']}_text_document"]
+    config.data.valid_data = [f"{prefixes['valid']}_text_document"]
+    config.data.tokenizer_model = str(tokenizer)
+
+
+class Trainer:
+    def __init__(self, config: NviumConfig):
+        self.config = config
+        self.info = init_distributed(config.parallel)
+        config.validate(world_size=self.info.world_size)
+        check_rank_layout(self.info)
+        self.is_logger = self.info.rank == 0
+        self.run_dir = Path(config.training.run_dir)
+        t = config.training
+        self.grad_accumulation = t.global_batch_size // (t.micro_batch_size * self.info.dp_size)
+        self.warmup_steps = router_warmup_steps(t.train_iters, t.router_warmup_steps, t.router_warmup_fraction)
+        self.controller = BetaController(t.beta_controller, beta=t.beta)
+        self.step = 0
+        self.consumed_samples = 0
+        self._stop_requested = False
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            note = config.vocab_padding_note()
+            if note:
+                print(f"[config] {note}", flush=True)
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    def _build_data(self):
+        from nvium_dist.data.gpt_data import SentencePieceTokenizer, build_gpt_datasets, check_vocab_fits
+
+        c = self.config
+        if not c.data.train_data:
+            prepare_default_data(c, self.info)
+        tokenizer = SentencePieceTokenizer(c.data.tokenizer_model)
+        check_vocab_fits(tokenizer.vocab_size, c.model.vocab_size, c.data.tokenizer_model)
+        t = c.training
+        samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.micro_batch_size * self.info.dp_size, 0)
+        cache = c.data.cache_dir or str(self.run_dir / "data" / "cache")
+
+        def build():
+            return build_gpt_datasets(c.data.train_data, c.data.split, c.model.seq_length, t.seed, samples, tokenizer,
+                                      cache_dir=cache, valid_blend=c.data.valid_data or None)
+
+        # rank 0 writes the index caches; the others read them
+        if self.info.rank == 0:
+            datasets = build()
+        dist.barrier()
+        if self.info.rank != 0:
+            datasets = build()
+        self.train_data, self.valid_data, _ = datasets
+        if self.valid_data is None:
+            raise ValueError("no validation data: give data.valid_data or a split with a validation share")
+
+    def _build_model(self, resume: dict | None):
+        from nvium_dist.model import NviumModel
+        from nvium_dist.tp_layout import load_full_state_dict
+
+        c = self.config
+        model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=c.training.seed)
+        if resume is not None and not resume["same_layout"]:
+            load_full_state_dict(model, resume["full_state"], self.info.tp_rank, self.info.tp_size)
+        return model.to(self.info.device)
+
+    def _deepspeed_config(self) -> dict:
+        p, t = self.config.parallel, self.config.training
+        zero = {"stage": p.zero_stage}
+        if p.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if p.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accumulation,
+            "gradient_clipping": t.clip_grad,
+            "zero_optimization": zero,
+            "bf16": {"enabled": p.torch_dtype_name == "bfloat16"},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _build_engine(self, model, lr_offset: int):
+        import deepspeed
+
+        c = self.config
+        if c.parallel.device == "cpu" and not c.parallel.cpu_shm_allreduce:
+            # gloo does the allreduce; skip the ~60 s JIT build of DeepSpeed's shared-memory op
+            # (`deepspeed.comm.torch` as an attribute is the torch package, hence sys.modules)
+            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        t = c.training
+        optimizer = torch.optim.AdamW(adamw_param_groups(model, t.weight_decay), lr=t.lr,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s + lr_offset, t))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self._deepspeed_config(), mpu=DeepSpeedMPU())
+        return engine
+
+    def _resume_point(self) -> dict | None:
+        found = ckpt.find_resumable(self.run_dir, self.info.rank)
+        if found is None:
+            return None
+        ckpt.check_same_model(found["config"], self.config, found["path"])
+        state = found["trainer_state"]
+        found["same_layout"] = (state.get("layout") == ckpt.layout_key(self.config, self.info.world_size)
+                                and (found["path"] / "deepspeed").is_dir())
+        if not found["same_layout"] and self.is_logger:
+            warnings.warn(f"{found['path']} was written with layout {state.get('layout')}; resuming from its "
+                          "weights with a fresh optimizer state")
+        return found
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def _micro_batch(self, iterator):
+        batch = next(iterator)
+        return {k: v.to(self.info.device) for k, v in batch.items()}
+
+    def _train_step(self, iterator) -> dict:
+        beta, in_warmup = self.controller.beta, self.step < self.warmup_steps
+        totals = torch.zeros(4, dtype=torch.float64)
+        for _ in range(self.grad_accumulation):
+            batch = self._micro_batch(iterator)
+            terms = self.engine(batch["tokens"], batch["labels"])
+            losses = nvium_loss(terms, batch["loss_mask"], beta, in_warmup)
+            self.engine.backward(losses.loss)
+            self.engine.step()
+            totals += torch.tensor([losses.loss.item(), losses.lm_loss.item(), losses.depth_loss.item(),
+                                    losses.warmup_loss.item()], dtype=torch.float64)
+        totals /= self.grad_accumulation
+        dist.all_reduce(totals, group=self._dp_group())
+        totals /= self.info.dp_size
+        return dict(zip(("loss", "lm_loss", "depth_loss", "warmup_loss"), totals.tolist()))
+
+    def _dp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    # -- evaluation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from nvium_dist.data.gpt_data import batch_iterator
+
+        c = self.config
+        K = c.model.num_heads_total
+        iterator = batch_iterator(self.valid_data, c.training.micro_batch_size, self.info.dp_rank,
+                                  self.info.dp_size, consumed_samples=0, cycle=True)
+        self.engine.eval()
+        sums = torch.zeros(3 + 2 * K, dtype=torch.float64)  # tokens, nll, depth, head nll x K, pi x K
+        for _ in range(c.training.eval_iters):
+            batch = self._micro_batch(iterator)
+            terms = self.engine(batch["tokens"], batch["labels"])
+            mask = batch["loss_mask"].double()
+            sums[0] += mask.sum().cpu()
+            sums[1] += (-terms.log_p_mix.double() * mask).sum().cpu()
+            sums[2] += (terms.expected_depth.double() * mask).sum().cpu()
+            sums[3:3 + K] += (-terms.log_p_heads.double() * mask[..., None]).sum((0, 1)).cpu()
+            sums[3 + K:] += (terms.pi.double() * mask[..., None]).sum((0, 1)).cpu()
+        self.engine.train()
+        dist.all_reduce(sums, group=self._dp_group())
+        tokens = sums[0].item()
+        eval_ce = sums[1].item() / tokens
+        depth = sums[2].item() / tokens
+        return {"eval_ce": eval_ce, "eval_ppl": math.exp(min(eval_ce, 50.0)),
+                "head_ce": (sums[3:3 + K] / tokens).tolist(), "exit_usage": (sums[3 + K:] / tokens).tolist(),
+                "expected_depth": depth, "ideal_speedup": 1.0 / depth, "eval_tokens": int(tokens)}
+
+    # -- checkpoint pieces ------------------------------------------------------------------------------
+
+    def _full_state(self):
+        from megatron.core import parallel_state
+
+        from nvium_dist.tp_layout import gather_full_state_dict
+
+        module = self.engine.module
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if self.config.parallel.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                full = gather_full_state_dict(module, tp_group)
+        else:
+            full = gather_full_state_dict(module, tp_group)
+        return full if self.info.rank == 0 else None
+
+    @torch.no_grad()
+    def _sample_check(self):
+        """The live model's outputs on a fixed validation sample, for export to verify its weights against."""
+        from nvium_dist.data.gpt_data import batch_iterator
+
+        rows = min(SAMPLE_ROWS, self.config.training.micro_batch_size)
+        batch = self._micro_batch(batch_iterator(self.valid_data, self.config.training.micro_batch_size, 0, 1, 0))
+        tokens, labels = batch["tokens"][:rows], batch["labels"][:rows]
+        self.engine.eval()
+        terms = self.engine(tokens, labels)
+        self.engine.train()
+        if self.info.rank != 0:
+            return None
+        return {"tokens": tokens.cpu(), "labels": labels.cpu(), "log_p_heads": terms.log_p_heads.float().cpu(),
+                "log_p_mix": terms.log_p_mix.float().cpu()}
+
+    def save(self) -> Path:
+        state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
+                 "router_warmup_steps": self.warmup_steps}
+        path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._full_state,
+                                    self._sample_check, self.info.rank, self.info.world_size)
+        self.metrics.message(f"[checkpoint] step {self.step} -> {path}")
+        return path
+
+    # -- signals ----------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _any_rank_stopping(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        from nvium_dist.data.gpt_data import batch_iterator
+
+        c, t = self.config, self.config.training
+        self._install_signal_handlers()
+        self._build_data()
+        resume = self._resume_point()
+        if resume is not None:
+            self.step = int(resume["trainer_state"]["step"])
+        model = self._build_model(resume)
+        self.engine = self._build_engine(model, lr_offset=self.step if resume and not resume["same_layout"] else 0)
+        if resume is not None:
+            if resume["same_layout"]:
+                ckpt.load_deepspeed_state(self.engine, resume["path"], self.info.rank)
+            state = resume["trainer_state"]
+            self.consumed_samples = int(state["consumed_samples"])
+            self.controller.load_state(state["controller"])
+        self.metrics = MetricsLogger(c, self.step, enabled=self.is_logger)
+        self._announce(model, resume)
+        if self.step >= t.train_iters:
+            self.metrics.message(f"[train] already at step {self.step} of {t.train_iters}; nothing to do")
+            self.metrics.close()
+            return 0
+
+        iterator = batch_iterator(self.train_data, t.micro_batch_size, self.info.dp_rank, self.info.dp_size,
+                                  consumed_samples=self.consumed_samples)
+        tokens_per_step = t.global_batch_size * c.model.seq_length
+        last_saved = self.step
+        while self.step < t.train_iters:
+            started = time.perf_counter()
+            lr = self.engine.get_lr()[0]
+            losses = self._train_step(iterator)
+            self.step += 1
+            self.consumed_samples += t.global_batch_size
+            elapsed = time.perf_counter() - started
+            if self.step % t.log_interval == 0 or self.step == t.train_iters:
+                grad_norm = self.engine.get_global_grad_norm()
+                record = {"step": self.step, **losses, "lr": lr, "beta": self.controller.beta,
+                          "tokens_per_s": tokens_per_step / elapsed, "consumed_samples": self.consumed_samples,
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "router_warmup": self.step <= self.warmup_steps}
+                self.metrics.log(record)
+                self.metrics.progress(self.step, {"loss": f"{losses['loss']:.4f}", "lr": f"{lr:.2e}",
+                                                  "tok/s": f"{record['tokens_per_s']:.0f}"})
+            if self.step % t.eval_interval == 0 or self.step == t.train_iters:
+                self._evaluate_and_control()
+            stopping = self._any_rank_stopping()
+            if stopping or self.step % t.save_interval == 0 or self.step == t.train_iters:
+                self.save()
+                last_saved = self.step
+            if stopping:
+                self.metrics.message(f"preempted: checkpoint saved at step {self.step}")
+                break
+        if last_saved != self.step:
+            self.save()
+        self.metrics.close()
+        return 0
+
+    def _evaluate_and_control(self) -> None:
+        result = self.evaluate()
+        if self.config.model.exits and self.config.training.beta_controller.enabled:
+            self.controller.update(self.step, result["eval_ce"])
+        record = {"step": self.step, **result, "beta": self.controller.beta}
+        self.metrics.log(record)
+        self.metrics.message(
+            f"[eval] step {self.step}: ce {result['eval_ce']:.4f} ppl {result['eval_ppl']:.2f} "
+            f"depth {result['expected_depth']:.3f} exits {[round(u, 3) for u in result['exit_usage']]} "
+            f"beta {self.controller.beta:.3f}")
+
+    def _announce(self, model, resume) -> None:
+        if not self.is_logger:
+            return
+        from nvium_dist.model_info import model_report, model_state_memory
+
+        c, info = self.config, self.info
+        report = model_report(c.model)
+        memory = model_state_memory(report["total_parameters"], report["largest_module_parameters"],
+                                    c.parallel.zero_stage, info.world_size, 1, info.tp_size * info.pp_size,
+                                    c.parallel.offload_optimizer)
+        where = f"resumed from {resume['path']} at step {self.step}" if resume else "fresh start"
+        print(f"[setup] {report['total_parameters']:,} parameters {report['parameters_by_part']}\n"
+              f"[setup] world {info.world_size} = TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}, "
+              f"ZeRO-{c.parallel.zero_stage}, grad accumulation {self.grad_accumulation}, device {info.device}\n"
+              f"[setup] DeepSpeed model-state estimate per GPU: {memory['per_gpu_gib']} GiB "
+              f"(CPU {memory['cpu_gib']} GiB)\n[setup] run dir {self.run_dir.resolve()} ({where})", flush=True)
+

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Pretrain an N-vium model (or its dense baseline) with megatron-core TP layers and DeepSpeed.
+
+Launch with torchrun (or srun + torchrun); TP, PP and the ZeRO stage come from the config and DP is
+what remains of the world size:
+
+  torchrun --nproc-per-node 2 pretrain/pretrain_nvium.py --config pretrain/configs/tiny.yaml
+  torchrun --nproc-per-node 2 pretrain/pretrain_nvium.py --config pretrain/configs/tiny.yaml \\
+      --set parallel.tensor_parallel=2 --set training.run_dir=runs/tiny-tp2
+
+A run directory with a checkpoint resumes automatically. SIGTERM or SIGUSR1 (Slurm's pre-timeout
+signal) finishes the current step, saves a checkpoint and exits 0. The dense baseline is the same
+trainer with `model.exits: []` and the matched MLP width (pretrain/configs/*-dense.yaml).
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config with sections model/parallel/data/training")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.train_iters=50 (repeatable)")
+    args = parser.parse_args(argv)
+
+    from nvium_dist.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    from nvium_dist.training.trainer import Trainer
+
+    try:
+        return Trainer(config).train()
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
