@@ -1,0 +1,314 @@
+"""NviumGenerator: loads an export and samples from the N-vium mixture exactly.
+
+mode="deferred": each token runs only up to its sampled exit; upper layers are completed later by
+carrying queued tokens (nvium_dist.inference.engine). mode="full": every layer every step (the
+full-depth baseline). Both draw the same tokens for the same seed: exit decisions and tokens come from
+counter-based uniforms keyed by (seed, sequence, position, exit) (nvium_dist.inference.sampling).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nvium_dist.config import ModelConfig
+from nvium_dist.inference.engine import StageEngine
+from nvium_dist.inference.sampling import SamplingTransform
+from nvium_dist.mixture import log_mixture_distribution
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty or too long prompt, unknown token ids, unsupported option)."""
+
+
+@dataclass
+class GenerationOutput:
+    prompts: list[list[int]]
+    tokens: list[list[int]]  # generated tokens per sequence
+    exits: list[list[int]]  # head index (0..K-1) per generated token; -1 = sampled from the full (transformed) p_mix
+    mode: str
+    seconds: float
+    exit_layers: list[int]
+    num_layers: int
+    trace: list | None = None
+    engine: StageEngine | None = field(default=None, repr=False)
+    stage_caches: list | None = field(default=None, repr=False)
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [p + t for p, t in zip(self.prompts, self.tokens)]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def exit_histogram(self) -> list[int]:
+        counts = [0] * len(self.exit_layers)
+        for row in self.exits:
+            for e in row:
+                if e >= 0:
+                    counts[e] += 1
+        return counts
+
+    def mean_exit_layer(self) -> float:
+        """Mean depth in layers of the sampled exits (the ideal deferred speedup is num_layers / this)."""
+        hist = self.exit_histogram()
+        total = sum(hist)
+        if total == 0:
+            return float(self.num_layers)
+        return sum(c * layer for c, layer in zip(hist, self.exit_layers)) / total
+
+
+class Tokenizer:
+    """Text <-> ids for an export: SentencePiece, bytes (id = byte value) or none (ids only)."""
+
+    def __init__(self, kind: str, path: Path | None):
+        self.kind, self.path = kind, path
+        self._sp = None
+        if kind == "sentencepiece":
+            from nvium_dist.data.tokenizer import SentencePieceTokenizer
+
+            self._sp = SentencePieceTokenizer(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "sentencepiece":
+            return list(self._sp.encode(text))
+        if self.kind == "bytes":
+            return list(text.encode("utf-8"))
+        raise GenerationError("this export has no tokenizer; pass token ids (e.g. generate.py --prompt-ids 1,2,3)")
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            return self._sp.decode(ids)
+        if self.kind == "bytes":
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return " ".join(map(str, ids))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._sp.eos if self.kind == "sentencepiece" else None
+
+
+def ensure_process_group(device: str = "cpu"):
+    """A 1-process gloo (or NCCL) group and megatron parallel_state, unless some are already up."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from nvium_dist.config import ParallelConfig
+    from nvium_dist.parallel import init_distributed
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        init_distributed(ParallelConfig(device=device))
+
+
+class NviumGenerator:
+    def __init__(self, model, tokenizer: Tokenizer, export_dir: str | None = None, device: str = "cpu"):
+        self.model, self.tokenizer, self.export_dir, self.device = model, tokenizer, export_dir, device
+        self.config: ModelConfig = model.config
+
+    @classmethod
+    def from_pretrained(cls, export_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+                        keep_layers: set[int] | None = None) -> "NviumGenerator":
+        """Loads EXPORT_DIR (config.json + model.safetensors + tokenizer). `keep_layers` (pipeline stages)
+        frees the weights of the other layers after loading."""
+        from nvium_dist.checkpoint_io import load_export
+        from nvium_dist.model import NviumModel
+        from nvium_dist.tp_layout import load_full_state_dict
+
+        export = load_export(export_dir)
+        ensure_process_group(device)
+        dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+        model = NviumModel(export.model_config, tensor_parallel=1, dtype=dtype, initialise=False)
+        load_full_state_dict(model, {k: v.to(dtype) for k, v in export.state.items()})
+        if keep_layers is not None:
+            for i in range(export.model_config.num_layers):
+                if i not in keep_layers:
+                    model.layers[i] = torch.nn.Identity()
+        model = model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model, Tokenizer(export.tokenizer_type, export.tokenizer_path), str(export_dir), device)
+
+    # -- full forward ------------------------------------------------------------------------------------
+
+    def _as_batch(self, token_ids) -> torch.Tensor:
+        tokens = torch.as_tensor(token_ids, dtype=torch.long)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.numel() == 0:
+            raise GenerationError("empty token sequence")
+        self._check_ids(tokens.flatten().tolist())
+        if tokens.shape[1] > self.config.seq_length:
+            raise GenerationError(f"{tokens.shape[1]} tokens exceed the model context seq_length="
+                                  f"{self.config.seq_length}; evaluate shorter windows")
+        return tokens.to(self.device)
+
+    @torch.inference_mode()
+    def head_outputs(self, token_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Full forward: (per-head log-softmax [b, s, K, V], router logits [b, s, K-1, 2] or None)."""
+        tokens = self._as_batch(token_ids)
+        model = self.model
+        hidden = model.embed(tokens)
+        positions = model.default_positions(tokens)
+        log_heads, routers = [], []
+        for k in range(self.config.num_heads_total):
+            hidden = model.run_segment(k, hidden, positions)
+            logits, router = model.head_logits(k, hidden)
+            log_heads.append(torch.log_softmax(logits[..., :self.config.vocab_size].float(), -1))
+            if router is not None:
+                routers.append(router.float())
+        return torch.stack(log_heads, -2), (torch.stack(routers, -2) if routers else None)
+
+    def mixture_logprobs(self, token_ids) -> torch.Tensor:
+        """log p_mix over the vocab after every position: [b, s, V] (or [s, V] for a 1-d input)."""
+        squeeze = torch.as_tensor(token_ids).dim() == 1
+        log_heads, routers = self.head_outputs(token_ids)
+        log_mix = log_mixture_distribution(log_heads, routers)
+        return log_mix[0] if squeeze else log_mix
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    def _check_ids(self, ids) -> None:
+        bad = [i for i in ids if not 0 <= int(i) < self.config.vocab_size]
+        if bad:
+            raise GenerationError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
+
+    def _prepare_prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], str)):
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            prompts = [self.tokenizer.encode(p) for p in prompts]
+        elif isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        elif isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise GenerationError("no prompts given: pass a list of token-id lists (or strings)")
+        prompts = [list(map(int, p)) for p in prompts]
+        if max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        context = self.config.seq_length
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise GenerationError(f"prompt {i} is empty: decoding needs at least one token to condition on "
+                                      "(start it with a BOS token or some text)")
+            if len(prompt) > context:
+                raise GenerationError(f"prompt {i} has {len(prompt)} tokens, longer than the model context "
+                                      f"seq_length={context}; shorten it")
+            if len(prompt) + max_new_tokens > context:
+                raise GenerationError(
+                    f"prompt {i} ({len(prompt)} tokens) + max_new_tokens={max_new_tokens} exceeds the model context "
+                    f"seq_length={context}; use max_new_tokens <= {context - len(prompt)}")
+            self._check_ids(prompt)
+        return prompts
+
+    def generate(self, prompts, max_new_tokens: int, seed: int = 0, mode: str = "deferred",
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                 eos_id: int | None = None, pipeline_stages: int = 1, flush: bool = False, trace: bool = False,
+                 sequence_ids: list[int] | None = None, on_step=None) -> GenerationOutput:
+        """Exact ancestral sampling from p_mix (see the module docstring).
+
+        prompts: token-id lists (or strings, encoded with the export's tokenizer), ragged lengths allowed.
+        Transforms (temperature != 1, top_k, top_p < 1, greedy) need mode="full": they transform the full
+        p_mix, which no single head gives; mode="deferred" with a transform raises GenerationError.
+        flush: complete every queued token (and the last sampled one) through all layers at the end, so the
+        caches equal a full forward over the sequences. on_step(step, {row: (token, exit)}) streams tokens.
+        """
+        if mode not in ("deferred", "full"):
+            raise GenerationError(f"mode must be 'deferred' or 'full', got {mode!r}")
+        transform = SamplingTransform(temperature, top_k, top_p, greedy)
+        if transform.is_identity:
+            transform = None
+        elif mode == "deferred":
+            raise GenerationError(
+                f"sampling transform ({transform.describe()}) requested with mode='deferred': a transformed "
+                "distribution is a function of the full mixture p_mix, which needs every head's logits, so it "
+                "cannot be sampled by stopping at one exit. Use mode='full' (computes all heads and transforms "
+                "p_mix exactly) or plain sampling (temperature=1, no top-k/top-p) for deferred decoding")
+        prompts = self._prepare_prompts(prompts, max_new_tokens)
+        if sequence_ids is None:
+            sequence_ids = list(range(len(prompts)))
+        if len(sequence_ids) != len(prompts):
+            raise GenerationError("sequence_ids needs one id per prompt")
+        if eos_id is not None:
+            self._check_ids([eos_id])
+        if pipeline_stages < 1:
+            raise GenerationError(f"pipeline_stages must be >= 1, got {pipeline_stages}")
+        if pipeline_stages > 1:
+            if transform is not None:
+                raise GenerationError("sampling transforms are single-process only; use pipeline_stages=1")
+            from nvium_dist.inference.pipeline import run_pipeline
+
+            if self.export_dir is None:
+                raise GenerationError("pipeline decoding loads the model in every stage: use from_pretrained(EXPORT_DIR)")
+            result = run_pipeline(self.export_dir, pipeline_stages, prompts, max_new_tokens, seed, mode, eos_id,
+                                  sequence_ids, flush, self.device)
+            return GenerationOutput(prompts, result["tokens"], result["exits"], mode, result["seconds"],
+                                    self.config.exit_layers, self.config.num_layers,
+                                    stage_caches=result.get("caches"))
+        with torch.inference_mode():
+            engine = StageEngine(self.model, range(self.config.num_heads_total), len(prompts),
+                                 max(map(len, prompts)) + max_new_tokens, seed, sequence_ids,
+                                 full_depth=mode == "full", transform=transform, trace=trace)
+            start = time.perf_counter()
+            tokens, exits = decode_loop(engine, self.model, prompts, max_new_tokens, eos_id, flush, on_step)
+            seconds = time.perf_counter() - start
+        return GenerationOutput(prompts, tokens, exits, mode, seconds, self.config.exit_layers,
+                                self.config.num_layers, engine.trace, engine)
+
+
+def prefill(engine: StageEngine, model, prompts: list[list[int]], device) -> None:
+    """Every prompt token but the last at full depth (the last is the first decoding step's input)."""
+    rows = [b for b, p in enumerate(prompts) if len(p) > 1]
+    if not rows:
+        return
+    n = max(len(prompts[b]) - 1 for b in rows)
+    tokens = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, b in enumerate(rows):
+        tokens[i, :len(prompts[b]) - 1] = torch.tensor(prompts[b][:-1])
+    engine.write_input(rows, [0] * len(rows), model.embed(tokens.to(device)), [len(prompts[b]) - 1 for b in rows])
+    engine.step(decide=[], eager=rows)
+
+
+def feed(engine: StageEngine, model, rows: list[int], tokens: list[int], positions: list[int], device) -> None:
+    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+    engine.write_input(rows, positions, model.embed(ids), [1] * len(rows))
+
+
+def decode_loop(engine: StageEngine, model, prompts, max_new_tokens: int, eos_id, flush: bool, on_step):
+    device = engine.device
+    batch = len(prompts)
+    prefill(engine, model, prompts, device)
+    current = [p[-1] for p in prompts]
+    position = [len(p) - 1 for p in prompts]
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    exits: list[list[int]] = [[] for _ in range(batch)]
+    active = list(range(batch))
+    for step in range(max_new_tokens):
+        if not active:
+            break
+        feed(engine, model, active, [current[b] for b in active], [position[b] for b in active], device)
+        results = engine.step(decide=active, eager=[]).results
+        for b in active:
+            token, exit = results[b]
+            tokens[b].append(token)
+            exits[b].append(exit)
+            current[b] = token
+            position[b] += 1
+        if on_step is not None:
+            on_step(step, {b: results[b] for b in active})
+        if eos_id is not None:
+            active = [b for b in active if current[b] != eos_id]
+    if flush and max_new_tokens > 0:
+        rows = list(range(batch))
+        feed(engine, model, rows, current, position, device)
+        engine.step(decide=[], eager=rows)
+    return tokens, exits
