@@ -250,7 +250,7 @@ class NviumGenerator:
             if self.export_dir is None:
                 raise GenerationError("pipeline decoding loads the model in every stage: use from_pretrained(EXPORT_DIR)")
             result = run_pipeline(self.export_dir, pipeline_stages, prompts, max_new_tokens, seed, mode, eos_id,
-                                  sequence_ids, flush, self.device)
+                                  sequence_ids, flush, self.device, return_caches=flush)
             return GenerationOutput(prompts, result["tokens"], result["exits"], mode, result["seconds"],
                                     self.config.exit_layers, self.config.num_layers,
                                     stage_caches=result.get("caches"))
@@ -265,17 +265,18 @@ class NviumGenerator:
                                 self.config.num_layers, engine.trace, engine)
 
 
-def prefill(engine: StageEngine, model, prompts: list[list[int]], device) -> None:
-    """Every prompt token but the last at full depth (the last is the first decoding step's input)."""
+def prefill(engine: StageEngine, model, prompts: list[list[int]], device):
+    """Every prompt token but the last at full depth (the last is the first decoding step's input);
+    -> the step's output (work for the next pipeline stage), or None."""
     rows = [b for b, p in enumerate(prompts) if len(p) > 1]
     if not rows:
-        return
+        return None
     n = max(len(prompts[b]) - 1 for b in rows)
     tokens = torch.zeros(len(rows), n, dtype=torch.long)
     for i, b in enumerate(rows):
         tokens[i, :len(prompts[b]) - 1] = torch.tensor(prompts[b][:-1])
     engine.write_input(rows, [0] * len(rows), model.embed(tokens.to(device)), [len(prompts[b]) - 1 for b in rows])
-    engine.step(decide=[], eager=rows)
+    return engine.step(decide=[], eager=rows)
 
 
 def feed(engine: StageEngine, model, rows: list[int], tokens: list[int], positions: list[int], device) -> None:

@@ -1,0 +1,290 @@
+"""Pipeline-stage decoding: S processes, each owning contiguous segments (stage boundaries at exits).
+
+Stage 0 embeds the current tokens and runs its segments. A token that exits inside stage 0 is done:
+stage 0 moves on to the next token at once. A token that continues past stage 0's last exit is sent on
+(with the tokens queued at that exit, "carried") and stage 0 waits for its sampled token, which comes
+back from whichever stage it exits in. Tokens that exit exactly at a stage's last exit are forwarded
+right away as eager work: the next stages complete their upper layers while stage 0 is busy with later
+tokens, instead of waiting for a future token to carry them. Randomness is keyed by (seed, sequence,
+position, exit), so the tokens equal single-process decoding.
+
+Messages (torch.distributed point-to-point; gloo on CPU, NCCL on GPU):
+    stage s -> s+1  header int64 [kind, R, n, rows(B), starts(B), counts(B), decide(B)], then hidden [R, n, d]
+    stage s -> 0    result int64 [count, rows(B), tokens(B), exits(B)]
+kind 1 = work, 0 = stop. Every channel is FIFO, and stage 0 sends step t+1 only after all results of
+step t arrived, so there is no cycle of blocking sends.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import torch
+
+WORK, STOP = 1, 0
+_PRELOAD = ["torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture",
+            "nvium_dist.inference.generator"]
+
+
+def stage_segments(num_segments: int, segment_layers: list[int], stages: int) -> list[range]:
+    """Contiguous split of the segments into `stages` parts minimising the largest layer count
+    (ties: lighter early stages, since stage 0 runs for every token)."""
+    if not 1 <= stages <= num_segments:
+        raise ValueError(f"pipeline_stages={stages}: the model has {num_segments} segments (stages split at exits); "
+                         f"use 1..{num_segments}")
+    best = None
+    from itertools import combinations
+
+    for cuts in combinations(range(1, num_segments), stages - 1):
+        bounds = [0, *cuts, num_segments]
+        loads = [sum(segment_layers[bounds[i]:bounds[i + 1]]) for i in range(stages)]
+        key = (max(loads), loads)
+        if best is None or key < best[0]:
+            best = (key, bounds)
+    bounds = best[1]
+    return [range(bounds[i], bounds[i + 1]) for i in range(stages)]
+
+
+def _send_work(out, batch: int, dst: int, hidden_size: int, device) -> None:
+    import torch.distributed as dist
+
+    header = torch.zeros(3 + 4 * batch, dtype=torch.long)
+    rows = out.forward_rows
+    r = len(rows)
+    header[0], header[1], header[2] = WORK, r, max(out.forward_counts)
+    header[3:3 + r] = torch.tensor(rows)
+    header[3 + batch:3 + batch + r] = torch.tensor(out.forward_starts)
+    header[3 + 2 * batch:3 + 2 * batch + r] = torch.tensor(out.forward_counts)
+    header[3 + 3 * batch:3 + 3 * batch + r] = torch.tensor([int(d) for d in out.forward_decide])
+    dist.send(header.to(device), dst)
+    dist.send(out.forward_hidden.contiguous(), dst)
+
+
+def _send_stop(batch: int, dst: int, device) -> None:
+    import torch.distributed as dist
+
+    header = torch.zeros(3 + 4 * batch, dtype=torch.long)
+    header[0] = STOP
+    dist.send(header.to(device), dst)
+
+
+def _send_results(results: dict, batch: int, device) -> None:
+    import torch.distributed as dist
+
+    message = torch.zeros(1 + 3 * batch, dtype=torch.long)
+    rows = sorted(results)
+    message[0] = len(rows)
+    for i, row in enumerate(rows):
+        token, exit = results[row]
+        message[1 + i], message[1 + batch + i], message[1 + 2 * batch + i] = row, token, exit
+    dist.send(message.to(device), 0)
+
+
+def _worker_loop(engine, rank: int, stages: int, batch: int, hidden_size: int, dtype, device) -> None:
+    import torch.distributed as dist
+
+    header = torch.zeros(3 + 4 * batch, dtype=torch.long, device=device)
+    while True:
+        dist.recv(header, rank - 1)
+        h = header.cpu()
+        if int(h[0]) == STOP:
+            if rank + 1 < stages:
+                _send_stop(batch, rank + 1, device)
+            return
+        r, n = int(h[1]), int(h[2])
+        rows = h[3:3 + r].tolist()
+        starts = h[3 + batch:3 + batch + r].tolist()
+        counts = h[3 + 2 * batch:3 + 2 * batch + r].tolist()
+        decide_flags = h[3 + 3 * batch:3 + 3 * batch + r].tolist()
+        hidden = torch.empty(r, n, hidden_size, dtype=dtype, device=device)
+        dist.recv(hidden, rank - 1)
+        engine.write_input(rows, starts, hidden, counts)
+        decide = [row for row, flag in zip(rows, decide_flags) if flag]
+        eager = [row for row, flag in zip(rows, decide_flags) if not flag]
+        out = engine.step(decide, eager)
+        if out.results:
+            _send_results(out.results, batch, device)
+        if out.forward_rows and rank + 1 < stages:
+            _send_work(out, batch, rank + 1, hidden_size, device)
+
+
+def _driver_loop(engine, model, stages: int, prompts, max_new_tokens: int, eos_id, flush: bool, device):
+    """Stage 0: the decoding loop of generator.decode_loop, with the upper stages in other processes."""
+    import torch.distributed as dist
+
+    from nvium_dist.inference.generator import feed, prefill
+
+    batch = len(prompts)
+    hidden_size = model.config.hidden_size
+
+    def forward(out):
+        if out.forward_rows and stages > 1:
+            _send_work(out, batch, 1, hidden_size, device)
+            return sum(out.forward_decide)
+        return 0
+
+    # prefill (eager, full depth through every stage)
+    prefill_out = prefill(engine, model, prompts, device)
+    if prefill_out is not None:
+        forward(prefill_out)
+    current = [p[-1] for p in prompts]
+    position = [len(p) - 1 for p in prompts]
+    tokens = [[] for _ in range(batch)]
+    exits = [[] for _ in range(batch)]
+    active = list(range(batch))
+    message = torch.zeros(1 + 3 * batch, dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        feed(engine, model, active, [current[b] for b in active], [position[b] for b in active], device)
+        out = engine.step(decide=active, eager=[])
+        results = dict(out.results)
+        waiting = forward(out)
+        while waiting:
+            dist.recv(message)
+            m = message.cpu()
+            count = int(m[0])
+            for i in range(count):
+                results[int(m[1 + i])] = (int(m[1 + batch + i]), int(m[1 + 2 * batch + i]))
+            waiting -= count
+        for b in active:
+            token, exit = results[b]
+            tokens[b].append(token)
+            exits[b].append(exit)
+            current[b] = token
+            position[b] += 1
+        if eos_id is not None:
+            active = [b for b in active if current[b] != eos_id]
+    if flush and max_new_tokens > 0:
+        rows = list(range(batch))
+        feed(engine, model, rows, current, position, device)
+        forward(engine.step(decide=[], eager=rows))
+    if stages > 1:
+        _send_stop(batch, 1, device)
+    return tokens, exits
+
+
+def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(stages), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(job["threads"])
+    try:
+        from nvium_dist.inference.engine import StageEngine
+        from nvium_dist.inference.generator import NviumGenerator
+
+        device = job["device"]
+        if device == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        export_config = _model_config(job["export_dir"])
+        ranges = export_config.segment_ranges
+        segments = stage_segments(len(ranges), [b - a for a, b in ranges], stages)[rank]
+        keep = {i for j in segments for i in range(*ranges[j])}
+        generator = NviumGenerator.from_pretrained(job["export_dir"], device=device, keep_layers=keep)
+        model = generator.model
+        device = next(model.parameters()).device
+        prompts = job["prompts"]
+        batch = len(prompts)
+        with torch.inference_mode():
+            engine = StageEngine(model, segments, batch, max(map(len, prompts)) + job["max_new_tokens"], job["seed"],
+                                 job["sequence_ids"], full_depth=job["mode"] == "full")
+            dist.barrier()
+            start = time.perf_counter()
+            if rank == 0:
+                tokens, exits = _driver_loop(engine, model, stages, prompts, job["max_new_tokens"], job["eos_id"],
+                                             job["flush"], device)
+                result = {"tokens": tokens, "exits": exits, "seconds": time.perf_counter() - start}
+            else:
+                _worker_loop(engine, rank, stages, batch, export_config.hidden_size, next(model.parameters()).dtype,
+                             device)
+                result = {}
+        if job.get("return_caches"):
+            result["caches"] = {layer: (engine.cache.keys[layer].cpu(), engine.cache.values[layer].cpu())
+                                for layer in engine.cache.keys}
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _model_config(export_dir):
+    import json
+    from pathlib import Path
+
+    from nvium_dist.config import model_config_from_dict
+
+    return model_config_from_dict(json.loads((Path(export_dir) / "config.json").read_text())["model"])
+
+
+_context = None
+
+
+def _get_context():
+    global _context
+    if _context is None:
+        import torch.multiprocessing as mp
+
+        _context = mp.get_context("forkserver")
+        _context.set_forkserver_preload(_PRELOAD)
+    return _context
+
+
+def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: int, seed: int, mode: str, eos_id,
+                 sequence_ids, flush: bool, device: str = "cpu", threads: int = 1, return_caches: bool = False,
+                 timeout: float = 600.0) -> dict:
+    """Decodes with `stages` processes; -> {"tokens", "exits", "seconds" (stage 0's decode time), "caches"?}."""
+    from nvium_dist.parallel import free_port
+
+    config = _model_config(export_dir)
+    stage_segments(config.num_heads_total, [b - a for a, b in config.segment_ranges], stages)  # validates
+    ctx = _get_context()
+    queue = ctx.Queue()
+    port = free_port()
+    job = dict(export_dir=str(export_dir), prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, mode=mode,
+               eos_id=eos_id, sequence_ids=list(sequence_ids), flush=flush, device=device, threads=threads,
+               return_caches=return_caches)
+    procs = [ctx.Process(target=_stage_main, args=(rank, stages, port, job, queue), daemon=True)
+             for rank in range(stages)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        deadline = time.time() + timeout
+        while len(results) < stages and not errors:
+            try:
+                rank, status, value = queue.get(timeout=max(1.0, min(5.0, deadline - time.time())))
+            except Exception:  # queue.Empty: check the processes are alive
+                dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in results]
+                if dead or time.time() > deadline:
+                    errors.append(f"stage(s) {dead} exited without a result" if dead else
+                                  f"pipeline decoding timed out after {timeout:.0f} s")
+                continue
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"stage {rank}:\n{value}")
+    finally:
+        for p in procs:
+            p.join(timeout=10 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("pipeline decoding failed\n" + "\n".join(errors))
+    result = dict(results[0])
+    if return_caches:
+        caches = {}
+        for rank in range(stages):
+            caches.update(results[rank]["caches"])
+        result["caches"] = caches
+    return result
