@@ -83,7 +83,8 @@ class Trainer:
         tokenizer = SentencePieceTokenizer(c.data.tokenizer_model)
         check_vocab_fits(tokenizer.vocab_size, c.model.vocab_size, c.data.tokenizer_model)
         t = c.training
-        samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.micro_batch_size * self.info.dp_size, 0)
+        # an evaluation reads eval_iters global batches, the same samples whatever the layout
+        samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size, 0)
         cache = c.data.cache_dir or str(self.run_dir / "data" / "cache")
 
         def build():
@@ -197,7 +198,7 @@ class Trainer:
                                   self.info.dp_size, consumed_samples=0, cycle=True)
         self.engine.eval()
         sums = torch.zeros(3 + 2 * K, dtype=torch.float64)  # tokens, nll, depth, head nll x K, pi x K
-        for _ in range(c.training.eval_iters):
+        for _ in range(c.training.eval_iters * self.grad_accumulation):
             batch = self._micro_batch(iterator)
             terms = self.engine(batch["tokens"], batch["labels"])
             mask = batch["loss_mask"].double()

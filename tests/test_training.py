@@ -1,0 +1,171 @@
+"""The trainer in real gloo processes: parallel layouts agree, resume is exact, bad state fails clearly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed_runner import run_distributed
+from nvium_dist.config import BetaControllerConfig
+from nvium_dist.training.beta_controller import BetaController
+from nvium_dist.training.checkpoint import find_resumable
+from trainer_fixtures import ROOT, build_small_corpus, read_metrics, small_overrides, train_in_process
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return build_small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train(world_size, corpus, run_dir, **extra):
+    results = run_distributed(train_in_process, world_size, small_overrides(corpus, run_dir, **extra), timeout=600)
+    code, (records, evals) = results[0]
+    assert code == 0
+    return records, evals
+
+
+@pytest.fixture(scope="session")
+def reference(corpus, tmp_path_factory):
+    """One process, ZeRO-0, gradient accumulation 2 (micro-batch 4, global batch 8)."""
+    return train(1, corpus, tmp_path_factory.mktemp("reference"))
+
+
+def assert_same_losses(records, reference_records, what):
+    diffs = [abs(records[s]["loss"] - reference_records[s]["loss"]) for s in range(1, 6)]
+    print(f"{what}: max |loss diff| over 5 steps = {max(diffs):.2e}")
+    assert max(diffs) < TOLERANCE, (what, diffs)
+
+
+def test_reference_run_is_complete(reference):
+    records, evals = reference
+    assert sorted(records) == [1, 2, 3, 4, 5]
+    for key in ("loss", "lm_loss", "depth_loss", "lr", "beta", "tokens_per_s", "consumed_samples"):
+        assert key in records[5]
+    assert records[5]["consumed_samples"] == 40
+    assert records[1]["router_warmup"] and not records[5]["router_warmup"]
+    final = evals[-1]
+    for key in ("eval_ce", "eval_ppl", "head_ce", "exit_usage", "expected_depth", "ideal_speedup"):
+        assert key in final
+    assert abs(sum(final["exit_usage"]) - 1) < 1e-6 and len(final["head_ce"]) == 4
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param({"parallel.tensor_parallel": 2}, id="tp2"),
+    pytest.param({"parallel.zero_stage": 0}, id="dp2-zero0"),
+    pytest.param({"parallel.zero_stage": 1}, id="dp2-zero1", marks=pytest.mark.slow),
+    pytest.param({"parallel.zero_stage": 2}, id="dp2-zero2"),
+    pytest.param({"parallel.zero_stage": 3}, id="dp2-zero3"),
+    pytest.param({"parallel.tensor_parallel": 2, "parallel.zero_stage": 3}, id="tp2-zero3", marks=pytest.mark.slow),
+])
+def test_layouts_match_single_process(layout, corpus, reference, tmp_path):
+    records, evals = train(2, corpus, tmp_path, **layout)
+    assert_same_losses(records, reference[0], str(layout))
+    assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+
+
+def test_beta_controller_moves_with_the_gap(tmp_path):
+    baseline = tmp_path / "dense_metrics.jsonl"
+    baseline.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 100, "eval_ce": 3.0}, {"step": 200, "eval_ce": 2.5}, {"step": 195, "loss": 9.0}]) + "\nnot json\n")
+    config = BetaControllerConfig(enabled=True, baseline_metrics=str(baseline), k_up=8, k_down=4, max_step=0.5,
+                                  beta_min=0.0, beta_max=10.0)
+    controller = BetaController(config, beta=1.0)
+    assert controller.update(190, eval_ce=2.45) == pytest.approx(1.4)  # ahead by 0.05 -> +8*0.05
+    assert controller.history[-1]["baseline_step"] == 200
+    assert controller.update(110, eval_ce=3.02) == pytest.approx(1.32)  # behind by 0.02 -> -4*0.02
+    assert controller.update(100, eval_ce=2.997) == pytest.approx(1.32)  # inside the dead band
+    assert controller.update(100, eval_ce=1.0) == pytest.approx(1.82)  # step capped at max_step
+    controller.beta = 9.9
+    assert controller.update(100, eval_ce=1.0) == pytest.approx(10.0)  # capped at beta_max
+    missing = BetaController(BetaControllerConfig(baseline_metrics=str(tmp_path / "none.jsonl")), beta=0.3)
+    assert missing.update(5, 1.0) == 0.3
+
+
+def _torchrun(overrides, nproc=2, **popen):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+           str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(ROOT / "pretrain/configs/tiny.yaml")]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, **popen)
+
+
+def _wait_for(path: Path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited with {proc.returncode} before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def _workers(proc) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(corpus, tmp_path):
+    extra = {"training.train_iters": 8, "training.save_interval": 4, "training.eval_interval": 8,
+             "parallel.zero_stage": 2}
+    uninterrupted, _ = train(2, corpus, tmp_path / "straight", **extra)
+    run_dir = tmp_path / "killed"
+    proc = _torchrun(small_overrides(corpus, run_dir, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(run_dir / "checkpoints" / "step_00000004", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _torchrun(small_overrides(corpus, run_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    records, _ = read_metrics(run_dir)
+    diffs = [abs(records[s]["loss"] - uninterrupted[s]["loss"]) for s in range(5, 9)]
+    print(f"SIGKILL resume: max |loss diff| steps 5-8 = {max(diffs):.2e}")
+    assert max(diffs) < 1e-6
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_and_resumes(corpus, tmp_path):
+    extra = {"training.train_iters": 30, "training.eval_interval": 30, "parallel.zero_stage": 1}
+    uninterrupted, _ = train(2, corpus, tmp_path / "straight", **extra)
+    run_dir = tmp_path / "signalled"
+    proc = _torchrun(small_overrides(corpus, run_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(metrics, proc)
+    for pid in _workers(proc):
+        os.kill(pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "preempted: checkpoint saved at step" in out
+    stopped_at = int(out.split("preempted: checkpoint saved at step")[1].split()[0])
+    assert stopped_at < 30
+    resumed = _torchrun(small_overrides(corpus, run_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    records, _ = read_metrics(run_dir)
+    assert sorted(records) == list(range(1, 31))
+    assert max(abs(records[s]["loss"] - uninterrupted[s]["loss"]) for s in range(1, 31)) < 1e-6
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_mismatch_fails(corpus, tmp_path):
+    extra = {"training.train_iters": 4, "training.save_interval": 2, "training.eval_interval": 4}
+    train(1, corpus, tmp_path, **extra)
+    newest = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="step_00000004 is unusable"):
+        found = find_resumable(tmp_path, rank=0)
+    assert found["path"].name == "step_00000002" and found["trainer_state"]["step"] == 2
+    records, _ = train(1, corpus, tmp_path, **{**extra, "training.train_iters": 6})
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(RuntimeError, match=r"model.hidden_size: checkpoint 64 != config 96"):
+        train(1, corpus, tmp_path, **{**extra, "training.train_iters": 8, "model.hidden_size": 96})
