@@ -51,6 +51,15 @@ def prepare_default_data(config: NviumConfig, info: ParallelInfo) -> None:
     config.data.tokenizer_model = str(tokenizer)
 
 
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated on CUDA; peak resident set size of this process on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Trainer:
     def __init__(self, config: NviumConfig):
         self.config = config
@@ -314,7 +323,7 @@ class Trainer:
                 record = {"step": self.step, **losses, "lr": lr, "beta": self.controller.beta,
                           "tokens_per_s": tokens_per_step / elapsed, "consumed_samples": self.consumed_samples,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "router_warmup": self.step <= self.warmup_steps}
+                          "router_warmup": self.step <= self.warmup_steps, "peak_memory_mb": peak_memory_mb()}
                 self.metrics.log(record)
                 self.metrics.progress(self.step, {"loss": f"{losses['loss']:.4f}", "lr": f"{lr:.2e}",
                                                   "tok/s": f"{record['tokens_per_s']:.0f}"})
