@@ -91,7 +91,7 @@ def test_beta_controller_moves_with_the_gap(tmp_path):
 
 def _torchrun(overrides, nproc=2, **popen):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(ROOT / "pretrain/configs/tiny.yaml")]
     cmd += [a for o in overrides for a in ("--set", o)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, **popen)
