@@ -278,7 +278,7 @@ def find_tokenizer(config: NviumConfig, checkpoint_path: str | os.PathLike) -> P
     candidates = []
     if config.data.tokenizer_model:
         given = Path(config.data.tokenizer_model)
-        candidates += [given, run_dir / given, Path(config.training.run_dir) / given.name if config.training.run_dir else given]
+        candidates += [given, run_dir / given, run_dir / "data" / given.name]
     candidates.append(run_dir / "data" / TOKENIZER_FILE)
     for candidate in candidates:
         if candidate.is_file():

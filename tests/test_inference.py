@@ -1,0 +1,242 @@
+"""Exact deferred decoding: KV equivalence, per-step distributions, statistics, seeds, transforms, bad input."""
+import math
+
+import pytest
+import torch
+
+from nvium_dist.config import ModelConfig, ParallelConfig
+
+SMALL = dict(vocab_size=61, hidden_size=64, num_layers=6, num_heads=4, ffn_hidden_size=96, exits=[1, 2, 4],
+             seq_length=48, make_vocab_size_divisible_by=32)
+RAGGED = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1], [4, 4, 20, 30, 40]]
+
+
+def make_export(path, seed=0, **overrides):
+    """A random model whose heads differ (adapters' W2 perturbed, peaked logits) and whose routers use every exit."""
+    from nvium_dist.checkpoint_io import save_export
+    from nvium_dist.model import NviumModel
+    from nvium_dist.parallel import init_distributed
+    from nvium_dist.tp_layout import gather_full_state_dict
+
+    init_distributed(ParallelConfig())
+    config = ModelConfig(**{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = NviumModel(config)
+    with torch.no_grad():
+        model.output.weight.mul_(60.0)
+        for head in model.heads:
+            head.adapter.w2.weight.normal_(std=0.3)
+            if head.router is not None:
+                head.router.logits.weight.mul_(6.0)
+    save_export(path, config, gather_full_state_dict(model), "bytes" if config.vocab_size >= 256 else None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return make_export(tmp_path_factory.mktemp("inference") / "export")
+
+
+@pytest.fixture(scope="module")
+def generator(export_dir):
+    from nvium_dist.inference import NviumGenerator
+
+    return NviumGenerator.from_pretrained(export_dir)
+
+
+def full_forward_kv(generator, sequence):
+    """Keys and values of every layer from one full causal forward pass over `sequence`."""
+    recorded = {}
+
+    class Recorder:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def update(self, keys, values, positions):
+            recorded[self.layer] = (keys[0], values[0])
+            n = keys.shape[2]
+            return keys, values, torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+    model = generator.model
+    tokens = torch.tensor([sequence])
+    with torch.no_grad():
+        hidden, positions = model.embed(tokens), model.default_positions(tokens)
+        caches = [Recorder(layer) for layer in range(model.config.num_layers)]
+        for k in range(model.config.num_heads_total):
+            hidden = model.run_segment(k, hidden, positions, caches)
+    return recorded
+
+
+@pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5]], RAGGED], ids=["batch1", "batch4-ragged"])
+def test_kv_after_deferred_and_flush_equals_full_forward(generator, prompts):
+    out = generator.generate(prompts, 25, seed=7, mode="deferred", flush=True)
+    assert sum(1 for row in out.exits for e in row if e < 3) > 0  # some tokens really were deferred
+    cache = out.engine.cache
+    for row, sequence in enumerate(out.sequences):
+        reference = full_forward_kv(generator, sequence)
+        n = len(sequence)
+        for layer, (keys, values) in reference.items():
+            torch.testing.assert_close(cache.keys[layer][row, :, :n], keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.values[layer][row, :, :n], values, atol=1e-5, rtol=0)
+    hist = out.exit_histogram()
+    print(f"exit histogram {hist}")
+
+
+def test_every_exit_is_used(generator):
+    out = generator.generate(RAGGED, 40, seed=1)
+    assert all(count > 0 for count in out.exit_histogram()), out.exit_histogram()
+
+
+@pytest.mark.parametrize("prompts", [[[3, 1, 4, 1, 5]], RAGGED], ids=["batch1", "batch4-ragged"])
+def test_each_step_uses_the_full_forward_state(generator, prompts):
+    """The router probabilities at every reached exit and the logits of the head a token was drawn from equal
+    those of a full forward pass over the final sequence."""
+    from nvium_dist.mixture import router_log_probs
+
+    out = generator.generate(prompts, 20, seed=3, mode="deferred", trace=True)
+    references = {}
+    for row, sequence in enumerate(out.sequences):
+        references[row] = generator.head_outputs(sequence)
+    checked = {"router": 0, "logits": 0}
+    for kind, row, position, exit, value in out.trace:
+        log_heads, routers = references[row]
+        if kind == "router":
+            got = torch.stack(router_log_probs(value[None]))
+            want = torch.stack(router_log_probs(routers[0, position - 1, exit][None]))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(torch.log_softmax(value.float(), -1), log_heads[0, position - 1, exit],
+                                       atol=1e-5, rtol=1e-5)
+        checked[kind] += 1
+    assert checked["logits"] == out.num_tokens and checked["router"] >= out.num_tokens
+
+
+def test_same_seed_same_tokens_deferred_full_batched(generator):
+    deferred = generator.generate(RAGGED, 24, seed=11, mode="deferred")
+    full = generator.generate(RAGGED, 24, seed=11, mode="full")
+    assert deferred.tokens == full.tokens and deferred.exits == full.exits
+    for row, prompt in enumerate(RAGGED):
+        single = generator.generate([prompt], 24, seed=11, sequence_ids=[row])
+        assert single.tokens[0] == deferred.tokens[row] and single.exits[0] == deferred.exits[row]
+    other = generator.generate(RAGGED, 24, seed=12)
+    assert other.tokens != deferred.tokens
+
+
+def test_pipeline_two_stages_same_tokens_and_kv(generator):
+    reference = generator.generate(RAGGED, 16, seed=5, mode="deferred", flush=True)
+    piped = generator.generate(RAGGED, 16, seed=5, mode="deferred", pipeline_stages=2, flush=True)
+    assert piped.tokens == reference.tokens and piped.exits == reference.exits
+    for layer, (keys, values) in piped.stage_caches.items():
+        torch.testing.assert_close(keys[:, :, :-1], reference.engine.cache.keys[layer][:, :, :-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[:, :, :-1], reference.engine.cache.values[layer][:, :, :-1], atol=1e-5, rtol=0)
+
+
+def test_stage_split_is_at_exits_and_balanced():
+    from nvium_dist.inference.pipeline import stage_segments
+
+    assert stage_segments(4, [1, 1, 2, 2], 2) == [range(0, 2), range(2, 4)]
+    assert stage_segments(4, [2, 2, 2, 2], 4) == [range(i, i + 1) for i in range(4)]
+    with pytest.raises(ValueError, match="segments"):
+        stage_segments(4, [1, 1, 2, 2], 5)
+
+
+def _chi_square_p(counts, probs):
+    from scipy.stats import chisquare
+
+    n = counts.sum()
+    expected = probs * n
+    order = torch.argsort(expected, descending=True)
+    big = order[expected[order] >= 5]
+    small = order[expected[order] < 5]
+    obs = torch.cat([counts[big], counts[small].sum().view(1)]) if len(small) else counts[big]
+    exp = torch.cat([expected[big], expected[small].sum().view(1)]) if len(small) else expected[big]
+    exp = exp * obs.sum() / exp.sum()
+    return chisquare(obs.double().numpy(), exp.double().numpy()).pvalue
+
+
+def test_next_token_statistics_match_p_mix(generator):
+    """20,000 independent draws (one per sequence id) of the token after a fixed prefix follow p_mix; the
+    same test rejects a sampler that always uses the final head."""
+    from nvium_dist.inference.sampling import STREAM_TOKEN, sample_from_logits, uniform
+
+    prefix = [7, 3, 9, 21, 40, 2]
+    n = 20_000
+    out = generator.generate([prefix] * n, 1, seed=2024, mode="deferred")
+    vocab = generator.config.vocab_size
+    counts = torch.bincount(torch.tensor([t[0] for t in out.tokens]), minlength=vocab)
+    p_mix = generator.mixture_logprobs(prefix)[-1].exp().double()
+    p = _chi_square_p(counts, p_mix)
+    hist = out.exit_histogram()
+    print(f"chi-square p = {p:.3g}; exits {hist}")
+    assert p > 1e-3
+    assert min(hist) > 100  # the draw really mixes heads
+    # a wrong sampler: always the final head, with the same uniforms
+    log_heads, _ = generator.head_outputs(prefix)
+    final = log_heads[0, -1, -1].expand(n, vocab)
+    u = torch.tensor([uniform(2024, i, len(prefix), 3, STREAM_TOKEN) for i in range(n)], dtype=torch.float64)
+    wrong = torch.bincount(sample_from_logits(final, u), minlength=vocab)
+    assert _chi_square_p(wrong, p_mix) < 1e-3
+
+
+def test_mixture_logprobs_match_training_forward(generator):
+    tokens = torch.tensor([[5, 9, 33, 2, 7, 7, 1, 60]])
+    labels = torch.tensor([[9, 33, 2, 7, 7, 1, 60, 0]])
+    log_mix = generator.mixture_logprobs(tokens)
+    with torch.no_grad():
+        terms = generator.model(tokens, labels)
+    torch.testing.assert_close(log_mix.gather(-1, labels[..., None])[..., 0], terms.log_p_mix, atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_mix.exp().sum(-1), torch.ones(1, 8), atol=1e-5, rtol=0)
+
+
+def test_transforms_only_where_exact(generator):
+    from nvium_dist.inference import GenerationError
+
+    with pytest.raises(GenerationError, match="mode='full'"):
+        generator.generate([[1, 2]], 4, temperature=0.7, mode="deferred")
+    with pytest.raises(GenerationError, match="full mixture"):
+        generator.generate([[1, 2]], 4, greedy=True)
+    greedy = generator.generate([[1, 2, 3]], 6, greedy=True, mode="full")
+    seq = [1, 2, 3]
+    for token in greedy.tokens[0]:
+        assert token == int(generator.mixture_logprobs(seq)[-1].argmax())
+        seq.append(token)
+    assert greedy.exits[0] == [-1] * 6
+    top1 = generator.generate([[1, 2, 3]], 6, top_k=1, mode="full", seed=4)
+    assert top1.tokens == greedy.tokens
+    sampled = generator.generate([[1, 2, 3]], 6, temperature=0.5, top_p=0.9, mode="full", seed=4)
+    assert len(sampled.tokens[0]) == 6
+
+
+@pytest.mark.parametrize("prompts, max_new, message", [
+    ([[]], 4, "prompt 0 is empty"),
+    ([list(range(1, 50))], 1, "longer than the model context"),
+    ([[1] * 40], 10, "use max_new_tokens <= 8"),
+    ([[1, 99]], 2, "outside the vocabulary"),
+    ([], 2, "no prompts"),
+])
+def test_bad_generation_input(generator, prompts, max_new, message):
+    from nvium_dist.inference import GenerationError
+
+    with pytest.raises(GenerationError, match=message):
+        generator.generate(prompts, max_new)
+
+
+def test_eos_stops_a_sequence(generator):
+    out = generator.generate(RAGGED, 30, seed=9)
+    eos = out.tokens[0][3]
+    stopped = generator.generate(RAGGED, 30, seed=9, eos_id=eos)
+    assert stopped.tokens[0][-1] == eos and len(stopped.tokens[0]) <= 4
+    assert stopped.tokens[0] == out.tokens[0][:len(stopped.tokens[0])]
+
+
+def test_dense_model_decodes(tmp_path):
+    from nvium_dist.inference import NviumGenerator
+
+    generator = NviumGenerator.from_pretrained(make_export(tmp_path / "dense", exits=[]))
+    deferred = generator.generate(RAGGED, 10, seed=1, flush=True)
+    full = generator.generate(RAGGED, 10, seed=1, mode="full")
+    assert deferred.tokens == full.tokens and all(e == 0 for row in deferred.exits for e in row)
+    assert deferred.mean_exit_layer() == 6
+    reference = full_forward_kv(generator, deferred.sequences[1])
+    torch.testing.assert_close(deferred.engine.cache.keys[5][1, :, :len(deferred.sequences[1])], reference[5][0],
+                               atol=1e-5, rtol=0)

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Evaluate an export on a Megatron .bin/.idx dataset: mixture and per-head perplexity, exit usage, depth.
+
+    python tools/evaluate.py --model exports/tiny --data runs/tiny/data/shakespeare_text_document
+
+Documents are concatenated and cut into non-overlapping windows of seq_length + 1 tokens (the first
+--max-windows of them). Prints one JSON object: mixture perplexity (exp of mean -log p_mix), each
+head's perplexity, the mean mixture weights pi_k (exit usage), the expected exit depth in layers and
+the ideal deferred-decoding speedup num_layers / expected depth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="export directory")
+    p.add_argument("--data", required=True, help="dataset prefix PREFIX of PREFIX.bin / PREFIX.idx")
+    p.add_argument("--seq-length", type=int, default=0, help="window length (default: the model's seq_length)")
+    p.add_argument("--max-windows", type=int, default=64, help="evaluate at most this many windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return p.parse_args(argv)
+
+
+def open_dataset(prefix: str, vocab_size: int):
+    try:
+        from nvium_dist.data.indexed import open_indexed_dataset
+    except ImportError:
+        open_indexed_dataset = None
+    if open_indexed_dataset is not None:
+        return open_indexed_dataset(prefix, vocab_size)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(prefix, multimodal=False, mmap=True)
+
+
+def windows(dataset, length: int, limit: int):
+    """Non-overlapping windows of `length` tokens from the concatenated documents."""
+    import numpy as np
+
+    buffer = np.zeros(0, dtype=np.int64)
+    count = 0
+    for i in range(len(dataset)):
+        buffer = np.concatenate([buffer, np.asarray(dataset[i], dtype=np.int64)])
+        while len(buffer) >= length and count < limit:
+            yield buffer[:length]
+            buffer = buffer[length:]
+            count += 1
+        if count >= limit:
+            return
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import math
+    import os
+
+    import torch
+
+    from nvium_dist.checkpoint_io import CheckpointError
+    from nvium_dist.inference import NviumGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prefix = args.data[:-4] if args.data.endswith((".bin", ".idx")) else args.data
+    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+        print(f"error: {prefix}.bin / {prefix}.idx not found; pass the prefix written by tools/preprocess_data.py "
+              "(e.g. runs/tiny/data/..._text_document)", file=sys.stderr)
+        return 2
+    try:
+        generator = NviumGenerator.from_pretrained(args.model, device=args.device)
+        config = generator.config
+        dataset = open_dataset(prefix, config.vocab_size)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    length = (args.seq_length or config.seq_length) + 1
+    if length - 1 > config.seq_length:
+        print(f"error: --seq-length {length - 1} exceeds the model context {config.seq_length}", file=sys.stderr)
+        return 2
+    chunks = list(windows(dataset, length, args.max_windows))
+    if not chunks:
+        print(f"error: {prefix} has fewer than {length} tokens", file=sys.stderr)
+        return 2
+    num_heads = config.num_heads_total
+    sums = {"nll_mix": 0.0, "nll_heads": torch.zeros(num_heads, dtype=torch.float64),
+            "pi": torch.zeros(num_heads, dtype=torch.float64), "depth": 0.0}
+    tokens_seen = 0
+    model = generator.model
+    with torch.inference_mode():
+        for start in range(0, len(chunks), args.batch_size):
+            batch = torch.tensor(list(chunks[start:start + args.batch_size])).to(args.device)
+            terms = model(batch[:, :-1], batch[:, 1:])  # per-head log p(label) + the mixture (mixture.py)
+            n = batch[:, 1:].numel()
+            tokens_seen += n
+            sums["nll_mix"] += -terms.log_p_mix.double().sum().item()
+            sums["nll_heads"] += -terms.log_p_heads.double().sum((0, 1)).cpu()
+            sums["pi"] += terms.pi.double().sum((0, 1)).cpu()
+            sums["depth"] += terms.expected_depth.double().sum().item()
+            print(f"\r{min(start + args.batch_size, len(chunks))}/{len(chunks)} windows", end="", file=sys.stderr,
+                  flush=True)
+    print(file=sys.stderr)
+    depth_fraction = sums["depth"] / tokens_seen
+    result = {
+        "model": args.model, "data": prefix, "windows": len(chunks), "tokens": tokens_seen,
+        "seq_length": length - 1,
+        "mixture_perplexity": math.exp(sums["nll_mix"] / tokens_seen),
+        "mixture_cross_entropy": sums["nll_mix"] / tokens_seen,
+        "head_perplexity": [math.exp(x / tokens_seen) for x in sums["nll_heads"].tolist()],
+        "exit_layers": config.exit_layers,
+        "exit_usage": [x / tokens_seen for x in sums["pi"].tolist()],
+        "expected_depth_fraction": depth_fraction,
+        "expected_exit_layer": depth_fraction * config.num_layers,
+        "ideal_deferred_speedup": 1.0 / depth_fraction if depth_fraction > 0 else None,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

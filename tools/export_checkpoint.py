@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Export a training checkpoint (any TP/PP/ZeRO layout) to one inference directory, or reshard it.
+
+    python tools/export_checkpoint.py --checkpoint runs/tiny --output exports/tiny
+    python tools/export_checkpoint.py --checkpoint runs/tiny/checkpoints/step_00000300 --output exports/tiny
+    python tools/export_checkpoint.py --checkpoint runs/tiny --output runs/tiny-tp2 --tp 2 --pp 1   # reshard
+
+An export holds config.json, model.safetensors (full weights) and tokenizer.model. Resharding writes
+OUTPUT/checkpoints/step_X/ (+ latest) for another tensor/pipeline-parallel layout, without DeepSpeed state:
+the trainer resumes from it with fresh optimizer state. Both check themselves: the written model's
+log-probabilities on the checkpoint's sample batch are compared with those the training model computed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="RUN_DIR (uses checkpoints/latest), RUN_DIR/checkpoints, or a step directory")
+    parser.add_argument("--output", required=True, help="export directory (or, with --tp/--pp, the new RUN_DIR)")
+    parser.add_argument("--tp", type=int, default=None, help="reshard: tensor-parallel size of the new checkpoint")
+    parser.add_argument("--pp", type=int, default=None, help="reshard: pipeline-parallel size of the new checkpoint")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer for the export: a SentencePiece .model path, 'bytes' or 'none' "
+                             "(default: the checkpoint's data.tokenizer_model or RUN_DIR/data/tokenizer.model)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max allowed |difference| of the self-check log-probabilities (fp32 training: 1e-4; "
+                             "raise it for bf16-trained checkpoints, e.g. 5e-2)")
+    parser.add_argument("--no-check", action="store_true", help="skip the self-check forward pass")
+    return parser.parse_args(argv)
+
+
+def self_check(model_config, full_state, sample, tolerance: float, what: str) -> float:
+    """Forward of a fresh model loaded with `full_state` on the sample batch vs the training model's values."""
+    import torch
+
+    from nvium_dist.inference.generator import ensure_process_group
+    from nvium_dist.model import NviumModel
+    from nvium_dist.tp_layout import load_full_state_dict
+
+    ensure_process_group("cpu")
+    model = NviumModel(model_config, tensor_parallel=1, initialise=False)
+    load_full_state_dict(model, {k: v.float() for k, v in full_state.items()})
+    model.float().eval()
+    with torch.no_grad():
+        terms = model(sample["tokens"].long(), sample["labels"].long())
+    heads = (terms.log_p_heads - sample["log_p_heads"].float()).abs().max().item()
+    mix = (terms.log_p_mix - sample["log_p_mix"].float()).abs().max().item()
+    worst = max(heads, mix)
+    print(f"self-check ({what}): max |diff| of log p_heads {heads:.3e}, log p_mix {mix:.3e} over "
+          f"{tuple(sample['tokens'].shape)} sample tokens (tolerance {tolerance:g})", flush=True)
+    if not worst <= tolerance:
+        raise SystemExit(f"error: the {what} does not reproduce the training model's log-probabilities "
+                         f"(max diff {worst:.3e} > {tolerance:g}). If the run trained in bf16, pass a larger "
+                         "--tolerance; otherwise the checkpoint's weights and sample do not belong together")
+    return worst
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reshard = args.tp is not None or args.pp is not None
+    from nvium_dist.checkpoint_io import (CheckpointError, find_tokenizer, load_export, read_checkpoint,
+                                          resolve_checkpoint_dir, save_export, write_resharded_checkpoint)
+
+    start = time.time()
+    try:
+        step_dir = resolve_checkpoint_dir(args.checkpoint)
+        print(f"reading {step_dir}", flush=True)
+        config, full_state, sample, trainer_state = read_checkpoint(step_dir)
+        n_params = sum(t.numel() for t in full_state.values())
+        print(f"  model: {config.model.num_layers} layers, d={config.model.hidden_size}, exits={config.model.exits}, "
+              f"vocab={config.model.vocab_size}, {n_params:,} parameters; trained layout TP={config.parallel.tensor_parallel} "
+              f"PP={config.parallel.pipeline_parallel} ZeRO-{config.parallel.zero_stage}; step {trainer_state.get('step', '?')}",
+              flush=True)
+        if sample is None:
+            print("  warning: the checkpoint has no sample_check.safetensors; the self-check is skipped", flush=True)
+        if reshard:
+            tp = args.tp if args.tp is not None else config.parallel.tensor_parallel
+            pp = args.pp if args.pp is not None else config.parallel.pipeline_parallel
+            new_dir = write_resharded_checkpoint(args.output, config, full_state, sample, trainer_state, tp, pp)
+            print(f"wrote {new_dir} for TP={tp} PP={pp} (no DeepSpeed state: the trainer starts fresh optimizer "
+                  "state from these weights)", flush=True)
+            if sample is not None and not args.no_check:
+                new_config, new_state, _, _ = read_checkpoint(args.output)
+                self_check(new_config.model, new_state, sample, args.tolerance, "resharded checkpoint")
+        else:
+            tokenizer = args.tokenizer
+            if tokenizer is None:
+                found = find_tokenizer(config, step_dir)
+                tokenizer = str(found) if found else None
+                if found is None:
+                    print("  warning: no tokenizer found (data.tokenizer_model, RUN_DIR/data/tokenizer.model); the "
+                          "export takes token ids only. Pass --tokenizer PATH to include one", flush=True)
+            elif tokenizer == "none":
+                tokenizer = None
+            metadata = {"source": str(step_dir), "step": trainer_state.get("step"),
+                        "trained_layout": {"tensor_parallel": config.parallel.tensor_parallel,
+                                           "pipeline_parallel": config.parallel.pipeline_parallel,
+                                           "zero_stage": config.parallel.zero_stage}}
+            save_export(args.output, config.model, full_state, tokenizer, metadata)
+            print(f"wrote export {args.output} (config.json, model.safetensors"
+                  f"{', tokenizer.model' if tokenizer not in (None, 'bytes') else ''})", flush=True)
+            if sample is not None and not args.no_check:
+                export = load_export(args.output)
+                self_check(export.model_config, export.state, sample, args.tolerance, "export")
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done in {time.time() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Sample text from an N-vium export, exactly from the mixture (deferred decoding by default).
+
+    python tools/generate.py --model exports/tiny --prompt "ROMEO:" --max-new-tokens 100 --show-exits
+    python tools/generate.py --model exports/tiny --prompt-file prompts.txt --mode full --temperature 0.8
+    python tools/generate.py --model exports/tiny --prompt-ids 1,523,77 --pipeline-stages 2
+
+--mode deferred runs each token only up to its sampled exit and completes upper layers later (exact);
+--mode full runs every layer every step. Temperature/top-k/top-p/greedy change the distribution and need
+every head, so they require --mode full. One prompt streams its text as it is generated; several
+prompts decode as one batch and print at the end. Prints tokens/s, the exit histogram and the mean exit depth.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="export directory (tools/export_checkpoint.py --output)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch row each)")
+    p.add_argument("--prompt-file", help="file with one prompt per line (blank lines skipped)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=["deferred", "full"], default="deferred")
+    p.add_argument("--temperature", type=float, default=1.0, help="needs --mode full when != 1")
+    p.add_argument("--top-k", type=int, default=0, help="needs --mode full (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="needs --mode full (1 = off)")
+    p.add_argument("--greedy", action="store_true", help="argmax of p_mix; needs --mode full")
+    p.add_argument("--pipeline-stages", type=int, default=1, help="decode with this many stage processes")
+    p.add_argument("--show-exits", action="store_true", help="print each token's exit index after it, as [k]")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the tokenizer's EOS token")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    texts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as err:
+            print(f"error: cannot read --prompt-file: {err}", file=sys.stderr)
+            return 2
+    id_prompts = []
+    for spec in args.prompt_ids:
+        try:
+            id_prompts.append([int(x) for x in spec.replace(" ", "").split(",") if x])
+        except ValueError:
+            print(f"error: --prompt-ids {spec!r} is not a comma-separated list of integers", file=sys.stderr)
+            return 2
+    if not texts and not id_prompts:
+        print("error: give at least one --prompt, --prompt-file or --prompt-ids", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from nvium_dist.checkpoint_io import CheckpointError
+    from nvium_dist.inference import GenerationError, NviumGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        generator = NviumGenerator.from_pretrained(args.model, device=args.device)
+        tok = generator.tokenizer
+        prompts = [tok.encode(t) for t in texts] + id_prompts
+        eos = tok.eos_id if args.stop_at_eos else None
+        if args.stop_at_eos and eos is None:
+            print("warning: this export's tokenizer has no EOS token; --stop-at-eos is ignored", file=sys.stderr)
+        streaming = len(prompts) == 1 and args.pipeline_stages == 1
+        shown = {"text": ""}
+        generated: list[int] = []
+
+        def on_step(step, results):
+            token, exit = results[0]
+            generated.append(token)
+            if args.show_exits:
+                sys.stdout.write(tok.decode([token]) + f"[{exit}]")
+            else:
+                text = tok.decode(generated)
+                sys.stdout.write(text[len(shown["text"]):])
+                shown["text"] = text
+            sys.stdout.flush()
+
+        if streaming:
+            sys.stdout.write(tok.decode(prompts[0]))
+            sys.stdout.flush()
+        out = generator.generate(prompts, args.max_new_tokens, seed=args.seed, mode=args.mode,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                                 eos_id=eos, pipeline_stages=args.pipeline_stages, on_step=on_step if streaming else None)
+    except (GenerationError, CheckpointError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
+    if streaming:
+        print()
+    else:
+        for i, (prompt, tokens, exits) in enumerate(zip(out.prompts, out.tokens, out.exits)):
+            print(f"--- sequence {i}")
+            if args.show_exits:
+                print(tok.decode(prompt) + "".join(tok.decode([t]) + f"[{e}]" for t, e in zip(tokens, exits)))
+            else:
+                print(tok.decode(prompt + tokens))
+    hist = out.exit_histogram()
+    total = max(1, sum(hist))
+    config = generator.config
+    stats = (f"{out.num_tokens} tokens in {out.seconds:.2f} s = {out.tokens_per_second:.1f} tokens/s "
+             f"(mode={args.mode}, batch {len(prompts)}, {args.pipeline_stages} stage(s))")
+    print(stats, file=sys.stderr)
+    if sum(hist):
+        parts = ", ".join(f"exit {k} (layer {layer}): {c} ({100 * c / total:.0f}%)"
+                          for k, (c, layer) in enumerate(zip(hist, config.exit_layers)))
+        mean = out.mean_exit_layer()
+        print(f"exits: {parts}\nmean exit depth {mean:.2f} of {config.num_layers} layers "
+              f"(ideal deferred speedup {config.num_layers / mean:.2f}x)", file=sys.stderr)
+    else:
+        print("exits: not applicable (transformed sampling draws from the full mixture)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
