@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     import math
     import os
 
+    import numpy as np
     import torch
 
     from nvium_dist.checkpoint_io import CheckpointError
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     model = generator.model
     with torch.inference_mode():
         for start in range(0, len(chunks), args.batch_size):
-            batch = torch.tensor(list(chunks[start:start + args.batch_size])).to(args.device)
+            batch = torch.from_numpy(np.stack(chunks[start:start + args.batch_size])).to(args.device)
             terms = model(batch[:, :-1], batch[:, 1:])  # per-head log p(label) + the mixture (mixture.py)
             n = batch[:, 1:].numel()
             tokens_seen += n

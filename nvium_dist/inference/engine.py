@@ -147,10 +147,9 @@ class StageEngine:
         final = j == self.num_heads - 1
         if final:
             exits = list(range(len(rows)))
-            router = None
+            normed, router = _normed_and_router(model, j, last)
         else:
-            head = model.heads[j]
-            router = head.router(head.norm(last))  # the router logits head_logits computes, without the logits
+            normed, router = _normed_and_router(model, j, last)
             log_q, _ = router_log_probs(router)
             log_q = log_q.tolist()
             exits = [i for i, (row, pos) in enumerate(zip(rows, positions))
@@ -160,9 +159,7 @@ class StageEngine:
                 self.trace.append(("router", row, pos, j, router[i].detach().clone()))
         if not exits:
             return set()
-        h = last if len(exits) == len(rows) else last[exits]
-        logits, _ = model.head_logits(j, h)
-        logits = logits[..., :self.vocab]
+        logits = _logits(model, j, normed if len(exits) == len(rows) else normed[exits])[..., :self.vocab]
         u = torch.tensor([uniform(self.seed, self.sequence_ids[rows[i]], positions[i], j, STREAM_TOKEN) for i in exits],
                          dtype=torch.float64, device=logits.device)
         tokens = sample_from_logits(logits, u).tolist()
@@ -225,3 +222,18 @@ class StageEngine:
         for row, start, count in zip(rows, starts, counts):
             self.sent[row] = start + count
 
+
+
+# model.head_logits(j, h) split in two, so that the router runs on every token reaching exit j and the
+# adapter + output matrix only on the tokens that exit there (same modules, same order of operations;
+# tests/test_inference.py checks the result against head_logits of a full forward). Padded vocab columns
+# are sliced off by the caller (single process: TP=1, the padding is the tail).
+def _normed_and_router(model, j: int, hidden: torch.Tensor):
+    head = model.heads[j]
+    normed = head.norm(hidden)
+    return normed, (head.router(normed) if head.router is not None else None)
+
+
+def _logits(model, j: int, normed: torch.Tensor) -> torch.Tensor:
+    logits, _ = model.output(model.heads[j].adapter(normed))
+    return logits

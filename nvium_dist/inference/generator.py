@@ -107,6 +107,11 @@ def ensure_process_group(device: str = "cpu"):
     from nvium_dist.parallel import init_distributed
 
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
+            # a lone process: never reuse a MASTER_PORT inherited from a parent (its store holds that port)
+            from nvium_dist.parallel import free_port
+
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
         init_distributed(ParallelConfig(device=device))
 
 
