@@ -32,7 +32,9 @@ def parse_args(argv=None):
                    help="stop reading the inputs after this many characters (bounds time on huge corpora)")
     p.add_argument("--character-coverage", type=float, default=0.9999)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads (default: CPU count)")
+    p.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads (default: CPU count). Identical models from identical "
+                        "inputs and --seed need --threads 1 (multithreaded unigram EM sums floats in "
+                        "varying order)")
     return p.parse_args(argv)
 
 

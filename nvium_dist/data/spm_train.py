@@ -43,6 +43,22 @@ def training_sentences(texts: Iterable[str], max_bytes: int | None = None) -> It
                     return
 
 
+def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
+    """k items drawn uniformly from a stream (Algorithm R, seeded), returned in stream order."""
+    import random
+
+    rng = random.Random(seed)
+    sample: list[tuple[int, str]] = []
+    for i, x in enumerate(items):
+        if i < k:
+            sample.append((i, x))
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                sample[j] = (i, x)
+    return [x for _, x in sorted(sample)]
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     output_prefix: str,
@@ -59,8 +75,8 @@ def train_sentencepiece(
 
     Special ids: unk=0, bos=1, eos=eod=2, pad=3. Byte fallback is on (no unknown characters),
     normalisation is the identity (decode(encode(s)) == s for any UTF-8 text), digits are split.
-    ``input_sentence_size`` > 0 samples that many sentences (reservoir sampling, seeded) from the
-    stream; ``max_input_bytes`` stops reading the inputs after that many characters.
+    ``input_sentence_size`` > 0 samples that many sentences (reservoir sampling seeded by ``seed``,
+    memory bounded by the sample) from the stream; ``max_input_bytes`` stops reading the inputs after that many characters.
     """
     import sentencepiece as spm
 
@@ -83,10 +99,15 @@ def train_sentencepiece(
             yield s
 
     t0 = time.time()
+    sentences = counted()
+    if input_sentence_size and input_sentence_size > 0:
+        # our own seeded reservoir sample: SentencePiece's sampler is not reproducible across
+        # processes even with set_random_generator_seed (measured with 0.2.x)
+        sentences = iter(reservoir_sample(sentences, int(input_sentence_size), int(seed)))
     tmp_prefix = output_prefix + ".tmp"
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=counted(),
+            sentence_iterator=sentences,
             model_prefix=tmp_prefix,
             vocab_size=int(vocab_size),
             model_type=model_type,
@@ -104,8 +125,8 @@ def train_sentencepiece(
             bos_piece="<s>",
             eos_piece="</s>",
             pad_piece="<pad>",
-            input_sentence_size=int(input_sentence_size),
-            shuffle_input_sentence=True,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
             max_sentence_length=MAX_SENTENCE_BYTES * 4,
             num_threads=int(num_threads or min(16, os.cpu_count() or 1)),
             user_defined_symbols=user_defined_symbols or [],
@@ -117,6 +138,8 @@ def train_sentencepiece(
             if os.path.exists(tmp_prefix + ext):
                 os.remove(tmp_prefix + ext)
         msg = str(err)
+        if counter["sentences"] == 0:
+            raise ValueError("no training text: the inputs hold no non-empty documents") from err
         if "Vocabulary size is too high" in msg or "vocab_size" in msg:
             raise ValueError(
                 f"SentencePiece could not reach vocab_size={vocab_size} on this input ({msg.strip()}); "

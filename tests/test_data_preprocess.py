@@ -1,0 +1,133 @@
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_fixtures import corpus, run_tool, tokenizer  # noqa: F401
+
+
+def _docs(prefix):
+    from nvium_dist.data import open_indexed_dataset
+
+    ds = open_indexed_dataset(prefix)
+    d = ds.document_indices
+    return [np.concatenate([ds[i] for i in range(int(d[j]), int(d[j + 1]))]).tolist() for j in range(len(d) - 1)]
+
+
+def test_round_trip(corpus, tokenizer):  # noqa: F811
+    docs = _docs(corpus["a"])
+    texts = corpus["texts"]["a"]
+    assert len(docs) == len(texts)
+    for ids, text in zip(docs, texts):
+        assert ids[-1] == tokenizer.eod  # --append-eod
+        assert ids[:-1] == tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text  # identity normalisation: exact text back
+    summary = json.load(open(corpus["a"] + ".summary.json"))
+    assert summary["documents"] == len(texts)
+    assert summary["tokens"] == sum(map(len, docs))
+    assert summary["dtype"] == "uint16" and summary["tokenizer"]["vocab_size"] == 1000
+    assert summary["skipped"] == {}
+
+
+def test_workers_partitions_byte_identical(corpus, tmp_path):  # noqa: F811
+    root = corpus["root"]
+    # several inputs of different kinds: jsonl, jsonl.gz, plain text files (one document each)
+    with open(root / "a.jsonl", "rb") as f, gzip.open(tmp_path / "c.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    for i, t in enumerate(corpus["texts"]["b"][:3]):
+        (tmp_path / f"t{i}.txt").write_text(t)
+    inputs = [root / "a.jsonl", tmp_path / "c.jsonl.gz", str(tmp_path / "t*.txt"), root / "b.jsonl"]
+    outs = {}
+    for name, extra in (("w1", ["--workers", 1]), ("w3", ["--workers", 3]),
+                        ("w2p3", ["--workers", 2, "--partitions", 3])):
+        r = run_tool("preprocess_data.py", "--input", *inputs, "--tokenizer-model", corpus["model"],
+                     "--output-prefix", tmp_path / name, "--append-eod", "--no-progress", *extra)
+        assert r.returncode == 0, r.stderr
+        outs[name] = str(tmp_path / name) + "_text_document"
+    for ext in (".bin", ".idx"):
+        ref = open(outs["w1"] + ext, "rb").read()
+        assert ref == open(outs["w3"] + ext, "rb").read()
+        assert ref == open(outs["w2p3"] + ext, "rb").read()
+    n_a, n_b = len(corpus["texts"]["a"]), len(corpus["texts"]["b"])
+    docs = _docs(outs["w3"])
+    assert len(docs) == 2 * n_a + 3 + n_b
+    assert docs[:n_a] == docs[n_a:2 * n_a] == _docs(corpus["a"])
+    assert docs[-n_b:] == _docs(corpus["b"])
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.partitions.tmp"))
+
+
+def _write_bad(path, good_texts):
+    lines = [
+        json.dumps({"text": good_texts[0]}),           # 1 ok
+        '{"text": "unterminated',                       # 2 invalid json
+        json.dumps({"body": "no text key"}),           # 3 missing key
+        "",                                             # 4 blank line
+        json.dumps({"text": "   "}),                   # 5 empty document
+        json.dumps([1, 2]),                             # 6 not an object
+        json.dumps({"text": 42}),                      # 7 not a string
+        json.dumps({"text": good_texts[1]}),           # 8 ok
+        "{broken",                                      # 9 invalid json
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_malformed_lines_counted_and_strict(corpus, tokenizer, tmp_path):  # noqa: F811
+    bad = tmp_path / "bad.jsonl"
+    _write_bad(bad, corpus["texts"]["b"])
+    r = run_tool("preprocess_data.py", "--input", bad, "--tokenizer-model", corpus["model"],
+                 "--output-prefix", tmp_path / "out", "--no-progress", "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    s = json.load(open(tmp_path / "out_text_document.summary.json"))
+    assert s["documents"] == 2 and s["lines_read"] == 9
+    sk = s["skipped"]
+    assert sk["invalid_json"]["count"] == 2
+    assert [p["line"] for p in sk["invalid_json"]["first"]] == [2, 9]
+    assert sk["missing_key"]["first"][0]["line"] == 3 and sk["missing_key"]["first"][0]["key"] == "text"
+    assert sk["blank_line"]["first"][0]["line"] == 4
+    assert sk["empty"]["first"][0]["line"] == 5
+    assert sk["not_an_object"]["first"][0]["line"] == 6
+    assert sk["not_a_string"]["first"][0]["line"] == 7
+    assert all(p["file"] == str(bad) for e in sk.values() for p in e["first"])
+    assert "invalid_json" in r.stderr and f"{bad}:2" in r.stderr
+    docs = _docs(str(tmp_path / "out_text_document"))
+    assert docs == [tokenizer.encode(t) for t in corpus["texts"]["b"][:2]]
+
+    r = run_tool("preprocess_data.py", "--input", bad, "--tokenizer-model", corpus["model"],
+                 "--output-prefix", tmp_path / "strict", "--no-progress", "--strict", "--workers", 2)
+    assert r.returncode == 2
+    assert f"{bad}:2: invalid json" in r.stderr and "--strict" in r.stderr
+    # nothing that looks like a dataset is left behind
+    assert not list(tmp_path.glob("strict*"))
+
+
+def test_interrupted_run_leaves_no_valid_looking_output(corpus, tmp_path):  # noqa: F811
+    from nvium_dist.data.preprocess import PreprocessError, preprocess
+
+    bad = tmp_path / "bad.jsonl"
+    _write_bad(bad, corpus["texts"]["b"])
+    with pytest.raises(PreprocessError):
+        preprocess([str(corpus["root"] / "a.jsonl"), str(bad)], str(tmp_path / "x"), corpus["model"],
+                   strict=True, progress=False)
+    assert os.listdir(tmp_path) == ["bad.jsonl"]
+
+
+def test_dtype_must_fit_vocab(corpus, tmp_path):  # noqa: F811
+    from nvium_dist.data import DatasetFormatError, open_indexed_dataset
+    from nvium_dist.data.indexed import check_dtype_fits
+
+    with pytest.raises(DatasetFormatError) as e:
+        open_indexed_dataset(corpus["a"], vocab_size=70000)
+    assert corpus["a"] + ".bin" in str(e.value) and "uint16" in str(e.value) and "preprocess_data.py" in str(e.value)
+    with pytest.raises(DatasetFormatError):
+        check_dtype_fits(np.uint16, 65537, "x.bin")
+    check_dtype_fits(np.uint16, 65536, "x.bin")
+    check_dtype_fits(np.int32, 200_000, "x.bin")
+    # int32 output on request, same token ids
+    r = run_tool("preprocess_data.py", "--input", corpus["root"] / "b.jsonl", "--tokenizer-model", corpus["model"],
+                 "--output-prefix", tmp_path / "i32", "--no-progress", "--append-eod", "--dtype", "int32")
+    assert r.returncode == 0, r.stderr
+    ds = open_indexed_dataset(str(tmp_path / "i32_text_document"))
+    assert ds.index.dtype == np.int32
+    assert _docs(str(tmp_path / "i32_text_document")) == _docs(corpus["b"])
