@@ -205,10 +205,10 @@ class NviumConfig:
         for name in ("ffn_hidden_size", "hidden_size"):
             if getattr(self.model, name) % tp:
                 raise ConfigError(f"model.{name}={getattr(self.model, name)} is not divisible by tensor_parallel={tp}")
-        if pp > 1 and pp > self.model.num_heads_total:
+        if pp > self.model.num_layers:
             raise ConfigError(
-                f"parallel.pipeline_parallel={pp} but the model has {self.model.num_heads_total} segments: "
-                "pipeline stages split at exits, so use at most one stage per segment")
+                f"parallel.pipeline_parallel={pp} but the model has {self.model.num_layers} layers: "
+                "each pipeline stage needs at least one transformer block")
         if world_size is not None:
             dp = self.parallel.data_parallel_size(world_size)
             per_step = self.training.micro_batch_size * dp

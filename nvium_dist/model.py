@@ -218,6 +218,28 @@ class ExitHead(nn.Module):
                                        config.init_std)
         self.router = Router(config, dtype, init, f"{name}.router") if with_router else None
 
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (adapted state for the output matrix, router logits or None); the router reads the normed state."""
+        normed = self.norm(hidden)
+        router_logits = self.router(normed) if self.router is not None else None
+        return self.adapter(normed), router_logits
+
+
+def vocab_logits(output, padding_mask: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
+    """This rank's vocab slice of the shared output matrix's logits, padded columns at -inf."""
+    logits, _ = output(adapted)
+    if bool(padding_mask.any()):
+        logits = logits.masked_fill(padding_mask, float("-inf"))
+    return logits
+
+
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) from vocab-parallel logits, without gathering the vocab."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    # vocab_parallel_cross_entropy overwrites its input; these logits are not needed afterwards.
+    return -vocab_parallel_cross_entropy(logits.float(), labels)
+
 
 class ModelParts:
     """Builds the model's modules one by one, named as in NviumModel, so pipeline stages can build
@@ -305,21 +327,13 @@ class NviumModel(nn.Module):
 
     def head_logits(self, head: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (this rank's vocab slice of the logits, padding at -inf; router logits [..., 2] or None)."""
-        exit_head = self.heads[head]
-        normed = exit_head.norm(hidden)
-        router_logits = exit_head.router(normed) if exit_head.router is not None else None
-        logits, _ = self.output(exit_head.adapter(normed))
-        if bool(self.padding_mask.any()):
-            logits = logits.masked_fill(self.padding_mask, float("-inf"))
-        return logits, router_logits
+        adapted, router_logits = self.heads[head](hidden)
+        return vocab_logits(self.output, self.padding_mask, adapted), router_logits
 
     def head_label_log_probs(self, head: int, hidden: torch.Tensor, labels: torch.Tensor):
         """-> (log p_head(label) [b, s] through vocab-parallel cross entropy, router logits or None)."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         logits, router_logits = self.head_logits(head, hidden)
-        # vocab_parallel_cross_entropy overwrites its input; these logits are not needed afterwards.
-        return -vocab_parallel_cross_entropy(logits.float(), labels), router_logits
+        return label_log_probs(logits, labels), router_logits
 
     @staticmethod
     def default_positions(tokens: torch.Tensor) -> torch.Tensor:

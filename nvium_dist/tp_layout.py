@@ -34,29 +34,63 @@ def _is_vocab(name: str) -> bool:
     return name.endswith(VOCAB_PARAMETERS)
 
 
-def shard_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
-                          vocab_size: int) -> dict[str, torch.Tensor]:
-    """The slice of a full state dict that TP rank `tp_rank` of `tp_size` holds (vocab rows padded first)."""
-    dims = partition_dims(model)
-    local = dict(model.named_parameters())
-    missing = sorted(set(local) - set(full))
-    unexpected = sorted(set(full) - set(local))
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+def shard_named(params: dict[str, torch.Tensor], dims: dict[str, int | None], full: dict[str, torch.Tensor],
+                tp_rank: int, tp_size: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The slices of `full` that the TP-rank-local `params` (by full name) hold, vocab rows padded first."""
+    missing = sorted(set(params) - set(full))
+    if missing:
+        raise ValueError(f"state dict does not match the model: missing {missing[:8]}")
     shards = {}
-    for name, tensor in full.items():
+    for name, local in params.items():
+        tensor = full[name]
         if _is_vocab(name):
             if tensor.shape[0] != vocab_size:
                 raise ValueError(f"{name} has {tensor.shape[0]} vocab rows, the model config says {vocab_size}")
-            padded_rows = local[name].shape[0] * tp_size
+            padded_rows = local.shape[0] * tp_size
             tensor = torch.cat([tensor, tensor.new_zeros(padded_rows - vocab_size, *tensor.shape[1:])])
         dim = dims.get(name)
         if dim is not None:
             tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
-        if tensor.shape != local[name].shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit the model's {tuple(local[name].shape)}")
+        if tensor.shape != local.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit the model's {tuple(local.shape)}")
         shards[name] = tensor.contiguous()
     return shards
+
+
+def load_named(params: dict[str, torch.Tensor], dims: dict[str, int | None], full: dict[str, torch.Tensor],
+               tp_rank: int, tp_size: int, vocab_size: int) -> None:
+    shards = shard_named(params, dims, full, tp_rank, tp_size, vocab_size)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(shards[name])
+
+
+def gather_named(params: dict[str, torch.Tensor], dims: dict[str, int | None], vocab_size: int,
+                 tp_group=None) -> dict[str, torch.Tensor]:
+    """All-gathers TP shards (by full name) into full tensors on CPU, vocab padding stripped."""
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    full = {}
+    for name, param in params.items():
+        tensor = param.detach()
+        dim = dims.get(name)
+        if dim is not None and tp_size > 1:
+            pieces = [torch.empty_like(tensor) for _ in range(tp_size)]
+            dist.all_gather(pieces, tensor.contiguous(), group=tp_group)
+            tensor = torch.cat(pieces, dim=dim)
+        if _is_vocab(name):
+            tensor = tensor[:vocab_size]
+        full[name] = tensor.cpu().contiguous()
+    return full
+
+
+def shard_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
+                          vocab_size: int) -> dict[str, torch.Tensor]:
+    """The slice of a full state dict that TP rank `tp_rank` of `tp_size` holds (vocab rows padded first)."""
+    params = dict(model.named_parameters())
+    unexpected = sorted(set(full) - set(params))
+    if unexpected:
+        raise ValueError(f"state dict does not match the model: unexpected {unexpected[:8]}")
+    return shard_named(params, partition_dims(model), full, tp_rank, tp_size, vocab_size)
 
 
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -68,17 +102,4 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], tp_ran
 
 def gather_full_state_dict(model: nn.Module, tp_group=None) -> dict[str, torch.Tensor]:
     """All-gathers this TP group's shards into the full state dict (vocab padding stripped), on CPU."""
-    dims = partition_dims(model)
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    full = {}
-    for name, param in model.named_parameters():
-        tensor = param.detach()
-        dim = dims.get(name)
-        if dim is not None and tp_size > 1:
-            pieces = [torch.empty_like(tensor) for _ in range(tp_size)]
-            dist.all_gather(pieces, tensor.contiguous(), group=tp_group)
-            tensor = torch.cat(pieces, dim=dim)
-        if _is_vocab(name):
-            tensor = tensor[: model.config.vocab_size]
-        full[name] = tensor.cpu().contiguous()
-    return full
+    return gather_named(dict(model.named_parameters()), partition_dims(model), model.config.vocab_size, tp_group)

@@ -201,5 +201,5 @@ def test_world_size_and_vocab_padding_messages():
         config.validate(world_size=3)
     assert config.model.padded_vocab_size(2) == 1024
     assert "padded to 1024" in config.vocab_padding_note()
-    with pytest.raises(ConfigError, match="at most one stage per segment"):
-        load_config(None, ["parallel.pipeline_parallel=5", "model.exits=[2]"])
+    with pytest.raises(ConfigError, match="needs at least one transformer block"):
+        load_config(None, ["parallel.pipeline_parallel=8", "model.num_layers=6"])

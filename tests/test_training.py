@@ -64,11 +64,20 @@ def test_reference_run_is_complete(reference):
     pytest.param({"parallel.zero_stage": 2}, id="dp2-zero2"),
     pytest.param({"parallel.zero_stage": 3}, id="dp2-zero3"),
     pytest.param({"parallel.tensor_parallel": 2, "parallel.zero_stage": 3}, id="tp2-zero3", marks=pytest.mark.slow),
+    pytest.param({"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1}, id="pp2-zero1"),
 ])
 def test_layouts_match_single_process(layout, corpus, reference, tmp_path):
     records, evals = train(2, corpus, tmp_path, **layout)
     assert_same_losses(records, reference[0], str(layout))
     assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_dense_baseline_pipeline_matches_single_stage(corpus, tmp_path):
+    dense = {"model.exits": "[]", "model.ffn_hidden_size": 136}
+    reference_records, _ = train(1, corpus, tmp_path / "pp1", **dense)
+    records, _ = train(2, corpus, tmp_path / "pp2", **dense, **{"parallel.pipeline_parallel": 2})
+    assert_same_losses(records, reference_records, "dense PP=2 vs PP=1")
 
 
 def test_beta_controller_moves_with_the_gap(tmp_path):

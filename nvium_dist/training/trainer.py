@@ -66,12 +66,15 @@ class Trainer:
         self.info = init_distributed(config.parallel)
         config.validate(world_size=self.info.world_size)
         check_rank_layout(self.info)
+        self._init_deepspeed_comm()
         self.is_logger = self.info.rank == 0
         self.run_dir = Path(config.training.run_dir)
         t = config.training
         self.grad_accumulation = t.global_batch_size // (t.micro_batch_size * self.info.dp_size)
         self.warmup_steps = router_warmup_steps(t.train_iters, t.router_warmup_steps, t.router_warmup_fraction)
         self.controller = BetaController(t.beta_controller, beta=t.beta)
+        self.pipelined = config.parallel.pipeline_parallel > 1
+        self.is_last_stage = self.info.pp_rank == self.info.pp_size - 1
         self.step = 0
         self.consumed_samples = 0
         self._stop_requested = False
@@ -82,6 +85,17 @@ class Trainer:
                 print(f"[config] {note}", flush=True)
 
     # -- setup --------------------------------------------------------------------------------------
+
+    def _init_deepspeed_comm(self) -> None:
+        """DeepSpeed's communication layer over the process group torch.distributed already has."""
+        import deepspeed
+
+        parallel = self.config.parallel
+        if parallel.device == "cpu" and not parallel.cpu_shm_allreduce:
+            # gloo does the allreduce; skip the ~60 s JIT build of DeepSpeed's shared-memory op
+            # (`deepspeed.comm.torch` as an attribute is the torch package, hence sys.modules)
+            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
 
     def _build_data(self):
         from nvium_dist.data.gpt_data import SentencePieceTokenizer, build_gpt_datasets, check_vocab_fits
@@ -115,9 +129,19 @@ class Trainer:
         from nvium_dist.tp_layout import load_full_state_dict
 
         c = self.config
-        model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=c.training.seed)
-        if resume is not None and not resume["same_layout"]:
-            load_full_state_dict(model, resume["full_state"], self.info.tp_rank, self.info.tp_size)
+        if self.pipelined:
+            from nvium_dist.tp_layout import load_named
+            from nvium_dist.training.pipeline import PipelineLoss, build_pipeline_module, pipeline_named_parameters
+
+            self.pipeline_loss = PipelineLoss(c.model)
+            model = build_pipeline_module(c.model, self.info, c.training.seed, self.pipeline_loss)
+            if resume is not None and not resume["same_layout"]:
+                load_named(*pipeline_named_parameters(model), resume["full_state"], self.info.tp_rank,
+                           self.info.tp_size, c.model.vocab_size)
+        else:
+            model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=c.training.seed)
+            if resume is not None and not resume["same_layout"]:
+                load_full_state_dict(model, resume["full_state"], self.info.tp_rank, self.info.tp_size)
         return model.to(self.info.device)
 
     def _deepspeed_config(self) -> dict:
@@ -142,17 +166,14 @@ class Trainer:
     def _build_engine(self, model, lr_offset: int):
         import deepspeed
 
-        c = self.config
-        if c.parallel.device == "cpu" and not c.parallel.cpu_shm_allreduce:
-            # gloo does the allreduce; skip the ~60 s JIT build of DeepSpeed's shared-memory op
-            # (`deepspeed.comm.torch` as an attribute is the torch package, hence sys.modules)
-            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        t = c.training
+        t = self.config.training
         optimizer = torch.optim.AdamW(adamw_param_groups(model, t.weight_decay), lr=t.lr,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s + lr_offset, t))
+        # a PipelineModule brings its own topology, which DeepSpeed uses as mpu
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=self._deepspeed_config(), mpu=DeepSpeedMPU())
+                                               config=self._deepspeed_config(),
+                                               mpu=None if self.pipelined else DeepSpeedMPU())
         return engine
 
     def _resume_point(self) -> dict | None:
@@ -174,7 +195,31 @@ class Trainer:
         batch = next(iterator)
         return {k: v.to(self.info.device) for k, v in batch.items()}
 
+    def _pipeline_batches(self, iterator):
+        """DeepSpeed's pipe engine reads (inputs for the first stage, labels for the last stage)."""
+        for _ in iter(int, 1):
+            batch = self._micro_batch(iterator)
+            yield (batch["tokens"], batch["labels"]), batch["loss_mask"]
+
+    def _last_stage_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums over the world what the last stage's TP-rank-0 processes hold (each DP replica once)."""
+        if not (self.is_last_stage and self.info.tp_rank == 0):
+            values = torch.zeros_like(values)
+        dist.all_reduce(values)
+        return values
+
+    def _train_step_pipelined(self, iterator) -> dict:
+        loss_fn = self.pipeline_loss
+        loss_fn.beta, loss_fn.in_router_warmup = self.controller.beta, self.step < self.warmup_steps
+        loss_fn.reset()
+        self.engine.train_batch(data_iter=iterator)
+        local = loss_fn.train_sums / max(1, loss_fn.micro_batches)
+        totals = self._last_stage_sum(local) / self.info.dp_size
+        return dict(zip(("loss", "lm_loss", "depth_loss", "warmup_loss"), totals.tolist()))
+
     def _train_step(self, iterator) -> dict:
+        if self.pipelined:
+            return self._train_step_pipelined(iterator)
         beta, in_warmup = self.controller.beta, self.step < self.warmup_steps
         totals = torch.zeros(4, dtype=torch.float64)
         for _ in range(self.grad_accumulation):
@@ -205,9 +250,33 @@ class Trainer:
         K = c.model.num_heads_total
         iterator = batch_iterator(self.valid_data, c.training.micro_batch_size, self.info.dp_rank,
                                   self.info.dp_size, consumed_samples=0, cycle=True)
+        if self.pipelined:
+            sums = self._evaluate_pipelined(iterator)
+        else:
+            sums = self._evaluate_local(iterator)
+        tokens = sums[0].item()
+        eval_ce = sums[1].item() / tokens
+        depth = sums[2].item() / tokens
+        return {"eval_ce": eval_ce, "eval_ppl": math.exp(min(eval_ce, 50.0)),
+                "head_ce": (sums[3:3 + K] / tokens).tolist(), "exit_usage": (sums[3 + K:] / tokens).tolist(),
+                "expected_depth": depth, "ideal_speedup": 1.0 / depth, "eval_tokens": int(tokens)}
+
+    def _evaluate_pipelined(self, iterator) -> torch.Tensor:
+        loss_fn = self.pipeline_loss
+        loss_fn.reset()
+        loss_fn.collect_eval = True
+        batches = self._pipeline_batches(iterator)
+        for _ in range(self.config.training.eval_iters):  # each call runs grad_accumulation micro-batches
+            self.engine.eval_batch(batches)
+        loss_fn.collect_eval = False
+        self.engine.train()
+        return self._last_stage_sum(loss_fn.eval_sums.clone())
+
+    def _evaluate_local(self, iterator) -> torch.Tensor:
+        K = self.config.model.num_heads_total
         self.engine.eval()
         sums = torch.zeros(3 + 2 * K, dtype=torch.float64)  # tokens, nll, depth, head nll x K, pi x K
-        for _ in range(c.training.eval_iters * self.grad_accumulation):
+        for _ in range(self.config.training.eval_iters * self.grad_accumulation):
             batch = self._micro_batch(iterator)
             terms = self.engine(batch["tokens"], batch["labels"])
             mask = batch["loss_mask"].double()
@@ -218,12 +287,7 @@ class Trainer:
             sums[3 + K:] += (terms.pi.double() * mask[..., None]).sum((0, 1)).cpu()
         self.engine.train()
         dist.all_reduce(sums, group=self._dp_group())
-        tokens = sums[0].item()
-        eval_ce = sums[1].item() / tokens
-        depth = sums[2].item() / tokens
-        return {"eval_ce": eval_ce, "eval_ppl": math.exp(min(eval_ce, 50.0)),
-                "head_ce": (sums[3:3 + K] / tokens).tolist(), "exit_usage": (sums[3 + K:] / tokens).tolist(),
-                "expected_depth": depth, "ideal_speedup": 1.0 / depth, "eval_tokens": int(tokens)}
+        return sums
 
     # -- checkpoint pieces ------------------------------------------------------------------------------
 
@@ -234,6 +298,13 @@ class Trainer:
 
         module = self.engine.module
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        if self.pipelined:
+            from nvium_dist.tp_layout import gather_named
+            from nvium_dist.training.pipeline import pipeline_named_parameters
+
+            stage = gather_named(*pipeline_named_parameters(module), self.config.model.vocab_size, tp_group)
+            return self._gather_to_rank0(stage if self.info.dp_rank == 0 and self.info.tp_rank == 0 else {},
+                                         merge=True)
         if self.config.parallel.zero_stage == 3:
             import deepspeed
 
@@ -250,6 +321,8 @@ class Trainer:
 
         rows = min(SAMPLE_ROWS, self.config.training.micro_batch_size)
         batch = self._micro_batch(batch_iterator(self.valid_data, self.config.training.micro_batch_size, 0, 1, 0))
+        if self.pipelined:
+            return self._sample_check_pipelined(batch)
         tokens, labels = batch["tokens"][:rows], batch["labels"][:rows]
         self.engine.eval()
         terms = self.engine(tokens, labels)
@@ -258,6 +331,34 @@ class Trainer:
             return None
         return {"tokens": tokens.cpu(), "labels": labels.cpu(), "log_p_heads": terms.log_p_heads.float().cpu(),
                 "log_p_mix": terms.log_p_mix.float().cpu()}
+
+    def _gather_to_rank0(self, obj, merge: bool = False):
+        gathered = [None] * self.info.world_size if self.info.rank == 0 else None
+        dist.gather_object(obj, gathered, dst=0)
+        if self.info.rank != 0:
+            return None
+        if not merge:
+            return gathered
+        merged = {}
+        for part in gathered:
+            merged.update(part or {})
+        return merged
+
+    def _sample_check_pipelined(self, batch):
+        """The whole micro-batch goes through the pipe engine once; the last stage computes the terms."""
+        from nvium_dist.mixture import mixture_terms
+
+        model = self.config.model
+        batches = iter([((batch["tokens"], batch["labels"]), batch["loss_mask"])] * self.grad_accumulation)
+        _, outputs = self.engine.eval_batch(batches, return_logits=True)
+        self.engine.train()
+        sample = {}
+        if self.is_last_stage and self.info.tp_rank == 0 and self.info.dp_rank == 0:
+            _, _, log_p_heads, *routers = outputs
+            terms = mixture_terms(log_p_heads, routers[0] if routers else None, model.exit_layers, model.num_layers)
+            sample = {"tokens": batch["tokens"].cpu(), "labels": batch["labels"].cpu(),
+                      "log_p_heads": terms.log_p_heads.float().cpu(), "log_p_mix": terms.log_p_mix.float().cpu()}
+        return self._gather_to_rank0(sample, merge=True)
 
     def save(self) -> Path:
         state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
@@ -309,6 +410,8 @@ class Trainer:
 
         iterator = batch_iterator(self.train_data, t.micro_batch_size, self.info.dp_rank, self.info.dp_size,
                                   consumed_samples=self.consumed_samples)
+        if self.pipelined:
+            iterator = self._pipeline_batches(iterator)
         tokens_per_step = t.global_batch_size * c.model.seq_length
         last_saved = self.step
         while self.step < t.train_iters:

@@ -1,0 +1,180 @@
+"""Pipeline parallelism: the N-vium model as a DeepSpeed PipelineModule.
+
+Pipeline layers are the embedding, one layer per transformer block, and per head a "prep" layer (norm,
+router, adapter) followed by the shared output matrix as a TiedLayerSpec (DeepSpeed keeps its copies on
+different stages in sync). Stages balance transformer blocks. Between layers a tuple travels:
+
+    (hidden, labels, log_p_heads [b, s, K], router_logits [b, s, K-1, 2])   (+ adapted state after a prep)
+
+Each head fills its column of log p_k(y) and its router logits, so the last stage holds every head's
+terms and the mixture loss is computed once, by `mixture.py`, exactly as with PP=1 — at the cost of
+3K-2 floats per token on the wire next to the hidden state. Router logits are absent for a dense model.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from nvium_dist.config import ModelConfig
+from nvium_dist.mixture import mixture_terms, nvium_loss
+from nvium_dist.model import ModelParts, label_log_probs, vocab_logits
+
+
+def _parts(config: ModelConfig, tensor_parallel: int, seed: int) -> ModelParts:
+    return ModelParts(config, tensor_parallel, torch.float32, initialise=True, seed=seed)
+
+
+class PipeEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, tensor_parallel: int, seed: int):
+        super().__init__()
+        self.num_heads = config.num_heads_total
+        self.embedding = _parts(config, tensor_parallel, seed).embedding()
+
+    def full_name(self, local: str) -> str:
+        return local
+
+    def forward(self, inputs):
+        tokens, labels = inputs
+        hidden = self.embedding(tokens)
+        b, s = tokens.shape
+        # leaves that require grad: the pipe engine back-propagates through every float it sends, and a
+        # stage may pass these on before any head has written to them
+        log_p_heads = torch.zeros(b, s, self.num_heads, device=hidden.device, requires_grad=True)
+        if self.num_heads == 1:
+            return hidden, labels, log_p_heads
+        routers = torch.zeros(b, s, self.num_heads - 1, 2, device=hidden.device, requires_grad=True)
+        return hidden, labels, log_p_heads, routers
+
+
+class PipeBlock(nn.Module):
+    def __init__(self, config: ModelConfig, tensor_parallel: int, seed: int, index: int):
+        super().__init__()
+        self.index = index
+        self.block = _parts(config, tensor_parallel, seed).block(index)
+
+    def full_name(self, local: str) -> str:
+        return local.replace("block.", f"layers.{self.index}.", 1)
+
+    def forward(self, carried):
+        hidden, *rest = carried
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        return (self.block(hidden, positions), *rest)
+
+
+class PipeHeadPrep(nn.Module):
+    """Norm, router and adapter of head `index`; appends the adapted state for the output layer."""
+
+    def __init__(self, config: ModelConfig, tensor_parallel: int, seed: int, index: int):
+        super().__init__()
+        self.index = index
+        self.head = _parts(config, tensor_parallel, seed).head(index)
+
+    def full_name(self, local: str) -> str:
+        return local.replace("head.", f"heads.{self.index}.", 1)
+
+    def forward(self, carried):
+        hidden, labels, log_p_heads, *routers = carried
+        adapted, router_logits = self.head(hidden)
+        if router_logits is not None:
+            filled = routers[0].clone()
+            filled[:, :, self.index] = router_logits.float()
+            routers = [filled]
+        return (hidden, labels, log_p_heads, *routers, adapted)
+
+
+class PipeOutput(nn.Module):
+    """The shared output matrix; one instance per stage that needs it, tied across stages."""
+
+    def __init__(self, config: ModelConfig, tensor_parallel: int, seed: int):
+        super().__init__()
+        parts = _parts(config, tensor_parallel, seed)
+        self.output = parts.output()
+        self.register_buffer("padding_mask", parts.padding_mask(), persistent=False)
+
+    def full_name(self, local: str) -> str:
+        return local
+
+
+def head_output(index: int, module: PipeOutput, carried):
+    """Forward of the tied output layer for head `index`: fills log p_index(label)."""
+    hidden, labels, log_p_heads, *rest = carried
+    *routers, adapted = rest
+    filled = log_p_heads.clone()
+    filled[:, :, index] = label_log_probs(vocab_logits(module.output, module.padding_mask, adapted), labels)
+    return (hidden, labels, filled, *routers)
+
+
+class PipelineLoss:
+    """loss_fn of the PipelineModule: the mixture loss from the carried per-head terms.
+
+    Also keeps the components of the last micro-batches (train) or running sums (eval) on the last stage.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.beta = 0.0
+        self.in_router_warmup = False
+        self.collect_eval = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.train_sums = torch.zeros(4, dtype=torch.float64)
+        self.micro_batches = 0
+        K = self.config.num_heads_total
+        self.eval_sums = torch.zeros(3 + 2 * K, dtype=torch.float64)
+
+    def __call__(self, outputs, loss_mask):
+        _, _, log_p_heads, *routers = outputs
+        terms = mixture_terms(log_p_heads, routers[0] if routers else None, self.config.exit_layers,
+                              self.config.num_layers)
+        losses = nvium_loss(terms, loss_mask, self.beta, self.in_router_warmup)
+        if self.collect_eval:
+            K = self.config.num_heads_total
+            mask = loss_mask.double()
+            self.eval_sums[0] += mask.sum().cpu()
+            self.eval_sums[1] += (-terms.log_p_mix.double() * mask).sum().cpu()
+            self.eval_sums[2] += (terms.expected_depth.double() * mask).sum().cpu()
+            self.eval_sums[3:3 + K] += (-terms.log_p_heads.double() * mask[..., None]).sum((0, 1)).cpu()
+            self.eval_sums[3 + K:] += (terms.pi.double() * mask[..., None]).sum((0, 1)).cpu()
+        else:
+            self.train_sums += torch.tensor([losses.loss.item(), losses.lm_loss.item(), losses.depth_loss.item(),
+                                             losses.warmup_loss.item()], dtype=torch.float64)
+            self.micro_batches += 1
+        return losses.loss
+
+
+def build_pipeline_module(config: ModelConfig, info, seed: int, loss: PipelineLoss):
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    tp = info.tp_size
+    specs = [LayerSpec(PipeEmbedding, config, tp, seed)]
+    head_after = {layer - 1: head for head, layer in enumerate(config.exit_layers)}
+    for index in range(config.num_layers):
+        specs.append(LayerSpec(PipeBlock, config, tp, seed, index))
+        if index in head_after:
+            head = head_after[index]
+            specs.append(LayerSpec(PipeHeadPrep, config, tp, seed, head))
+            specs.append(TiedLayerSpec("output", PipeOutput, config, tp, seed,
+                                       forward_fn=functools.partial(head_output, head), tied_weight_attr=["output.weight"]))
+    topology = PipeModelDataParallelTopology(num_pp=info.pp_size, num_mp=tp, num_dp=info.dp_size)
+    return PipelineModule(layers=specs, topology=topology, loss_fn=loss, partition_method="type:PipeBlock")
+
+
+def pipeline_named_parameters(pipe_module) -> tuple[dict[str, nn.Parameter], dict[str, int | None]]:
+    """This stage's parameters and their TP split dims, by NviumModel name (a tied copy appears once)."""
+    from nvium_dist.tp_layout import partition_dims
+
+    params, dims = {}, {}
+    for child_name, child in pipe_module._modules.items():
+        modules = child.values() if child_name == "tied_modules" else [child]
+        for module in modules:
+            if not hasattr(module, "full_name"):
+                continue
+            local_dims = partition_dims(module)
+            for local, param in module.named_parameters():
+                params[module.full_name(local)] = param
+                dims[module.full_name(local)] = local_dims.get(local)
+    return params, dims
