@@ -60,6 +60,7 @@ def main(argv=None) -> int:
 
     results = {}
     outputs = {}
+    load_before = [round(x, 2) for x in os.getloadavg()]
     for w in args.workers:
         out = os.path.join(work, f"out_w{w}")
         s = preprocess(paths, out, tok["model"], ["text"], append_eod=True, workers=w, progress=False)["text"]
@@ -77,6 +78,9 @@ def main(argv=None) -> int:
         "tokenizer_vocab": tok["vocab_size"],
         "tokenizer_train_seconds": round(train_s, 2),
         "cpu_count": os.cpu_count(),
+        # other processes competing for the cores make the 2-worker number meaningless; check these
+        "loadavg_1_5_15_before": load_before,
+        "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         **results,
         "outputs_identical": identical,
     }
