@@ -114,6 +114,19 @@ def nvium_loss(terms: MixtureTerms, loss_mask: torch.Tensor, beta: float, in_rou
     return LossComponents(loss, lm_loss, depth_loss, warmup_loss)
 
 
+def evaluation_sums(terms: MixtureTerms, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Masked sums [tokens, -log p_mix, depth, -log p_k x K, pi_k x K] (float64, CPU), to add up
+    over micro-batches and ranks before dividing by the token count."""
+    mask = loss_mask.double()
+    per_head = mask[..., None]
+    return torch.cat([
+        mask.sum().reshape(1), (-terms.log_p_mix.double() * mask).sum().reshape(1),
+        (terms.expected_depth.double() * mask).sum().reshape(1),
+        (-terms.log_p_heads.double() * per_head).flatten(0, -2).sum(0),
+        (terms.pi.double() * per_head).flatten(0, -2).sum(0),
+    ]).cpu()
+
+
 def router_warmup_steps(train_iters: int, warmup_steps: int, warmup_fraction: float) -> int:
     """The router warmup lasts max(warmup_steps, fraction x total steps)."""
     return max(warmup_steps, int(math.ceil(warmup_fraction * train_iters)))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nvium_dist.config import ModelConfig
-from nvium_dist.mixture import mixture_terms, nvium_loss
+from nvium_dist.mixture import evaluation_sums, mixture_terms, nvium_loss
 from nvium_dist.model import ModelParts, label_log_probs, vocab_logits
 
 
@@ -131,13 +131,7 @@ class PipelineLoss:
                               self.config.num_layers)
         losses = nvium_loss(terms, loss_mask, self.beta, self.in_router_warmup)
         if self.collect_eval:
-            K = self.config.num_heads_total
-            mask = loss_mask.double()
-            self.eval_sums[0] += mask.sum().cpu()
-            self.eval_sums[1] += (-terms.log_p_mix.double() * mask).sum().cpu()
-            self.eval_sums[2] += (terms.expected_depth.double() * mask).sum().cpu()
-            self.eval_sums[3:3 + K] += (-terms.log_p_heads.double() * mask[..., None]).sum((0, 1)).cpu()
-            self.eval_sums[3 + K:] += (terms.pi.double() * mask[..., None]).sum((0, 1)).cpu()
+            self.eval_sums += evaluation_sums(terms, loss_mask)
         else:
             self.train_sums += torch.tensor([losses.loss.item(), losses.lm_loss.item(), losses.depth_loss.item(),
                                              losses.warmup_loss.item()], dtype=torch.float64)

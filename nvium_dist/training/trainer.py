@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nvium_dist.config import NviumConfig
-from nvium_dist.mixture import nvium_loss, router_warmup_steps
+from nvium_dist.mixture import evaluation_sums, nvium_loss, router_warmup_steps
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BetaController
@@ -278,13 +278,7 @@ class Trainer:
         sums = torch.zeros(3 + 2 * K, dtype=torch.float64)  # tokens, nll, depth, head nll x K, pi x K
         for _ in range(self.config.training.eval_iters * self.grad_accumulation):
             batch = self._micro_batch(iterator)
-            terms = self.engine(batch["tokens"], batch["labels"])
-            mask = batch["loss_mask"].double()
-            sums[0] += mask.sum().cpu()
-            sums[1] += (-terms.log_p_mix.double() * mask).sum().cpu()
-            sums[2] += (terms.expected_depth.double() * mask).sum().cpu()
-            sums[3:3 + K] += (-terms.log_p_heads.double() * mask[..., None]).sum((0, 1)).cpu()
-            sums[3 + K:] += (terms.pi.double() * mask[..., None]).sum((0, 1)).cpu()
+            sums += evaluation_sums(self.engine(batch["tokens"], batch["labels"]), batch["loss_mask"])
         self.engine.train()
         dist.all_reduce(sums, group=self._dp_group())
         return sums
