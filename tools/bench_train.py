@@ -28,7 +28,7 @@ def forward_flops_per_token(model, parts: dict) -> float:
     return 2 * matmul_params + attention
 
 
-def run(config_path, overrides, nproc, run_dir) -> dict:
+def run(config_path, overrides, nproc, run_dir) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(config_path)]
     for kv in overrides + [f"training.run_dir={run_dir}"]:
@@ -37,9 +37,12 @@ def run(config_path, overrides, nproc, run_dir) -> dict:
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "tokens_per_s" in r]
-    steady = train[len(train) // 3:] or train
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in train), "steps_timed": len(steady)}
+    return train[len(train) // 3:] or train  # the first third warms up
+
+
+def summarise(records: list[dict]) -> dict:
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in records), "steps_timed": len(records)}
 
 
 def main(argv=None) -> int:
@@ -47,7 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(ROOT / "pretrain/configs/tiny.yaml"), help="the N-vium config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both runs")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc-per-node)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per model and round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternate N-vium and dense runs this many times, so load changes hit both alike")
     args = parser.parse_args(argv)
 
     from nvium_dist.config import load_config
@@ -59,21 +64,26 @@ def main(argv=None) -> int:
                          f"training.eval_interval={10**9}", f"training.save_interval={10**9}"]
     flops = {name: forward_flops_per_token(m, parameter_breakdown(m)["parts"])
              for name, m in (("nvium", config.model), ("dense", dense))}
+    dense_overrides = ["model.exits=[]", f"model.ffn_hidden_size={dense.ffn_hidden_size}"]
+    steps = {"nvium": [], "dense": []}
     with tempfile.TemporaryDirectory() as tmp:
-        data_run = Path(tmp) / "nvium"
-        nvium = run(args.config, common, args.nproc, data_run)
-        data = config.data
-        shared = [] if data.train_data else [  # reuse the default corpus the first run built
+        data_run = Path(tmp) / "data"
+        shared = [] if config.data.train_data else [  # reuse the default corpus the first run builds
             f"data.train_data=[{data_run}/data/shakespeare_train_text_document]",
             f"data.valid_data=[{data_run}/data/shakespeare_valid_text_document]",
             f"data.tokenizer_model={data_run}/data/tokenizer.model"]
-        dense_result = run(args.config, common + shared + ["model.exits=[]",
-                                                           f"model.ffn_hidden_size={dense.ffn_hidden_size}"],
-                           args.nproc, Path(tmp) / "dense")
+        if shared:
+            run(args.config, args.set + ["training.train_iters=1"], args.nproc, data_run)
+        for round_index in range(args.rounds):
+            for name, extra in (("nvium", []), ("dense", dense_overrides)):
+                run_dir = Path(tmp) / f"{name}-{round_index}"
+                steps[name] += run(args.config, common + shared + extra, args.nproc, run_dir)
+                print(f"[bench] round {round_index + 1}/{args.rounds} {name} done", file=sys.stderr)
+    nvium, dense_result = summarise(steps["nvium"]), summarise(steps["dense"])
     measured = nvium["tokens_per_s"] / dense_result["tokens_per_s"]
     analytic = flops["dense"] / flops["nvium"]
     print(json.dumps({
-        "config": args.config, "nproc": args.nproc, "steps": args.steps,
+        "config": args.config, "nproc": args.nproc, "steps": args.steps, "rounds": args.rounds,
         "parallel": {"tensor_parallel": config.parallel.tensor_parallel, "zero_stage": config.parallel.zero_stage},
         "nvium": nvium, "dense": dense_result, "dense_ffn_hidden_size": dense.ffn_hidden_size,
         "forward_flops_per_token": flops, "analytic_throughput_ratio": round(analytic, 4),
