@@ -131,6 +131,16 @@ def test_pipeline_two_stages_same_tokens_and_kv(generator):
         torch.testing.assert_close(values[:, :, :-1], reference.engine.cache.values[layer][:, :, :-1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_pipeline_three_stages_full_mode_and_eos(generator):
+    eos = generator.generate(RAGGED, 20, seed=4).tokens[1][5]
+    for mode in ("deferred", "full"):
+        reference = generator.generate(RAGGED, 20, seed=4, mode=mode, eos_id=eos)
+        piped = generator.generate(RAGGED, 20, seed=4, mode=mode, eos_id=eos, pipeline_stages=3)
+        assert piped.tokens == reference.tokens and piped.exits == reference.exits
+    assert len(reference.tokens[1]) == 6
+
+
 def test_stage_split_is_at_exits_and_balanced():
     from nvium_dist.inference.pipeline import stage_segments
 

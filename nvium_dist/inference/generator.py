@@ -250,7 +250,13 @@ class NviumGenerator:
         if pipeline_stages > 1:
             if transform is not None:
                 raise GenerationError("sampling transforms are single-process only; use pipeline_stages=1")
-            from nvium_dist.inference.pipeline import run_pipeline
+            from nvium_dist.inference.pipeline import run_pipeline, stage_segments
+
+            try:
+                stage_segments(self.config.num_heads_total, [b - a for a, b in self.config.segment_ranges],
+                               pipeline_stages)
+            except ValueError as err:
+                raise GenerationError(str(err)) from None
 
             if self.export_dir is None:
                 raise GenerationError("pipeline decoding loads the model in every stage: use from_pretrained(EXPORT_DIR)")

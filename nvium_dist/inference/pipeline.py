@@ -11,8 +11,11 @@ position, exit), so the tokens equal single-process decoding.
 Messages (torch.distributed point-to-point; gloo on CPU, NCCL on GPU):
     stage s -> s+1  header int64 [kind, R, n, rows(B), starts(B), counts(B), decide(B)], then hidden [R, n, d]
     stage s -> 0    result int64 [count, rows(B), tokens(B), exits(B)]
-kind 1 = work, 0 = stop. Every channel is FIFO, and stage 0 sends step t+1 only after all results of
-step t arrived, so there is no cycle of blocking sends.
+kind 1 = work, 0 = stop. A stage answers every work message that has deciding rows exactly once (count
+may be 0 when all of them went on), so stage 0 receives from stages 1, 2, ... in order with explicit
+sources (NCCL has no receive-from-any). Every channel is FIFO, and stage 0 sends step t+1 only after all
+results of step t arrived, so there is no cycle of blocking sends. A batch advances in lockstep: stage 0
+starts the next step when every row of the current one has its token.
 """
 from __future__ import annotations
 
@@ -103,7 +106,7 @@ def _worker_loop(engine, rank: int, stages: int, batch: int, hidden_size: int, d
         decide = [row for row, flag in zip(rows, decide_flags) if flag]
         eager = [row for row, flag in zip(rows, decide_flags) if not flag]
         out = engine.step(decide, eager)
-        if out.results:
+        if decide:  # exactly one answer per message with deciding rows (possibly empty: all went on)
             _send_results(out.results, batch, device)
         if out.forward_rows and rank + 1 < stages:
             _send_work(out, batch, rank + 1, hidden_size, device)
@@ -141,8 +144,10 @@ def _driver_loop(engine, model, stages: int, prompts, max_new_tokens: int, eos_i
         out = engine.step(decide=active, eager=[])
         results = dict(out.results)
         waiting = forward(out)
-        while waiting:
-            dist.recv(message)
+        source = 1
+        while waiting:  # stage 1 answers first, then each later stage that still had deciding rows
+            dist.recv(message, source)
+            source += 1
             m = message.cpu()
             count = int(m[0])
             for i in range(count):
