@@ -186,7 +186,7 @@ class StageEngine:
             routers = torch.stack([torch.stack([r for _, r in self.mixture_parts[row][:-1]]) for row in rows])
         log_mix = log_mixture_distribution(log_heads, routers)
         u = torch.tensor([uniform(self.seed, self.sequence_ids[row], pos, -1, STREAM_TOKEN)
-                          for row, pos in zip(rows, positions)], dtype=torch.float64)
+                          for row, pos in zip(rows, positions)], dtype=torch.float64, device=log_mix.device)
         tokens = self.transform.sample(log_mix, u).tolist()
         for row, token in zip(rows, tokens):
             out.results[row] = (token, -1)
