@@ -58,10 +58,16 @@ _W: dict = {}
 
 
 def _init_worker(model_path: str, json_keys: tuple, append_eod: bool, dtype_name: str, max_doc_bytes: int) -> None:
-    import sentencepiece as spm
+    # never raise here: multiprocessing.Pool replaces a worker whose initializer fails, forever (a
+    # hang); the error is kept and re-raised by the first task, which reaches the parent instead
+    try:
+        import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor()
-    sp.Load(model_path)
+        sp = spm.SentencePieceProcessor()
+        sp.Load(model_path)
+    except Exception as err:  # noqa: BLE001
+        _W["init_error"] = f"worker could not load tokenizer {model_path!r}: {err!r}"
+        return
     _W.update(sp=sp, keys=json_keys, eod=sp.eos_id(), append_eod=append_eod, dtype=np.dtype(dtype_name),
               max_doc_bytes=max_doc_bytes)
 
@@ -81,6 +87,8 @@ def _encode_docs(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _process_task(task):
     """task -> (n_lines, {key: (tokens, lengths)}, [(reason, file_index, line, key)])"""
+    if "init_error" in _W:
+        raise RuntimeError(_W["init_error"])
     keys = _W["keys"]
     texts: dict[str, list[str]] = {k: [] for k in keys}
     skipped = []
