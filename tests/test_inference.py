@@ -32,6 +32,15 @@ def make_export(path, seed=0, **overrides):
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP barrier costs (seconds per test on a loaded 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     return make_export(tmp_path_factory.mktemp("inference") / "export")

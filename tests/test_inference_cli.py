@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_inference import make_export
+from test_inference import make_export, one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))

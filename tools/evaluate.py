@@ -22,7 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=0, help="window length (default: the model's seq_length)")
     p.add_argument("--max-windows", type=int, default=64, help="evaluate at most this many windows")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
 

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-stages", type=int, default=1, help="decode with this many stage processes")
     p.add_argument("--show-exits", action="store_true", help="print each token's exit index after it, as [k]")
     p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the tokenizer's EOS token")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: 1 thread for models narrower than 1024, else torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         generator = NviumGenerator.from_pretrained(args.model, device=args.device)
+        if not args.threads and args.device == "cpu" and generator.config.hidden_size < 1024:
+            torch.set_num_threads(1)  # small-batch decoding of a small model: thread barriers cost more than they give
         tok = generator.tokenizer
         prompts = [tok.encode(t) for t in texts] + id_prompts
         eos = tok.eos_id if args.stop_at_eos else None
