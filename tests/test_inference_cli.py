@@ -39,7 +39,7 @@ def test_generate_cli_errors_are_clear(byte_export, capsys):
     assert "mode='full'" in capsys.readouterr().err
     assert generate.main(["--model", str(byte_export / "missing"), "--prompt", "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert generate.main(["--model", str(byte_export), "--prompt", "ab", "--prompt", "cde", "--max-new-tokens", "5",
+    assert generate.main(["--model", str(byte_export), "ab", "--prompt", "cde", "--max-new-tokens", "5",
                           "--mode", "full", "--top-k", "5"]) == 0
     assert capsys.readouterr().out.count("--- sequence") == 2
 

@@ -2,6 +2,7 @@
 """Sample text from an N-vium export, exactly from the mixture (deferred decoding by default).
 
     python tools/generate.py --model exports/tiny --prompt "ROMEO:" --max-new-tokens 100 --show-exits
+    python tools/generate.py --model exports/tiny "ROMEO. " "Enter KING HENRY"       # two prompts, one batch
     python tools/generate.py --model exports/tiny --prompt-file prompts.txt --mode full --temperature 0.8
     python tools/generate.py --model exports/tiny --prompt-ids 1,523,77 --pipeline-stages 2
 
@@ -19,6 +20,7 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export directory (tools/export_checkpoint.py --output)")
+    p.add_argument("prompts", nargs="*", help="prompt texts (one batch row each); same as --prompt")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch row each)")
     p.add_argument("--prompt-file", help="file with one prompt per line (blank lines skipped)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
@@ -40,7 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    texts = list(args.prompt)
+    texts = list(args.prompts) + list(args.prompt)
     if args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             print(f"error: --prompt-ids {spec!r} is not a comma-separated list of integers", file=sys.stderr)
             return 2
     if not texts and not id_prompts:
-        print("error: give at least one --prompt, --prompt-file or --prompt-ids", file=sys.stderr)
+        print("error: give at least one prompt (positional, --prompt, --prompt-file or --prompt-ids)", file=sys.stderr)
         return 2
 
     import torch
