@@ -53,8 +53,10 @@ children_of() {
 }
 
 stop_signal=""
+launcher_pid=""
 send_stop() {
   local pid sent=""
+  [[ -n "$launcher_pid" ]] || return 0
   for pid in $(children_of "$launcher_pid"); do
     kill -s "$stop_signal" "$pid" 2>/dev/null && sent+=" $pid"
   done
@@ -65,16 +67,15 @@ on_signal() {
   stop_signal=$1
   send_stop
 }
+trap 'on_signal USR1' USR1   # before torchrun starts: an untrapped USR1 would kill this shell
+trap 'on_signal TERM' TERM
 
-# shellcheck disable=SC2016
 (
   trap '' USR1 TERM
   export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGINT,SIGHUP,SIGQUIT}
   exec "$@"
 ) &
 launcher_pid=$!
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
 log "started (pid $launcher_pid): $*"
 
 resignal=${NVIUM_RESIGNAL_SECS:-5}

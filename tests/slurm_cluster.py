@@ -49,6 +49,17 @@ def _which(name: str) -> str | None:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started the cluster dies (even by SIGKILL),
+    so that a killed test run does not leave daemons behind (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def missing_programs() -> list[str]:
     return [name for name in DAEMONS + CLIENTS + ("mungekey",) if _which(name) is None]
 
@@ -205,7 +216,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env, start_new_session=True)
+                                env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         self.procs[name] = proc
         return proc
