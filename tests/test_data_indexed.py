@@ -17,9 +17,10 @@ def _copy(prefix, dst):
 def test_merge_keeps_documents_and_order(corpus, tmp_path):  # noqa: F811
     from nvium_dist.data import open_indexed_dataset
 
+    from nvium_dist.data import merge_datasets
+
     out = tmp_path / "ab_text_document"
-    r = run_tool("merge_datasets.py", "--inputs", corpus["a"], corpus["b"] + ".bin", "--output-prefix", out)
-    assert r.returncode == 0, r.stderr
+    merge_datasets([corpus["a"], corpus["b"] + ".bin"], str(out))
     a, b, m = (open_indexed_dataset(p) for p in (corpus["a"], corpus["b"], str(out)))
     na, nb = len(a.document_indices) - 1, len(b.document_indices) - 1
     assert len(m.document_indices) - 1 == na + nb

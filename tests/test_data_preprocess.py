@@ -39,13 +39,19 @@ def test_workers_partitions_byte_identical(corpus, tmp_path):  # noqa: F811
     for i, t in enumerate(corpus["texts"]["b"][:3]):
         (tmp_path / f"t{i}.txt").write_text(t)
     inputs = [root / "a.jsonl", tmp_path / "c.jsonl.gz", str(tmp_path / "t*.txt"), root / "b.jsonl"]
+    from nvium_dist.data.preprocess import preprocess
+
     outs = {}
-    for name, extra in (("w1", ["--workers", 1]), ("w3", ["--workers", 3]),
-                        ("w2p3", ["--workers", 2, "--partitions", 3])):
-        r = run_tool("preprocess_data.py", "--input", *inputs, "--tokenizer-model", corpus["model"],
-                     "--output-prefix", tmp_path / name, "--append-eod", "--no-progress", *extra)
-        assert r.returncode == 0, r.stderr
-        outs[name] = str(tmp_path / name) + "_text_document"
+    # the CLI once (3 workers), the library in-process for the others (saves a megatron import each)
+    r = run_tool("preprocess_data.py", "--input", *inputs, "--tokenizer-model", corpus["model"],
+                 "--output-prefix", tmp_path / "w3", "--append-eod", "--no-progress", "--workers", 3)
+    assert r.returncode == 0, r.stderr
+    outs["w3"] = str(tmp_path / "w3") + "_text_document"
+    for name, w, p in (("w1", 1, 1), ("w2p3", 2, 3)):
+        s = preprocess([str(x) for x in inputs], str(tmp_path / name), corpus["model"], append_eod=True,
+                       workers=w, partitions=p, progress=False)
+        outs[name] = s["text"]["output_prefix"]
+        assert s["text"]["partitions"] == p
     for ext in (".bin", ".idx"):
         ref = open(outs["w1"] + ext, "rb").read()
         assert ref == open(outs["w3"] + ext, "rb").read()
@@ -94,10 +100,11 @@ def test_malformed_lines_counted_and_strict(corpus, tokenizer, tmp_path):  # noq
     docs = _docs(str(tmp_path / "out_text_document"))
     assert docs == [tokenizer.encode(t) for t in corpus["texts"]["b"][:2]]
 
-    r = run_tool("preprocess_data.py", "--input", bad, "--tokenizer-model", corpus["model"],
-                 "--output-prefix", tmp_path / "strict", "--no-progress", "--strict", "--workers", 2)
-    assert r.returncode == 2
-    assert f"{bad}:2: invalid json" in r.stderr and "--strict" in r.stderr
+    from nvium_dist.data.preprocess import PreprocessError, preprocess
+
+    with pytest.raises(PreprocessError) as e:
+        preprocess([str(bad)], str(tmp_path / "strict"), corpus["model"], strict=True, workers=2, progress=False)
+    assert f"{bad}:2: invalid json" in str(e.value) and "--strict" in str(e.value)
     # nothing that looks like a dataset is left behind
     assert not list(tmp_path.glob("strict*"))
 
@@ -125,9 +132,10 @@ def test_dtype_must_fit_vocab(corpus, tmp_path):  # noqa: F811
     check_dtype_fits(np.uint16, 65536, "x.bin")
     check_dtype_fits(np.int32, 200_000, "x.bin")
     # int32 output on request, same token ids
-    r = run_tool("preprocess_data.py", "--input", corpus["root"] / "b.jsonl", "--tokenizer-model", corpus["model"],
-                 "--output-prefix", tmp_path / "i32", "--no-progress", "--append-eod", "--dtype", "int32")
-    assert r.returncode == 0, r.stderr
+    from nvium_dist.data.preprocess import preprocess
+
+    preprocess([str(corpus["root"] / "b.jsonl")], str(tmp_path / "i32"), corpus["model"], append_eod=True,
+               dtype="int32", progress=False)
     ds = open_indexed_dataset(str(tmp_path / "i32_text_document"))
     assert ds.index.dtype == np.int32
     assert _docs(str(tmp_path / "i32_text_document")) == _docs(corpus["b"])
