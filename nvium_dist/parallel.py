@@ -50,9 +50,11 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Par
     if not dist.is_initialized():
         rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("WORLD_SIZE > 1 without MASTER_PORT: launch with torchrun (or srun + torchrun)")
+        launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun's own store serves that port
+        if world_size > 1 and "MASTER_PORT" not in os.environ:
+            raise RuntimeError("WORLD_SIZE > 1 without MASTER_PORT: launch with torchrun (or srun + torchrun)")
+        if world_size == 1 and not launched:
+            # a lone process may have inherited its parent's MASTER_PORT, which is already bound
             os.environ["MASTER_PORT"] = str(free_port())
         if parallel.device == "cuda":
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
