@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,9 +38,10 @@ def log_exit_weights(log_q: torch.Tensor, log_continue: torch.Tensor) -> torch.T
     return torch.cat([reached_before + log_q, log_reach[..., -1:]], dim=-1)
 
 
-@dataclass
-class MixtureTerms:
-    """Per-token quantities; leading dims are those of the labels, heads are the last dim."""
+class MixtureTerms(NamedTuple):
+    """Per-token quantities; leading dims are those of the labels, heads are the last dim.
+
+    A NamedTuple so that DeepSpeed's ZeRO-3 module hooks see the tensors a model forward returns."""
     log_p_heads: torch.Tensor  # [..., K] log p_k(y)
     q: torch.Tensor  # [..., K-1] clamped exit probabilities
     log_pi: torch.Tensor  # [..., K]
