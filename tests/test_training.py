@@ -142,7 +142,8 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_and_resumes(corpus, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_signal_checkpoints_and_resumes(signum, corpus, tmp_path):
     extra = {"training.train_iters": 30, "training.eval_interval": 30, "parallel.zero_stage": 1}
     uninterrupted, _ = train(2, corpus, tmp_path / "straight", **extra)
     run_dir = tmp_path / "signalled"
@@ -151,7 +152,7 @@ def test_sigusr1_checkpoints_and_resumes(corpus, tmp_path):
     metrics = run_dir / "metrics.jsonl"
     _wait_for(metrics, proc)
     for pid in _workers(proc):
-        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signum)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "preempted: checkpoint saved at step" in out
@@ -196,3 +197,27 @@ def test_reshard_tp2_to_tp1_then_resume(corpus, tmp_path):
     assert sorted(resumed) == [5, 6]  # started from the resharded step-4 weights
     # step 5's loss is computed before its update, from the step-4 weights alone
     assert abs(resumed[5]["loss"] - straight[5]["loss"]) < TOLERANCE
+
+
+def test_lr_schedules():
+    from nvium_dist.config import TrainingConfig
+    from nvium_dist.training.schedule import lr_multiplier
+
+    cosine = TrainingConfig(train_iters=100, warmup_fraction=0.1, min_lr_ratio=0.1, lr_schedule="cosine")
+    values = [lr_multiplier(s, cosine) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[9:], values[10:]))  # monotone decay after warmup
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+    wsd = TrainingConfig(train_iters=100, warmup_fraction=0.01, decay_fraction=0.1, min_lr_ratio=0.1, lr_schedule="wsd")
+    assert [lr_multiplier(s, wsd) for s in (0, 50, 89)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(95, wsd) == pytest.approx(0.55) and lr_multiplier(100, wsd) == pytest.approx(0.1)
+
+
+def test_optimizer_offload_and_wandb_offline(corpus, tmp_path, monkeypatch):
+    """ZeRO-2 with the optimizer offloaded to CPU trains like the reference; wandb logs offline."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    records, _ = train(1, corpus, tmp_path, **{"parallel.zero_stage": 2, "parallel.offload_optimizer": "true",
+                                                "training.wandb_project": "nvium-test", "training.train_iters": 2,
+                                                "training.eval_interval": 2})
+    assert sorted(records) == [1, 2] and all(r["loss"] > 0 for r in records.values())
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
