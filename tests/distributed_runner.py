@@ -6,27 +6,11 @@ well under a second of start-up instead of ~10 s per spawned process.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
-import torch.multiprocessing as mp
+from nvium_dist.parallel import forkserver_context, free_port
 
-_PRELOAD = ["torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture"]
-_context = None
-
-
-def _get_context():
-    global _context
-    if _context is None:
-        _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
-    return _context
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_PRELOAD = ("torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture")
 
 
 def _worker(fn, rank, world_size, port, args, queue):
@@ -51,9 +35,9 @@ def _worker(fn, rank, world_size, port, args, queue):
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     """fn(rank, world_size, *args) in `world_size` processes; returns their results ordered by rank."""
-    ctx = _get_context()
+    ctx = forkserver_context(_PRELOAD)
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()

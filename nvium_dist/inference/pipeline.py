@@ -26,8 +26,8 @@ import traceback
 import torch
 
 WORK, STOP = 1, 0
-_PRELOAD = ["torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture",
-            "nvium_dist.inference.generator"]
+_PRELOAD = ("torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture",
+            "nvium_dist.inference.generator")
 
 
 def stage_segments(num_segments: int, segment_layers: list[int], stages: int) -> list[range]:
@@ -232,28 +232,15 @@ def _model_config(export_dir):
     return model_config_from_dict(json.loads((Path(export_dir) / "config.json").read_text())["model"])
 
 
-_context = None
-
-
-def _get_context():
-    global _context
-    if _context is None:
-        import torch.multiprocessing as mp
-
-        _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
-    return _context
-
-
 def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: int, seed: int, mode: str, eos_id,
                  sequence_ids, flush: bool, device: str = "cpu", threads: int = 1, return_caches: bool = False,
                  timeout: float = 600.0) -> dict:
     """Decodes with `stages` processes; -> {"tokens", "exits", "seconds" (stage 0's decode time), "caches"?}."""
-    from nvium_dist.parallel import free_port
+    from nvium_dist.parallel import forkserver_context, free_port
 
     config = _model_config(export_dir)
     stage_segments(config.num_heads_total, [b - a for a, b in config.segment_ranges], stages)  # validates
-    ctx = _get_context()
+    ctx = forkserver_context(_PRELOAD)
     queue = ctx.Queue()
     port = free_port()
     job = dict(export_dir=str(export_dir), prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, mode=mode,
