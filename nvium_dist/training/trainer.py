@@ -197,7 +197,7 @@ class Trainer:
 
     def _pipeline_batches(self, iterator):
         """DeepSpeed's pipe engine reads (inputs for the first stage, labels for the last stage)."""
-        for _ in iter(int, 1):
+        while True:
             batch = self._micro_batch(iterator)
             yield (batch["tokens"], batch["labels"]), batch["loss_mask"]
 
