@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the N-vium claim at small scale, end to end, with one command, and write a report.
 
-    python tools/replicate.py                          # 2-core CPU scale, about 40 minutes
+    python tools/replicate.py                          # 2-core CPU scale, 400 steps: ~9 min idle (~25 loaded)
     python tools/replicate.py --scale small            # a bigger CPU run (a few hours on 2 cores)
     python tools/replicate.py --scale gpu              # one CUDA machine (bf16, NCCL)
     python tools/replicate.py --scale micro --output-dir /tmp/rep   # smoke test, about 2 minutes
