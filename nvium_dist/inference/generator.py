@@ -295,6 +295,19 @@ def feed(engine: StageEngine, model, rows: list[int], tokens: list[int], positio
     engine.write_input(rows, positions, model.embed(ids), [1] * len(rows))
 
 
+def record_step(results: dict, active: list[int], tokens, exits, current, position, eos_id) -> list[int]:
+    """Appends each active row's (token, exit) and advances it; returns the rows still active (no EOS)."""
+    for b in active:
+        token, exit = results[b]
+        tokens[b].append(token)
+        exits[b].append(exit)
+        current[b] = token
+        position[b] += 1
+    if eos_id is None:
+        return active
+    return [b for b in active if current[b] != eos_id]
+
+
 def decode_loop(engine: StageEngine, model, prompts, max_new_tokens: int, eos_id, flush: bool, on_step):
     device = engine.device
     batch = len(prompts)
@@ -309,16 +322,9 @@ def decode_loop(engine: StageEngine, model, prompts, max_new_tokens: int, eos_id
             break
         feed(engine, model, active, [current[b] for b in active], [position[b] for b in active], device)
         results = engine.step(decide=active, eager=[]).results
-        for b in active:
-            token, exit = results[b]
-            tokens[b].append(token)
-            exits[b].append(exit)
-            current[b] = token
-            position[b] += 1
         if on_step is not None:
             on_step(step, {b: results[b] for b in active})
-        if eos_id is not None:
-            active = [b for b in active if current[b] != eos_id]
+        active = record_step(results, active, tokens, exits, current, position, eos_id)
     if flush and max_new_tokens > 0:
         rows = list(range(batch))
         feed(engine, model, rows, current, position, device)

@@ -116,7 +116,7 @@ def _driver_loop(engine, model, stages: int, prompts, max_new_tokens: int, eos_i
     """Stage 0: the decoding loop of generator.decode_loop, with the upper stages in other processes."""
     import torch.distributed as dist
 
-    from nvium_dist.inference.generator import feed, prefill
+    from nvium_dist.inference.generator import feed, prefill, record_step
 
     batch = len(prompts)
     hidden_size = model.config.hidden_size
@@ -153,14 +153,7 @@ def _driver_loop(engine, model, stages: int, prompts, max_new_tokens: int, eos_i
             for i in range(count):
                 results[int(m[1 + i])] = (int(m[1 + batch + i]), int(m[1 + 2 * batch + i]))
             waiting -= count
-        for b in active:
-            token, exit = results[b]
-            tokens[b].append(token)
-            exits[b].append(exit)
-            current[b] = token
-            position[b] += 1
-        if eos_id is not None:
-            active = [b for b in active if current[b] != eos_id]
+        active = record_step(results, active, tokens, exits, current, position, eos_id)
     if flush and max_new_tokens > 0:
         rows = list(range(batch))
         feed(engine, model, rows, current, position, device)
