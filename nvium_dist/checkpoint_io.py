@@ -63,7 +63,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_json(path: Path, value: Any) -> None:
+def atomic_write_json(path: Path, value: Any) -> None:
     _atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
 
 
@@ -212,7 +212,7 @@ def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_sta
     if sample is not None:
         sample = {k: v.detach().float() if v.is_floating_point() else v.detach().long() for k, v in sample.items()}
         _save_safetensors(target / SAMPLE_FILE, sample)
-    _atomic_write_json(target / CONFIG_FILE, asdict(config))
+    atomic_write_json(target / CONFIG_FILE, asdict(config))
     if final is not None:
         os.replace(target, final)
     return ckpt_dir
@@ -312,7 +312,7 @@ def write_resharded_checkpoint(output_run_dir: str | os.PathLike, config: NviumC
     state = dict(trainer_state)
     state["resharded_from"] = {"tensor_parallel": config.parallel.tensor_parallel,
                                "pipeline_parallel": config.parallel.pipeline_parallel}
-    _atomic_write_json(step_dir / TRAINER_STATE_FILE, state)
+    atomic_write_json(step_dir / TRAINER_STATE_FILE, state)
     update_latest(checkpoints, step_dir.name)
     return step_dir
 
@@ -355,7 +355,7 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
     _save_safetensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
     if tokenizer["type"] == "sentencepiece":
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-    _atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+    atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
                                            "model": asdict(model_config), "tokenizer": tokenizer,
                                            "metadata": metadata or {}})
     if export_dir.exists():

@@ -12,7 +12,6 @@ then rewrites `latest`, so a job killed at any point leaves either the old or th
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -23,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nvium_dist.checkpoint_io import (LATEST_FILE, atomic_write_json, read_checkpoint, step_dir_name, update_latest,
+                                      write_model_files)
 from nvium_dist.config import NviumConfig
 
-LATEST = "latest"
 DEEPSPEED_TAG = "state"
 
 
@@ -35,10 +35,6 @@ class CheckpointMismatchError(RuntimeError):
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def layout_key(config: NviumConfig, world_size: int) -> dict:
@@ -63,18 +59,10 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, full_state_fn, sample_fn,
                     rank: int, world_size: int) -> Path:
     """Collective: every rank calls it. `full_state_fn()` returns the full weights on rank 0 (None
     elsewhere) and `sample_fn()` the sample-check tensors on rank 0; both may run collectives."""
-    from nvium_dist.checkpoint_io import write_model_files
-
     root = checkpoint_root(config.training.run_dir)
     final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
     if rank == 0:
@@ -88,21 +76,15 @@ def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict,
     if rank == 0:
         write_model_files(tmp, config, full_state, sample)
         state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
-        _write_json_atomic(tmp / "trainer_state.json", state)
+        atomic_write_json(tmp / "trainer_state.json", state)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_latest(root, final.name)
+        update_latest(root, final.name)
         _prune(root, config.training.keep_checkpoints)
     dist.barrier()
     return final
-
-
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -114,7 +96,7 @@ def _prune(root: Path, keep: int) -> None:
 def _candidates(root: Path) -> list[Path]:
     """Checkpoints newest first: the one `latest` names, then every other step directory."""
     found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    pointer = root / LATEST
+    pointer = root / LATEST_FILE
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if named in found:
@@ -125,8 +107,6 @@ def _candidates(root: Path) -> list[Path]:
 
 def _verify(path: Path) -> dict:
     """Reads what a resume needs and checks it is complete; raises on anything missing or corrupt."""
-    from nvium_dist.checkpoint_io import read_checkpoint
-
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist")
     config, full_state, _, trainer_state = read_checkpoint(path)
