@@ -30,8 +30,13 @@ class ModelConfig:
     exits: list[int] = field(default_factory=lambda: [1, 2, 4])
     seq_length: int = 128
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-6  # LLaMA's config, as the paper's code
     init_std: float = 0.02
+    # Adapter W1 ~ N(0, adapter_init_std); 0 means 1/sqrt(hidden_size) (fan-in scaled, as the paper's code).
+    adapter_init_std: float = 0.0
+    # True: attention-output and MLP-down projections at init_std / sqrt(2 L) (GPT-2/Megatron style);
+    # False: init_std like every other matrix (the paper's code).
+    scaled_output_init: bool = False
     router_hidden_ratio: float = 0.66
     # Megatron's make-vocab-size-divisible-by: the vocab is padded to a multiple of this times TP.
     make_vocab_size_divisible_by: int = 128
@@ -46,7 +51,19 @@ class ModelConfig:
 
     @property
     def router_hidden_size(self) -> int:
-        return int(self.router_hidden_ratio * self.hidden_size)
+        """router_hidden_ratio x hidden rounded up to a multiple of 8: the paper's grid (88, 176, 344, 512,
+        688, 1016 for d = 128 ... 1536)."""
+        return 8 * math.ceil(self.router_hidden_ratio * self.hidden_size / 8)
+
+    @property
+    def has_final_adapter(self) -> bool:
+        """N-vium models put an adapter in front of the final head too; a dense model (no exits) is a
+        plain LLaMA without one."""
+        return bool(self.exits)
+
+    @property
+    def adapter_std(self) -> float:
+        return self.adapter_init_std or 1.0 / math.sqrt(self.hidden_size)
 
     @property
     def exit_layers(self) -> list[int]:

@@ -1,12 +1,14 @@
 """The N-vium mixture: the one place where its math lives.
 
 Heads are indexed k = 0..K-1; heads 0..K-2 are early exits with routers, head K-1 is the final head.
-Per token, router k gives q_k = P(exit at k | reached k), clamped to [1e-6, 1 - 1e-6]; the mixture
-weights are the sequential-halting (stick-breaking) probabilities
+Per token, router k gives q_k = P(exit at k | reached k); the mixture weights are the sequential-halting
+(stick-breaking) probabilities
 
     pi_k = q_k * prod_{j<k} (1 - q_j),   pi_{K-1} = prod_{j<K-1} (1 - q_j)
 
-and log p_mix(y) = logsumexp_k(log pi_k + log p_k(y)). Everything is computed in log space in fp32.
+and log p_mix(y) = logsumexp_k(log max(pi_k, 1e-8) + log p_k(y)), as in the paper's code: pi comes from
+the unclamped q, and only inside the log is it floored at 1e-8. The router-warmup penalty reads q clamped
+to [1e-6, 1 - 1e-6]. Everything is computed in log space in fp32.
 """
 from __future__ import annotations
 
@@ -16,19 +18,21 @@ from typing import NamedTuple
 
 import torch
 
-Q_MIN = 1e-6
-_LOG_Q_MIN = math.log(Q_MIN)
-_LOG_Q_MAX = math.log1p(-Q_MIN)
+Q_MIN = 1e-6  # the warmup penalty's clamp of q
+PI_MIN = 1e-8  # the floor of pi inside log p_mix
+_LOG_PI_MIN = math.log(PI_MIN)
 
 
 def router_log_probs(router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., 2] router logits ([continue, exit]) -> (log q, log(1 - q)), q clamped to [1e-6, 1-1e-6].
-
-    1 - q is the continue probability, so clamping both log-probabilities to the same interval is the
-    same as clamping q, and stays finite for router logits of any magnitude.
-    """
-    log_probs = torch.log_softmax(router_logits.float(), dim=-1).clamp(_LOG_Q_MIN, _LOG_Q_MAX)
+    """[..., 2] router logits ([continue, exit]) -> (log q, log(1 - q)), unclamped (a log-softmax, so
+    finite for router logits of any magnitude)."""
+    log_probs = torch.log_softmax(router_logits.float(), dim=-1)
     return log_probs[..., 1], log_probs[..., 0]
+
+
+def floored_log_pi(log_pi: torch.Tensor) -> torch.Tensor:
+    """log max(pi, 1e-8): the weights log p_mix uses."""
+    return log_pi.clamp_min(_LOG_PI_MIN)
 
 
 def log_exit_weights(log_q: torch.Tensor, log_continue: torch.Tensor) -> torch.Tensor:
@@ -43,8 +47,8 @@ class MixtureTerms(NamedTuple):
 
     A NamedTuple so that DeepSpeed's ZeRO-3 module hooks see the tensors a model forward returns."""
     log_p_heads: torch.Tensor  # [..., K] log p_k(y)
-    q: torch.Tensor  # [..., K-1] clamped exit probabilities
-    log_pi: torch.Tensor  # [..., K]
+    q: torch.Tensor  # [..., K-1] exit probabilities
+    log_pi: torch.Tensor  # [..., K] unclamped
     log_p_mix: torch.Tensor  # [...]
     expected_depth: torch.Tensor  # [...] sum_k pi_k l_k / L
     warmup_penalty: torch.Tensor  # [...] sum_k (q_k - 1/(K-k+1))^2 (1-based k)
@@ -72,8 +76,8 @@ def mixture_terms(
 ) -> MixtureTerms:
     """Combines per-head label log-probabilities [..., K] and router logits [..., K-1, 2] into the mixture.
 
-    `force_continue` sets q = 0 exactly (no clamp): the mixture is then the final head alone, i.e. a plain
-    transformer; used to check that equivalence and for full-depth reference runs.
+    `force_continue` sets q = 0 exactly (no floor on pi): the mixture is then the final head alone, i.e. a
+    plain transformer; used to check that equivalence and for full-depth reference runs.
     """
     log_p_heads = log_p_heads.float()
     num_heads = log_p_heads.shape[-1]
@@ -83,13 +87,16 @@ def mixture_terms(
         q = log_p_heads.new_zeros(shape)
         log_pi = torch.full_like(log_p_heads, -math.inf)
         log_pi[..., -1] = 0.0
+        mixture_log_pi = log_pi
     else:
         log_q, log_continue = router_log_probs(router_logits)
         q = log_q.exp()
         log_pi = log_exit_weights(log_q, log_continue)
-    log_p_mix = torch.logsumexp(log_pi + log_p_heads, dim=-1)
+        mixture_log_pi = floored_log_pi(log_pi)
+    log_p_mix = torch.logsumexp(mixture_log_pi + log_p_heads, dim=-1)
     expected_depth = (log_pi.exp() * depth).sum(-1)
-    warmup_penalty = ((q - warmup_targets(num_heads, device=q.device)) ** 2).sum(-1)
+    clamped_q = q.clamp(Q_MIN, 1.0 - Q_MIN)
+    warmup_penalty = ((clamped_q - warmup_targets(num_heads, device=q.device)) ** 2).sum(-1)
     return MixtureTerms(log_p_heads, q, log_pi, log_p_mix, expected_depth, warmup_penalty)
 
 
@@ -142,5 +149,5 @@ def log_mixture_distribution(
     if num_heads == 1 or force_continue:
         return head_log_probs[..., -1, :].float()
     log_q, log_continue = router_log_probs(router_logits)
-    log_pi = log_exit_weights(log_q, log_continue)
+    log_pi = floored_log_pi(log_exit_weights(log_q, log_continue))
     return torch.logsumexp(log_pi.unsqueeze(-1) + head_log_probs.float(), dim=-2)

@@ -151,7 +151,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype, init: ParameterInit,
                  name: str):
         super().__init__()
-        output_std = config.init_std / math.sqrt(2 * config.num_layers)
+        output_std = config.init_std / math.sqrt(2 * config.num_layers) if config.scaled_output_init else config.init_std
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         self.attn = Attention(config, layer_config, tp_group, init, f"{name}.attn", output_std)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
@@ -208,27 +208,38 @@ class Router(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """Norm + adapter in front of the shared output matrix; early exits also carry a router."""
+    """Norm (+ residual adapter) in front of the shared output matrix; early exits also carry a router.
+
+    A dense model's final head has no adapter: it is a plain LLaMA's final norm."""
 
     def __init__(self, config: ModelConfig, layer_config, tp_group, dtype: torch.dtype, init: ParameterInit,
-                 name: str, with_router: bool):
+                 name: str, with_router: bool, with_adapter: bool):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype)
         self.adapter = ResidualAdapter(config.hidden_size, layer_config, tp_group, init, f"{name}.adapter",
-                                       config.init_std)
+                                       config.adapter_std) if with_adapter else None
         self.router = Router(config, dtype, init, f"{name}.router") if with_router else None
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (adapted state for the output matrix, router logits or None); the router reads the normed state."""
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (normed state, router logits [..., 2] or None); the router reads the normed state."""
         normed = self.norm(hidden)
-        router_logits = self.router(normed) if self.router is not None else None
-        return self.adapter(normed), router_logits
+        return normed, (self.router(normed) if self.router is not None else None)
+
+    def adapt(self, normed: torch.Tensor) -> torch.Tensor:
+        """The state the output matrix reads."""
+        return self.adapter(normed) if self.adapter is not None else normed
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (adapted state for the output matrix, router logits or None)."""
+        normed, router_logits = self.route(hidden)
+        return self.adapt(normed), router_logits
 
 
-def vocab_logits(output, padding_mask: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
-    """This rank's vocab slice of the shared output matrix's logits, padded columns at -inf."""
+def vocab_logits(output, padding_mask: torch.Tensor | None, adapted: torch.Tensor) -> torch.Tensor:
+    """This rank's vocab slice of the shared output matrix's logits, padded columns at -inf
+    (`padding_mask` None: this rank holds no padding)."""
     logits, _ = output(adapted)
-    if bool(padding_mask.any()):
+    if padding_mask is not None:
         logits = logits.masked_fill(padding_mask, float("-inf"))
     return logits
 
@@ -276,8 +287,9 @@ class ModelParts:
         return Block(self.config, self.layer_config, self.tp_group, self.dtype, self.init, f"layers.{index}")
 
     def head(self, index: int) -> ExitHead:
+        is_final = index == self.config.num_heads_total - 1
         return ExitHead(self.config, self.layer_config, self.tp_group, self.dtype, self.init, f"heads.{index}",
-                        with_router=index < self.config.num_heads_total - 1)
+                        with_router=not is_final, with_adapter=not is_final or self.config.has_final_adapter)
 
     def output(self):
         from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -286,11 +298,14 @@ class ModelParts:
                                     init_method=self._vocab_init("output.weight"), bias=False,
                                     gather_output=False, tp_group=self.tp_group)
 
-    def padding_mask(self) -> torch.Tensor:
-        """True at this rank's logit columns that are vocab padding."""
+    def padding_mask(self) -> torch.Tensor | None:
+        """True at this rank's logit columns that are vocab padding; None when it holds none."""
         local_vocab = self.padded_vocab_size // self.tensor_parallel
         tp_rank = self.tp_group.rank() if self.tp_group is not None else 0
-        return torch.arange(local_vocab) + tp_rank * local_vocab >= self.config.vocab_size
+        first = tp_rank * local_vocab
+        if first + local_vocab <= self.config.vocab_size:
+            return None
+        return torch.arange(local_vocab) + first >= self.config.vocab_size
 
 
 class NviumModel(nn.Module):
@@ -312,7 +327,7 @@ class NviumModel(nn.Module):
         self.output = parts.output()
         self.register_buffer("padding_mask", parts.padding_mask(), persistent=False)
 
-    # -- pieces the decoder and the pipeline stages call one at a time --------------------------------
+    # -- the pieces every forward is assembled from (training, pipeline stages, generator, decoder) -------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens)
@@ -325,10 +340,19 @@ class NviumModel(nn.Module):
             hidden = self.layers[layer](hidden, positions, caches[layer] if caches is not None else None)
         return hidden
 
+    def head_router(self, head: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (normed state, router logits [..., 2] or None). The decoder routes every token reaching an exit
+        but computes vocab logits only for those that exit there."""
+        return self.heads[head].route(hidden)
+
+    def head_vocab_logits(self, head: int, normed: torch.Tensor) -> torch.Tensor:
+        """Normed state -> this rank's vocab slice of the head's logits, padding at -inf."""
+        return vocab_logits(self.output, self.padding_mask, self.heads[head].adapt(normed))
+
     def head_logits(self, head: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (this rank's vocab slice of the logits, padding at -inf; router logits [..., 2] or None)."""
-        adapted, router_logits = self.heads[head](hidden)
-        return vocab_logits(self.output, self.padding_mask, adapted), router_logits
+        normed, router_logits = self.head_router(head, hidden)
+        return self.head_vocab_logits(head, normed), router_logits
 
     def head_label_log_probs(self, head: int, hidden: torch.Tensor, labels: torch.Tensor):
         """-> (log p_head(label) [b, s] through vocab-parallel cross entropy, router logits or None)."""
@@ -339,13 +363,18 @@ class NviumModel(nn.Module):
     def default_positions(tokens: torch.Tensor) -> torch.Tensor:
         return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, force_continue: bool = False) -> MixtureTerms:
-        """Full-depth training forward: every head on every token, combined into the mixture."""
+    def head_inputs(self, tokens: torch.Tensor):
+        """Full-depth pass: yields (head index, the hidden state that head reads) in order."""
         positions = self.default_positions(tokens)
         hidden = self.embed(tokens)
-        head_log_probs, router_logits = [], []
         for head in range(self.config.num_heads_total):
             hidden = self.run_segment(head, hidden, positions)
+            yield head, hidden
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, force_continue: bool = False) -> MixtureTerms:
+        """Full-depth training forward: every head on every token, combined into the mixture."""
+        head_log_probs, router_logits = [], []
+        for head, hidden in self.head_inputs(tokens):
             log_p, router = self.head_label_log_probs(head, hidden, labels)
             head_log_probs.append(log_p)
             if router is not None:

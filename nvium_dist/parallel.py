@@ -3,6 +3,10 @@
 Megatron lays ranks out tensor-parallel fastest, then data, then pipeline; DeepSpeed's
 PipeModelDataParallelTopology(pipe, data, model) puts model fastest, then data, then pipe. The two
 agree, and `check_rank_layout` asserts it at start-up rather than trusting it.
+
+On GPU the default group is `cpu:gloo,cuda:nccl`, and every reduction of bookkeeping values (loss
+totals, evaluation sums, stop flags) goes through `all_reduce` here, which runs it on the device of
+the group's backend: NCCL accepts only CUDA tensors, and the megatron subgroups may be NCCL-only.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Par
         if parallel.device == "cuda":
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
         dist.init_process_group(
-            backend="nccl" if parallel.device == "cuda" else "gloo",
+            backend=process_group_backend(parallel.device),
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -85,6 +89,36 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Par
         pipeline_model_parallel_size=parallel.pipeline_parallel,
     )
     return current_parallel_info(parallel.device)
+
+
+def process_group_backend(device: str) -> str:
+    """gloo on CPU; on GPU NCCL for CUDA tensors plus gloo for whatever host-side collective remains."""
+    return "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a collective over `group` must run: the current CUDA device if its backend is NCCL."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """In-place all-reduce of a tensor on any device, run on the group's collective device."""
+    device = collective_device(group)
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device, op=op, group=group)
+    return tensor.copy_(on_device)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """`obj` from global rank `src` on every rank of `group` (picklable, small: decisions, not weights)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=group, device=collective_device(group))
+    return holder[0]
 
 
 def current_parallel_info(device: str = "cpu") -> ParallelInfo:

@@ -28,7 +28,8 @@ def _random_full_state(model_config):
     model = NviumModel(model_config)
     with torch.no_grad():
         for head in model.heads:
-            head.adapter.w2.weight.normal_(std=0.05)
+            if head.adapter is not None:
+                head.adapter.w2.weight.normal_(std=0.05)
             if head.router is not None:
                 head.router.logits.weight.mul_(5.0)
     return gather_full_state_dict(model)

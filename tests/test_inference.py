@@ -25,9 +25,10 @@ def make_export(path, seed=0, **overrides):
     with torch.no_grad():
         model.output.weight.mul_(60.0)
         for head in model.heads:
-            head.adapter.w2.weight.normal_(std=0.3)
+            if head.adapter is not None:
+                head.adapter.w2.weight.normal_(std=0.05)  # W1 ~ N(0, 1/sqrt(d)) already spreads the adapter input
             if head.router is not None:
-                head.router.logits.weight.mul_(6.0)
+                head.router.logits.weight.mul_(3.0)
     save_export(path, config, gather_full_state_dict(model), "bytes" if config.vocab_size >= 256 else None)
     return path
 

@@ -12,8 +12,9 @@ NUM_LAYERS = 6
 
 
 def brute_force(log_p_heads, router_logits):
-    """p_mix = sum_k pi_k p_k in probability space, in float64, with the clamped q of the design."""
-    q = torch.softmax(router_logits.double(), dim=-1)[..., 1].clamp(1e-6, 1 - 1e-6)
+    """p_mix = sum_k max(pi_k, 1e-8) p_k in probability space, in float64, pi from the unclamped q (the
+    paper's code)."""
+    q = torch.softmax(router_logits.double(), dim=-1)[..., 1]
     K = log_p_heads.shape[-1]
     pis, reach = [], torch.ones_like(q[..., 0])
     for k in range(K - 1):
@@ -21,7 +22,7 @@ def brute_force(log_p_heads, router_logits):
         reach = reach * (1 - q[..., k])
     pis.append(reach)
     pi = torch.stack(pis, dim=-1)
-    p_mix = (pi * log_p_heads.double().exp()).sum(-1)
+    p_mix = (pi.clamp_min(1e-8) * log_p_heads.double().exp()).sum(-1)
     depth = (pi * torch.tensor([l / NUM_LAYERS for l in EXIT_LAYERS], dtype=torch.float64)).sum(-1)
     return pi, p_mix.log(), depth, q
 
@@ -100,7 +101,9 @@ def test_loss_components_and_warmup():
     torch.testing.assert_close(normal.lm_loss, -terms.log_p_mix[1:].mean())
     torch.testing.assert_close(normal.loss, normal.lm_loss + 0.5 * terms.expected_depth[1:].mean())
     warm = nvium_loss(terms, mask, beta=0.5, in_router_warmup=True)
-    expected_penalty = ((terms.q - torch.tensor([1 / 4, 1 / 3, 1 / 2])) ** 2).sum(-1)[1:].mean()
+    # the penalty reads q clamped to [1e-6, 1 - 1e-6], as the paper's code
+    clamped_q = terms.q.clamp(1e-6, 1 - 1e-6)
+    expected_penalty = ((clamped_q - torch.tensor([1 / 4, 1 / 3, 1 / 2])) ** 2).sum(-1)[1:].mean()
     torch.testing.assert_close(warm.loss, warm.lm_loss + expected_penalty)
     assert torch.allclose(warmup_targets(4), torch.tensor([0.25, 1 / 3, 0.5]))
     assert router_warmup_steps(1000, 10, 0.05) == 50 and router_warmup_steps(100, 10, 0.05) == 10

@@ -28,6 +28,8 @@ def test_dense_twin_configs_are_parameter_matched(nvium, dense):
     model = load_config(CONFIGS / f"{nvium}.yaml").model
     twin = load_config(CONFIGS / f"{dense}.yaml").model
     assert twin.exits == [] and twin.ffn_hidden_size == matched_dense_ffn(model)
+    assert not twin.has_final_adapter and "adapters" in parameter_breakdown(twin)["parts"]
+    assert parameter_breakdown(twin)["parts"]["adapters"] == 0  # a plain LLaMA: no adapter anywhere
     target = parameter_breakdown(model)["total"]
     assert parameter_breakdown(twin)["total"] >= target
     assert parameter_breakdown(dense_twin(model, twin.ffn_hidden_size - 8))["total"] < target
@@ -46,5 +48,5 @@ def test_model_info_cli_prints_json():
                          cwd=CONFIGS.parents[1]).stdout
     report = json.loads(out)
     assert report["segments"] == [[0, 12], [12, 24], [24, 36], [36, 48]]
-    assert report["matched_dense"]["ffn_hidden_size"] == 4208
+    assert report["matched_dense"]["ffn_hidden_size"] == 4224  # the paper's dense 1.5B (a plain LLaMA)
     assert report["memory_estimate"]["zero_stage"] == 3

@@ -145,11 +145,11 @@ class StageEngine:
         if transform is not None:
             return self._mixture_decide(j, rows, positions, last, out)
         final = j == self.num_heads - 1
+        # the router runs on every token reaching exit j, the adapter and output matrix only on those exiting
+        normed, router = model.head_router(j, last)
         if final:
             exits = list(range(len(rows)))
-            normed, router = _normed_and_router(model, j, last)
         else:
-            normed, router = _normed_and_router(model, j, last)
             log_q, _ = router_log_probs(router)
             log_q = log_q.tolist()
             exits = [i for i, (row, pos) in enumerate(zip(rows, positions))
@@ -159,7 +159,7 @@ class StageEngine:
                 self.trace.append(("router", row, pos, j, router[i].detach().clone()))
         if not exits:
             return set()
-        logits = _logits(model, j, normed if len(exits) == len(rows) else normed[exits])[..., :self.vocab]
+        logits = model.head_vocab_logits(j, normed if len(exits) == len(rows) else normed[exits])[..., :self.vocab]
         u = torch.tensor([uniform(self.seed, self.sequence_ids[rows[i]], positions[i], j, STREAM_TOKEN) for i in exits],
                          dtype=torch.float64, device=logits.device)
         tokens = sample_from_logits(logits, u).tolist()
@@ -222,18 +222,3 @@ class StageEngine:
         for row, start, count in zip(rows, starts, counts):
             self.sent[row] = start + count
 
-
-
-# model.head_logits(j, h) split in two, so that the router runs on every token reaching exit j and the
-# adapter + output matrix only on the tokens that exit there (same modules, same order of operations;
-# tests/test_inference.py checks the result against head_logits of a full forward). Padded vocab columns
-# are sliced off by the caller (single process: TP=1, the padding is the tail).
-def _normed_and_router(model, j: int, hidden: torch.Tensor):
-    head = model.heads[j]
-    normed = head.norm(hidden)
-    return normed, (head.router(normed) if head.router is not None else None)
-
-
-def _logits(model, j: int, normed: torch.Tensor) -> torch.Tensor:
-    logits, _ = model.output(model.heads[j].adapter(normed))
-    return logits

@@ -161,13 +161,9 @@ class NviumGenerator:
     def head_outputs(self, token_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Full forward: (per-head log-softmax [b, s, K, V], router logits [b, s, K-1, 2] or None)."""
         tokens = self._as_batch(token_ids)
-        model = self.model
-        hidden = model.embed(tokens)
-        positions = model.default_positions(tokens)
         log_heads, routers = [], []
-        for k in range(self.config.num_heads_total):
-            hidden = model.run_segment(k, hidden, positions)
-            logits, router = model.head_logits(k, hidden)
+        for k, hidden in self.model.head_inputs(tokens):
+            logits, router = self.model.head_logits(k, hidden)
             log_heads.append(torch.log_softmax(logits[..., :self.config.vocab_size].float(), -1))
             if router is not None:
                 routers.append(router.float())

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nvium_dist.config import NviumConfig
 from nvium_dist.mixture import evaluation_sums, nvium_loss, router_warmup_steps
-from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, check_rank_layout, init_distributed
+from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BetaController
 from nvium_dist.training.metrics import MetricsLogger
@@ -205,8 +205,7 @@ class Trainer:
         """Sums over the world what the last stage's TP-rank-0 processes hold (each DP replica once)."""
         if not (self.is_last_stage and self.info.tp_rank == 0):
             values = torch.zeros_like(values)
-        dist.all_reduce(values)
-        return values
+        return all_reduce(values)
 
     def _train_step_pipelined(self, iterator) -> dict:
         loss_fn = self.pipeline_loss
@@ -231,7 +230,7 @@ class Trainer:
             totals += torch.tensor([losses.loss.item(), losses.lm_loss.item(), losses.depth_loss.item(),
                                     losses.warmup_loss.item()], dtype=torch.float64)
         totals /= self.grad_accumulation
-        dist.all_reduce(totals, group=self._dp_group())
+        all_reduce(totals, group=self._dp_group())
         totals /= self.info.dp_size
         return dict(zip(("loss", "lm_loss", "depth_loss", "warmup_loss"), totals.tolist()))
 
@@ -280,8 +279,7 @@ class Trainer:
             batch = self._micro_batch(iterator)
             sums += evaluation_sums(self.engine(batch["tokens"], batch["labels"]), batch["loss_mask"])
         self.engine.train()
-        dist.all_reduce(sums, group=self._dp_group())
-        return sums
+        return all_reduce(sums, group=self._dp_group())
 
     # -- checkpoint pieces ------------------------------------------------------------------------------
 
@@ -373,8 +371,7 @@ class Trainer:
 
     def _any_rank_stopping(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
     # -- the loop ---------------------------------------------------------------------------------------
 
