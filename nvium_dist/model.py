@@ -24,10 +24,11 @@ from nvium_dist.parallel import tensor_parallel_group
 
 
 class KVCacheLayer(Protocol):
-    """One layer's cache: stores new keys/values at their positions, returns what the queries attend to."""
+    """One layer's cache: stores the new keys/values and attends the queries over everything it holds (the
+    cache knows which tokens share a sequence and at which positions they sit, so it owns the mask)."""
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-        """keys/values [b, heads, s, hd] -> (all keys, all values, boolean mask [b, 1, s, s_all] or None)."""
+    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """queries/keys/values [b, heads, s, hd] -> attention output [b, heads, s, hd]."""
 
 
 def _parallel_config(tensor_parallel: int, params_dtype: torch.dtype, initialise: bool):
@@ -115,8 +116,7 @@ class Attention(nn.Module):
         if cache is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v, mask = cache.update(k, v, positions)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attended = cache.attend(q, k, v)
         b, _, s, _ = attended.shape
         out, _ = self.out(attended.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
         return out

@@ -1,18 +1,29 @@
 """The decoding engine of one process: a contiguous range of segments, their caches and exit queues.
 
-Bookkeeping per sequence b (row) and owned segment j:
+Bookkeeping per row b (a slot that holds one sequence at a time) and owned segment j:
     done[b][j]  positions that have been through segment j (its layers' KV is filled up to there)
     avail[b]    positions whose input to the first owned segment is in `hidden[lo - 1]`
-Segment j's pending work is positions done[b][j] .. (done[b][j-1] or avail[b]) - 1: the tokens queued
-at exit j-1 plus, when the current token continued past exit j-1, the current token itself. Running
-them together ("carrying" the queue) keeps every cache filled in position order, so after a flush the
-KV equals a full forward pass. Queues are therefore contiguous position ranges; their hidden states
-live in preallocated buffers `hidden[j]` [B, max_len + 1, d] (the last slot is the trash slot).
+Segment j's pending work for row b is positions done[b][j] .. (done[b][j-1] or avail[b]) - 1: the tokens
+queued at exit j-1 plus, when the row's current token continued past exit j-1, that token. Running them
+together ("carrying" the queue) keeps every cache filled in position order, so after completing the queues
+the KV equals a full forward pass. Queues are contiguous position ranges; their hidden states live in
+preallocated buffers `hidden[j]` [B, max_len, d].
 
-A step gets rows that `decide` (their last pending position is the current token: route it, maybe
-sample) and rows that are `eager` (complete everything pending through all owned segments, no
-decision). With `full_depth=True` deciding rows keep running every segment after their exit was
-sampled (the full-depth baseline); the sampled token is the same.
+A row is `deciding` while its current token (its last available position) has no sampled successor yet;
+`level[b]` is then the owned segment that token runs next. A row is `eager` when everything pending must be
+completed through every owned segment without decisions (flush, the rest of a full-depth step, work that
+an earlier pipeline stage forwarded).
+
+One `tick` runs every owned segment at most once, in order, as one packed call over all work waiting there:
+new tokens, continuing tokens with their carried queues, eager work. Rows advance independently: a row whose
+token exited early gets its next token in the next tick, while another row's token may still be waiting to
+climb. With a `TickSchedule` a segment above the first can hold its waiting tokens back for a few ticks
+until enough have gathered (one call's fixed cost then serves several rows); without one every waiting
+token climbs at once, so each tick completes every current token (the full-depth baseline and pipeline
+stages work that way).
+
+Sampled tokens of a tick are drawn together at its end: each exit's adapter on its tokens, then one
+output-matrix product for all of them.
 """
 from __future__ import annotations
 
@@ -21,165 +32,268 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvium_dist.inference.cache import KVCache
+from nvium_dist.inference.cache import KVCache, SegmentBatch
 from nvium_dist.inference.sampling import STREAM_EXIT, STREAM_TOKEN, SamplingTransform, sample_from_logits, uniform
 from nvium_dist.mixture import log_mixture_distribution, router_log_probs
 
 
+@dataclass(frozen=True)
+class TickSchedule:
+    """When a segment above the first runs its waiting tokens: as soon as `min_rows` rows wait there, when one
+    of them has waited `max_wait` ticks, when the segment runs anyway (eager work), or when no other segment
+    has work this tick."""
+    min_rows: int = 4
+    max_wait: int = 2
+
+
 @dataclass
-class StepOutput:
+class ForwardWork:
+    """Work for the next pipeline stage: rows[i] positions starts[i] .. + counts[i] - 1, packed hidden [1, T, d]."""
+    rows: list[int]
+    starts: list[int]
+    counts: list[int]
+    decide: list[bool]  # the last position is a current token still to be decided (else: complete eagerly)
+    hidden: torch.Tensor
+
+
+@dataclass
+class TickOutput:
     results: dict[int, tuple[int, int]] = field(default_factory=dict)  # row -> (token, exit); exit -1: transformed
-    forward_rows: list[int] = field(default_factory=list)  # rows with work for the next stage
-    forward_decide: list[bool] = field(default_factory=list)
-    forward_starts: list[int] = field(default_factory=list)
-    forward_counts: list[int] = field(default_factory=list)
-    forward_hidden: torch.Tensor | None = None  # [R, n, d] padded
+    forward: ForwardWork | None = None
 
 
 class StageEngine:
-    def __init__(self, model, segments: range, batch: int, max_len: int, seed: int, sequence_ids: list[int],
-                 full_depth: bool = False, transform: SamplingTransform | None = None, trace: bool = False):
+    def __init__(self, model, segments: range, batch: int, max_len: int, seed: int, full_depth: bool = False,
+                 transform: SamplingTransform | None = None, schedule: TickSchedule | None = None,
+                 trace: bool = False, timer=None):
         config = model.config
         self.model, self.config = model, config
         self.lo, self.hi = segments.start, segments.stop
         self.num_heads = config.num_heads_total
         self.is_last = self.hi == self.num_heads
-        self.batch, self.max_len = batch, max_len
-        self.seed, self.sequence_ids = seed, list(sequence_ids)
+        self.batch, self.max_len, self.seed = batch, max_len, seed
         self.full_depth, self.transform = full_depth, transform
         if transform is not None and not full_depth:
             raise ValueError("sampling transforms need the full mixture: use full_depth=True")
+        self.schedule = None if full_depth else schedule
         param = next(model.parameters())
-        device, dtype = param.device, param.dtype
-        self.device = device
+        self.device, self.dtype = param.device, param.dtype
         ranges = config.segment_ranges
         layers = [i for j in segments for i in range(*ranges[j])]
-        self.cache = KVCache(layers, config.num_layers, batch, max_len, config.num_heads, config.head_dim, dtype, device)
+        self.cache = KVCache(layers, config.num_layers, batch, max_len, config.num_heads, config.head_dim,
+                             self.dtype, self.device)
         self.caches = self.cache.layer_caches
         # hidden[j] = output of segment j (input of segment j + 1); hidden[lo - 1] is this stage's input
-        # (the embeddings on stage 0). The final head's output is never queued.
-        self.hidden = {j: torch.zeros(batch, max_len + 1, config.hidden_size, dtype=dtype, device=device)
+        # (the embeddings on stage 0). The final segment's output is never queued.
+        self.hidden = {j: torch.zeros(batch, max_len, config.hidden_size, dtype=self.dtype, device=self.device)
                        for j in range(self.lo - 1, min(self.hi, self.num_heads - 1))}
+        self.vocab = config.vocab_size
+        self.sequence_ids = [0] * batch
         self.done = [[0] * self.num_heads for _ in range(batch)]
         self.avail = [0] * batch
         self.sent = [0] * batch  # positions forwarded to the next stage
-        self.vocab = config.vocab_size
-        self.trace = [] if trace else None
+        self.level: list[int | None] = [None] * batch
+        self.waited = [0] * batch
+        self.deciding: set[int] = set()
+        self.eager: set[int] = set()
         self.mixture_parts: dict[int, list] = {}
+        self.segment_calls = [0] * self.num_heads  # statistics: calls and tokens run per segment
+        self.segment_tokens = [0] * self.num_heads
+        self.trace = [] if trace else None
+        # timer(name) -> context manager around each part of a tick (nvium_dist.inference.profile); default: none
+        self.timer = timer or _no_timer
 
-    # -- input -------------------------------------------------------------------------------------------
+    # -- rows ----------------------------------------------------------------------------------------------
 
-    def write_input(self, rows: list[int], starts: list[int], hidden: torch.Tensor, counts: list[int]) -> None:
-        """hidden [R, n, d] (padded) for rows[i] at positions starts[i].. -> the stage input buffer."""
+    def reset_row(self, row: int, sequence_id: int) -> None:
+        """Starts a new sequence in `row` (continuous batching): empty queues; old keys are never read again,
+        because a query at position p only sees positions <= p, which the new sequence rewrites first."""
+        self.sequence_ids[row] = sequence_id
+        self.done[row] = [0] * self.num_heads
+        self.avail[row] = self.sent[row] = 0
+        self.level[row] = None
+        self.deciding.discard(row)
+        self.eager.discard(row)
+        self.mixture_parts.pop(row, None)
+
+    def write_input(self, rows: list[int], starts: list[int], counts: list[int], hidden: torch.Tensor) -> None:
+        """Packed hidden [1, T, d] for rows[i] at positions starts[i] .. -> the stage input buffer."""
         buffer = self.hidden[self.lo - 1]
-        for i, (row, start, count) in enumerate(zip(rows, starts, counts)):
+        offset = 0
+        for row, start, count in zip(rows, starts, counts):
             if start != self.avail[row]:
                 raise RuntimeError(f"row {row}: input for position {start} but {self.avail[row]} positions are queued; "
                                    "inputs must arrive in position order")
-            buffer[row, start:start + count] = hidden[i, :count]
+            buffer[row, start:start + count] = hidden[0, offset:offset + count]
+            offset += count
             self.avail[row] = start + count
+
+    def start_tokens(self, rows: list[int]) -> None:
+        """The last available position of each row is its current token: route it from the first owned segment."""
+        for row in rows:
+            self.deciding.add(row)
+            self.level[row] = self.lo
+            self.waited[row] = 0
+
+    def complete(self, rows: list[int]) -> None:
+        """Complete everything pending in these rows through all owned segments (no decisions)."""
+        self.eager.update(rows)
 
     def pending(self, row: int) -> int:
         """Positions received but not yet through every owned segment."""
         return self.avail[row] - self.done[row][self.hi - 1]
 
-    # -- one step ----------------------------------------------------------------------------------------
+    def busy(self, row: int) -> bool:
+        return row in self.deciding or row in self.eager
 
-    def step(self, decide: list[int], eager: list[int]) -> StepOutput:
-        """Runs the owned segments. `decide` rows have their current token as the last pending position."""
-        out = StepOutput()
-        deciding = set(decide)
-        running = sorted(set(decide) | set(eager))
-        done, avail = self.done, self.avail
-        previous_out = None
-        previous_key = None
+    # -- one tick ------------------------------------------------------------------------------------------
+
+    def tick(self) -> TickOutput:
+        out = TickOutput()
+        exits: list[tuple[int, int, torch.Tensor]] = []  # (row, head, normed state) of tokens to sample
+        ran = False
+        previous: tuple[int, SegmentBatch, torch.Tensor] | None = None  # the last segment call of this tick
+        forward_rows: list[int] = []
+        done, avail, level = self.done, self.avail, self.level
         for j in range(self.lo, self.hi):
-            rows, starts, counts = [], [], []
-            for row in running:
-                start = done[row][j]
-                end = avail[row] if j == self.lo else done[row][j - 1]
-                if end > start:
-                    rows.append(row)
-                    starts.append(start)
-                    counts.append(end - start)
-            if not rows:
-                break
-            batch = self.cache.prepare(rows, starts, counts)
-            if previous_key is not None and previous_key == batch.key:
-                hidden = previous_out  # same tokens as the previous segment: its output is the input
-            elif batch.single:
-                row, start = rows[0], starts[0]
-                hidden = self.hidden[j - 1][row:row + 1, start:start + counts[0]]
-            else:
-                hidden = self.hidden[j - 1][batch.row_index, batch.write_index]
-            hidden = self.model.run_segment(j, hidden, batch.positions, self.caches)
-            previous_out, previous_key = hidden, batch.key
-            if j < self.num_heads - 1:
-                if batch.single:
-                    self.hidden[j][rows[0]:rows[0] + 1, starts[0]:starts[0] + counts[0]] = hidden
-                else:
-                    self.hidden[j][batch.row_index, batch.write_index] = hidden
+            waiting = [row for row in sorted(self.deciding) if level[row] == j]
+            eager = [row for row in sorted(self.eager)
+                     if (avail[row] if j == self.lo else done[row][j - 1]) > done[row][j]]
+            if waiting and not eager and ran and not self._climb_now(j, waiting):
+                waiting = []
+            if not waiting and not eager:
+                continue
+            rows = sorted(waiting + eager) if eager and waiting else (waiting or eager)
+            starts = [done[row][j] for row in rows]
+            counts = [(avail[row] if j == self.lo else done[row][j - 1]) - start for row, start in zip(rows, starts)]
+            hidden, batch = self._run_segment(j, rows, starts, counts, previous)
+            previous = (j, batch, hidden)
+            ran = True
+            self.segment_calls[j] += 1
+            self.segment_tokens[j] += batch.total
             for row, start, count in zip(rows, starts, counts):
                 done[row][j] = start + count
-            # decisions for the current tokens that reached exit j
-            idx = [i for i, row in enumerate(rows) if row in deciding]
-            if idx:
-                if batch.single:
-                    last = hidden[:, -1]
-                else:
-                    last_all = hidden[torch.arange(len(rows), device=self.device), batch.last_index]
-                    last = last_all if len(idx) == len(rows) else last_all[idx]
-                dec_rows = [rows[i] for i in idx]
-                positions = [starts[i] + counts[i] for i in idx]  # position of the token being sampled
-                stop = self._decide(j, dec_rows, positions, last, out)
-                deciding -= stop
-                if stop and not self.full_depth:
-                    running = [r for r in running if r not in stop]
-        if not self.is_last:
-            self._collect_forward(decide, eager, deciding, out)
+            if waiting:
+                self._decide(j, waiting, batch, hidden, exits, out)
+            if j == self.hi - 1 and not self.is_last:
+                forward_rows = rows
+        for row in [r for r in self.deciding if level[r] is not None and level[r] < self.hi]:
+            self.waited[row] += 1
+        if exits:
+            self._sample(exits, out)
+        if forward_rows:
+            out.forward = self._forward_work(forward_rows)
+        self.eager = {row for row in self.eager if self.pending(row) > 0}
         return out
 
-    def _decide(self, j: int, rows: list[int], positions: list[int], last: torch.Tensor, out: StepOutput) -> set[int]:
-        """Exit decisions (and token draws) at head j for `rows`; -> the rows whose token was sampled here."""
-        model, transform = self.model, self.transform
-        if transform is not None:
-            return self._mixture_decide(j, rows, positions, last, out)
-        final = j == self.num_heads - 1
-        # the router runs on every token reaching exit j, the adapter and output matrix only on those exiting
-        normed, router = model.head_router(j, last)
-        if final:
-            exits = list(range(len(rows)))
+    def _climb_now(self, j: int, waiting: list[int]) -> bool:
+        schedule = self.schedule
+        if schedule is None:
+            return True
+        return len(waiting) >= schedule.min_rows or max(self.waited[row] for row in waiting) >= schedule.max_wait
+
+    def _run_segment(self, j, rows, starts, counts, previous):
+        timer = self.timer
+        with timer("bookkeeping"):
+            if previous is not None and previous[0] == j - 1 and previous[1].same_tokens(rows, starts, counts):
+                _, batch, hidden = previous  # same tokens as segment j - 1: its output is this input
+                self.cache.current = batch
+            else:
+                batch = self.cache.prepare(rows, starts, counts)
+                source = self.hidden[j - 1]
+                if batch.single:
+                    row, start = rows[0], starts[0]
+                    hidden = source[row:row + 1, start:start + counts[0]]
+                else:
+                    hidden = source[batch.token_rows, batch.token_positions].unsqueeze(0)
+        with timer(f"segment {j}"):
+            hidden = self.model.run_segment(j, hidden, batch.positions, self.caches)
+        if j < self.num_heads - 1:
+            with timer("bookkeeping"):
+                if batch.single:
+                    row, start = rows[0], starts[0]
+                    self.hidden[j][row:row + 1, start:start + counts[0]] = hidden
+                else:
+                    self.hidden[j][batch.token_rows, batch.token_positions] = hidden[0]
+        return hidden, batch
+
+    def _decide(self, j: int, rows: list[int], batch: SegmentBatch, hidden: torch.Tensor, exits: list,
+                out: TickOutput) -> None:
+        """Exit decisions at head j for the current tokens of `rows` (all ran segment j in `batch`)."""
+        timer = self.timer
+        if batch.single:
+            last = hidden[:, -1]
         else:
-            log_q, _ = router_log_probs(router)
-            log_q = log_q.tolist()
-            exits = [i for i, (row, pos) in enumerate(zip(rows, positions))
-                     if uniform(self.seed, self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(log_q[i])]
+            index = batch.last_index
+            if len(rows) != len(batch.rows):
+                deciding = set(rows)
+                index = index[[i for i, row in enumerate(batch.rows) if row in deciding]]
+            last = hidden[0, index]
+        positions = [self.avail[row] for row in rows]  # position of the token being sampled
+        if self.transform is not None:
+            self._mixture_decide(j, rows, positions, last, out)
+            return
+        final = j == self.num_heads - 1
+        with timer("router"):
+            # the router runs on every token reaching exit j, the adapter and output matrix only on those exiting
+            normed, router = self.model.head_router(j, last)
+            if final:
+                stop = [True] * len(rows)
+            else:
+                log_q, _ = router_log_probs(router)
+                seeds = self.seed
+                stop = [uniform(seeds, self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(lq)
+                        for row, pos, lq in zip(rows, positions, log_q.tolist())]
         if self.trace is not None and router is not None:
             for i, (row, pos) in enumerate(zip(rows, positions)):
-                self.trace.append(("router", row, pos, j, router[i].detach().clone()))
-        if not exits:
-            return set()
-        logits = model.head_vocab_logits(j, normed if len(exits) == len(rows) else normed[exits])[..., :self.vocab]
-        u = torch.tensor([uniform(self.seed, self.sequence_ids[rows[i]], positions[i], j, STREAM_TOKEN) for i in exits],
-                         dtype=torch.float64, device=logits.device)
-        tokens = sample_from_logits(logits, u).tolist()
-        stopped = set()
-        for n, i in enumerate(exits):
-            out.results[rows[i]] = (tokens[n], j)
-            stopped.add(rows[i])
-            if self.trace is not None:
-                self.trace.append(("logits", rows[i], positions[i], j, logits[n].detach().clone()))
-        return stopped
+                self.trace.append(("router", self.sequence_ids[row], pos, j, router[i].detach().clone()))
+        level, nxt = self.level, j + 1
+        for i, row in enumerate(rows):
+            if stop[i]:
+                exits.append((row, j, normed[i]))
+                self.deciding.discard(row)
+                level[row] = None
+                if self.full_depth:
+                    self.eager.add(row)  # the full-depth baseline still runs every layer
+            else:
+                level[row] = nxt
+                self.waited[row] = 0
+                if nxt == self.hi:  # continues in the next stage
+                    self.deciding.discard(row)
 
-    def _mixture_decide(self, j, rows, positions, last, out) -> set[int]:
+    def _sample(self, exits: list, out: TickOutput) -> None:
+        """Draws every token sampled this tick: adapters per exit, one output-matrix product for all."""
+        timer = self.timer
+        with timer("adapter"):
+            heads = sorted({head for _, head, _ in exits})
+            order = [e for head in heads for e in exits if e[1] == head]
+            adapted = [self.model.heads[head].adapt(torch.stack([n for _, h, n in order if h == head]))
+                       for head in heads]
+            adapted = adapted[0] if len(adapted) == 1 else torch.cat(adapted)
+        with timer("output"):
+            logits, _ = self.model.output(adapted)
+            logits = logits[..., :self.vocab]
+        with timer("sampling"):
+            u = torch.tensor([uniform(self.seed, self.sequence_ids[row], self.avail[row], head, STREAM_TOKEN)
+                              for row, head, _ in order], dtype=torch.float64, device=logits.device)
+            tokens = sample_from_logits(logits, u).tolist()
+        for n, ((row, head, _), token) in enumerate(zip(order, tokens)):
+            out.results[row] = (token, head)
+            if self.trace is not None:
+                self.trace.append(("logits", self.sequence_ids[row], self.avail[row], head, logits[n].clone()))
+
+    def _mixture_decide(self, j, rows, positions, last, out: TickOutput) -> None:
         """Transformed sampling: collect every head's log-softmax and router, sample at the final head."""
         logits, router = self.model.head_logits(j, last)
         log_p = torch.log_softmax(logits[..., :self.vocab].float(), -1)
         for i, row in enumerate(rows):
             self.mixture_parts.setdefault(row, []).append((log_p[i], router[i] if router is not None else None))
         if j < self.num_heads - 1:
-            return set()
-        stopped = set()
+            for row in rows:
+                self.level[row] = j + 1
+                if j + 1 == self.hi:
+                    self.deciding.discard(row)
+            return
         log_heads = torch.stack([torch.stack([p for p, _ in self.mixture_parts[row]]) for row in rows])  # [R, K, V]
         routers = None
         if self.num_heads > 1:
@@ -190,35 +304,40 @@ class StageEngine:
         tokens = self.transform.sample(log_mix, u).tolist()
         for row, token in zip(rows, tokens):
             out.results[row] = (token, -1)
-            stopped.add(row)
+            self.deciding.discard(row)
+            self.level[row] = None
             del self.mixture_parts[row]
-        return stopped
 
-    def _collect_forward(self, decide, eager, still_deciding, out: StepOutput) -> None:
-        """Work for the next stage: everything that passed this stage's last exit and was not forwarded yet
-        (continuing tokens with their carried queue, and eagerly tokens that exited exactly at the boundary)."""
+    def _forward_work(self, rows: list[int]) -> ForwardWork | None:
+        """Everything that passed this stage's last exit and was not forwarded yet: continuing tokens with their
+        carried queue, and eagerly the tokens that exited exactly at the boundary."""
         boundary = self.hi - 1
-        rows = []
-        for row in sorted(set(decide) | set(eager)):
-            end = self.done[row][boundary]
-            if end > self.sent[row]:
-                rows.append(row)
+        rows = [row for row in rows if self.done[row][boundary] > self.sent[row]]
         if not rows:
-            return
+            return None
         starts = [self.sent[row] for row in rows]
-        counts = [self.done[row][boundary] - self.sent[row] for row in rows]
-        n = max(counts)
+        counts = [self.done[row][boundary] - start for row, start in zip(rows, starts)]
         buffer = self.hidden[boundary]
-        if len(rows) == 1:
-            payload = buffer[rows[0]:rows[0] + 1, starts[0]:starts[0] + n]
-        else:
-            ar = torch.arange(n, device=self.device)
-            index = torch.tensor(starts, device=self.device).unsqueeze(1) + ar
-            index = torch.where(ar < torch.tensor(counts, device=self.device).unsqueeze(1), index, self.max_len)
-            payload = buffer[torch.tensor(rows, device=self.device).unsqueeze(1), index]
-        out.forward_rows, out.forward_starts, out.forward_counts = rows, starts, counts
-        out.forward_decide = [row in still_deciding for row in rows]
-        out.forward_hidden = payload.contiguous()
+        payload = torch.cat([buffer[row, start:start + count] for row, start, count in zip(rows, starts, counts)])
+        decide = [self.level[row] == self.hi for row in rows]
         for row, start, count in zip(rows, starts, counts):
             self.sent[row] = start + count
+            if self.level[row] == self.hi:
+                self.level[row] = None
+        return ForwardWork(rows, starts, counts, decide, payload.unsqueeze(0))
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _NullContext()
+
+
+def _no_timer(name: str) -> _NullContext:
+    return _NULL
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from nvium_dist.config import ModelConfig
-from nvium_dist.inference.engine import StageEngine
+from nvium_dist.inference.engine import StageEngine, TickSchedule
 from nvium_dist.inference.sampling import SamplingTransform
 from nvium_dist.mixture import log_mixture_distribution
 
@@ -36,6 +37,8 @@ class GenerationOutput:
     num_layers: int
     trace: list | None = None
     engine: StageEngine | None = field(default=None, repr=False)
+    rows: list[int] | None = None  # the row (batch slot) each sequence was decoded in
+    ticks: int = 0  # engine ticks (single process)
     stage_caches: list | None = field(default=None, repr=False)
 
     @property
@@ -183,7 +186,8 @@ class NviumGenerator:
         if bad:
             raise GenerationError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
 
-    def _prepare_prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
+    def _prepare_prompts(self, prompts, max_new_tokens) -> tuple[list[list[int]], list[int]]:
+        """-> (token-id prompts, max new tokens per prompt), checked against the vocabulary and the context."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], str)):
             prompts = [prompts] if isinstance(prompts, str) else prompts
             prompts = [self.tokenizer.encode(p) for p in prompts]
@@ -194,34 +198,46 @@ class NviumGenerator:
         if not isinstance(prompts, list) or not prompts:
             raise GenerationError("no prompts given: pass a list of token-id lists (or strings)")
         prompts = [list(map(int, p)) for p in prompts]
-        if max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise GenerationError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts: "
+                                  "give one number, or one per prompt")
         context = self.config.seq_length
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+            if limit < 0:
+                raise GenerationError(f"max_new_tokens must be >= 0, got {limit}")
             if not prompt:
                 raise GenerationError(f"prompt {i} is empty: decoding needs at least one token to condition on "
                                       "(start it with a BOS token or some text)")
             if len(prompt) > context:
                 raise GenerationError(f"prompt {i} has {len(prompt)} tokens, longer than the model context "
                                       f"seq_length={context}; shorten it")
-            if len(prompt) + max_new_tokens > context:
+            if len(prompt) + limit > context:
                 raise GenerationError(
-                    f"prompt {i} ({len(prompt)} tokens) + max_new_tokens={max_new_tokens} exceeds the model context "
+                    f"prompt {i} ({len(prompt)} tokens) + max_new_tokens={limit} exceeds the model context "
                     f"seq_length={context}; use max_new_tokens <= {context - len(prompt)}")
             self._check_ids(prompt)
-        return prompts
+        return prompts, limits
 
-    def generate(self, prompts, max_new_tokens: int, seed: int = 0, mode: str = "deferred",
+    def generate(self, prompts, max_new_tokens: int | list[int], seed: int = 0, mode: str = "deferred",
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                  eos_id: int | None = None, pipeline_stages: int = 1, flush: bool = False, trace: bool = False,
-                 sequence_ids: list[int] | None = None, on_step=None) -> GenerationOutput:
+                 sequence_ids: list[int] | None = None, on_step=None, max_batch: int | None = None,
+                 schedule: TickSchedule | None = TickSchedule(), timer=None) -> GenerationOutput:
         """Exact ancestral sampling from p_mix (see the module docstring).
 
         prompts: token-id lists (or strings, encoded with the export's tokenizer), ragged lengths allowed.
+        max_new_tokens: one limit for every prompt, or one per prompt.
+        max_batch: rows decoded together (default: all prompts). With more prompts than rows, a prompt is
+        admitted into a row as soon as the row's previous sequence finishes (continuous batching).
         Transforms (temperature != 1, top_k, top_p < 1, greedy) need mode="full": they transform the full
         p_mix, which no single head gives; mode="deferred" with a transform raises GenerationError.
-        flush: complete every queued token (and the last sampled one) through all layers at the end, so the
-        caches equal a full forward over the sequences. on_step(step, {row: (token, exit)}) streams tokens.
+        flush: complete every queued token (and the last sampled one) through all layers when a sequence
+        ends, so its row's caches equal a full forward over the sequence.
+        on_step(tick, {sequence: (token, exit)}) streams the tokens sampled in each engine tick (sequence =
+        prompt index; rows advance independently, so a tick holds any subset of the sequences).
+        schedule: when deferred tokens climb past the first exit (engine.TickSchedule); None completes every
+        current token in each tick, like a lockstep batch. timer: profiler hook (nvium_dist.inference.profile).
         """
         if mode not in ("deferred", "full"):
             raise GenerationError(f"mode must be 'deferred' or 'full', got {mode!r}")
@@ -234,13 +250,17 @@ class NviumGenerator:
                 "distribution is a function of the full mixture p_mix, which needs every head's logits, so it "
                 "cannot be sampled by stopping at one exit. Use mode='full' (computes all heads and transforms "
                 "p_mix exactly) or plain sampling (temperature=1, no top-k/top-p) for deferred decoding")
-        prompts = self._prepare_prompts(prompts, max_new_tokens)
+        prompts, max_new_tokens = self._prepare_prompts(prompts, max_new_tokens)
         if sequence_ids is None:
             sequence_ids = list(range(len(prompts)))
         if len(sequence_ids) != len(prompts):
             raise GenerationError("sequence_ids needs one id per prompt")
         if eos_id is not None:
             self._check_ids([eos_id])
+        if max_batch is not None and max_batch < 1:
+            raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
+        rows = min(len(prompts), max_batch or len(prompts))
+        max_len = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
         if pipeline_stages < 1:
             raise GenerationError(f"pipeline_stages must be >= 1, got {pipeline_stages}")
         if pipeline_stages > 1:
@@ -257,72 +277,93 @@ class NviumGenerator:
             if self.export_dir is None:
                 raise GenerationError("pipeline decoding loads the model in every stage: use from_pretrained(EXPORT_DIR)")
             result = run_pipeline(self.export_dir, pipeline_stages, prompts, max_new_tokens, seed, mode, eos_id,
-                                  sequence_ids, flush, self.device, return_caches=flush)
+                                  sequence_ids, flush, self.device, rows=rows, return_caches=flush)
             return GenerationOutput(prompts, result["tokens"], result["exits"], mode, result["seconds"],
-                                    self.config.exit_layers, self.config.num_layers,
+                                    self.config.exit_layers, self.config.num_layers, rows=result["rows"],
                                     stage_caches=result.get("caches"))
         with torch.inference_mode():
-            engine = StageEngine(self.model, range(self.config.num_heads_total), len(prompts),
-                                 max(map(len, prompts)) + max_new_tokens, seed, sequence_ids,
-                                 full_depth=mode == "full", transform=transform, trace=trace)
+            engine = StageEngine(self.model, range(self.config.num_heads_total), rows, max_len, seed,
+                                 full_depth=mode == "full", transform=transform, schedule=schedule, trace=trace,
+                                 timer=timer)
             start = time.perf_counter()
-            tokens, exits = decode_loop(engine, self.model, prompts, max_new_tokens, eos_id, flush, on_step)
+            driver = Driver(engine, self.model, prompts, sequence_ids, max_new_tokens, eos_id, flush, on_step)
+            driver.run(lambda: engine.tick().results)
             seconds = time.perf_counter() - start
-        return GenerationOutput(prompts, tokens, exits, mode, seconds, self.config.exit_layers,
-                                self.config.num_layers, engine.trace, engine)
+        return GenerationOutput(prompts, driver.tokens, driver.exits, mode, seconds, self.config.exit_layers,
+                                self.config.num_layers, trace=engine.trace, engine=engine, rows=driver.rows,
+                                ticks=driver.ticks)
 
 
-def prefill(engine: StageEngine, model, prompts: list[list[int]], device):
-    """Every prompt token but the last at full depth (the last is the first decoding step's input);
-    -> the step's output (work for the next pipeline stage), or None."""
-    rows = [b for b, p in enumerate(prompts) if len(p) > 1]
-    if not rows:
-        return None
-    n = max(len(prompts[b]) - 1 for b in rows)
-    tokens = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, b in enumerate(rows):
-        tokens[i, :len(prompts[b]) - 1] = torch.tensor(prompts[b][:-1])
-    engine.write_input(rows, [0] * len(rows), model.embed(tokens.to(device)), [len(prompts[b]) - 1 for b in rows])
-    return engine.step(decide=[], eager=rows)
+class Driver:
+    """Feeds sequences through the rows of a first-stage engine: admits prompts into free rows (continuous
+    batching), embeds each row's next input, records sampled tokens, stops sequences at EOS or
+    max_new_tokens (completing their queues first with flush=True) and frees their rows.
 
+    A prompt enters whole: its last token is the first current token, the others are queued behind it like
+    deferred tokens and climb with it (mode="full": every layer at once)."""
 
-def feed(engine: StageEngine, model, rows: list[int], tokens: list[int], positions: list[int], device) -> None:
-    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-    engine.write_input(rows, positions, model.embed(ids), [1] * len(rows))
+    def __init__(self, engine: StageEngine, model, prompts, sequence_ids, max_new_tokens: list[int], eos_id, flush: bool,
+                 on_step=None):
+        self.engine, self.model, self.prompts, self.sequence_ids = engine, model, prompts, sequence_ids
+        self.max_new_tokens, self.eos_id, self.flush, self.on_step = max_new_tokens, eos_id, flush, on_step
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.exits: list[list[int]] = [[] for _ in prompts]
+        self.rows: list[int | None] = [None] * len(prompts)  # the row each sequence ran in
+        self.ticks = 0
 
+    def run(self, step) -> None:
+        """step() runs one engine tick (and, in a pipeline, the later stages) -> {row: (token, exit)}."""
+        engine = self.engine
+        queue = deque(range(len(self.prompts)))
+        occupant: list[int | None] = [None] * engine.batch
+        free = list(range(engine.batch))
+        inputs: dict[int, tuple[list[int], int, bool]] = {}  # row -> (token ids, first position, decide)
+        finishing: set[int] = set()
 
-def record_step(results: dict, active: list[int], tokens, exits, current, position, eos_id) -> list[int]:
-    """Appends each active row's (token, exit) and advances it; returns the rows still active (no EOS)."""
-    for b in active:
-        token, exit = results[b]
-        tokens[b].append(token)
-        exits[b].append(exit)
-        current[b] = token
-        position[b] += 1
-    if eos_id is None:
-        return active
-    return [b for b in active if current[b] != eos_id]
+        def release(row):
+            occupant[row] = None
+            free.append(row)
+            free.sort()
 
+        while queue or any(o is not None for o in occupant):
+            while free and queue:
+                row, i = free.pop(0), queue.popleft()
+                engine.reset_row(row, self.sequence_ids[i])
+                occupant[row], self.rows[i] = i, row
+                if self.max_new_tokens[i] > 0 or self.flush:
+                    inputs[row] = (self.prompts[i], 0, self.max_new_tokens[i] > 0)
+                else:
+                    release(row)
+            if inputs:
+                self._feed(inputs)
+                finishing.update(row for row, (_, _, decide) in inputs.items() if not decide)
+                inputs.clear()
+            results = step() if engine.deciding or engine.eager else {}
+            sampled = {}
+            for row in sorted(results):
+                i = occupant[row]
+                token, exit = sampled[i] = results[row]
+                self.tokens[i].append(token)
+                self.exits[i].append(exit)
+                position = len(self.prompts[i]) + len(self.tokens[i]) - 1
+                if len(self.tokens[i]) < self.max_new_tokens[i] and token != self.eos_id:
+                    inputs[row] = ([token], position, True)
+                elif self.flush:
+                    inputs[row] = ([token], position, False)
+                else:
+                    release(row)
+            for row in [r for r in finishing if not engine.busy(r)]:
+                finishing.discard(row)
+                release(row)
+            if self.on_step is not None and sampled:
+                self.on_step(self.ticks, sampled)
+            self.ticks += 1
 
-def decode_loop(engine: StageEngine, model, prompts, max_new_tokens: int, eos_id, flush: bool, on_step):
-    device = engine.device
-    batch = len(prompts)
-    prefill(engine, model, prompts, device)
-    current = [p[-1] for p in prompts]
-    position = [len(p) - 1 for p in prompts]
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    exits: list[list[int]] = [[] for _ in range(batch)]
-    active = list(range(batch))
-    for step in range(max_new_tokens):
-        if not active:
-            break
-        feed(engine, model, active, [current[b] for b in active], [position[b] for b in active], device)
-        results = engine.step(decide=active, eager=[]).results
-        if on_step is not None:
-            on_step(step, {b: results[b] for b in active})
-        active = record_step(results, active, tokens, exits, current, position, eos_id)
-    if flush and max_new_tokens > 0:
-        rows = list(range(batch))
-        feed(engine, model, rows, current, position, device)
-        engine.step(decide=[], eager=rows)
-    return tokens, exits
+    def _feed(self, inputs: dict) -> None:
+        engine = self.engine
+        rows = sorted(inputs)
+        ids = [t for row in rows for t in inputs[row][0]]
+        hidden = self.model.embed(torch.tensor([ids], dtype=torch.long, device=engine.device))
+        engine.write_input(rows, [inputs[row][1] for row in rows], [len(inputs[row][0]) for row in rows], hidden)
+        engine.start_tokens([row for row in rows if inputs[row][2]])
+        engine.complete([row for row in rows if not inputs[row][2]])

@@ -8,14 +8,17 @@ right away as eager work: the next stages complete their upper layers while stag
 tokens, instead of waiting for a future token to carry them. Randomness is keyed by (seed, sequence,
 position, exit), so the tokens equal single-process decoding.
 
-Messages (torch.distributed point-to-point; gloo on CPU, NCCL on GPU):
-    stage s -> s+1  header int64 [kind, R, n, rows(B), starts(B), counts(B), decide(B)], then hidden [R, n, d]
+Messages (torch.distributed point-to-point; gloo on CPU, NCCL on GPU), B = rows:
+    stage s -> s+1  header int64 [kind, R, T, rows(B), starts(B), counts(B), decide(B), sequence ids(B)],
+                    then the packed hidden [1, T, d]
     stage s -> 0    result int64 [count, rows(B), tokens(B), exits(B)]
-kind 1 = work, 0 = stop. A stage answers every work message that has deciding rows exactly once (count
-may be 0 when all of them went on), so stage 0 receives from stages 1, 2, ... in order with explicit
-sources (NCCL has no receive-from-any). Every channel is FIFO, and stage 0 sends step t+1 only after all
-results of step t arrived, so there is no cycle of blocking sends. A batch advances in lockstep: stage 0
-starts the next step when every row of the current one has its token.
+kind 1 = work, 0 = stop. Work that starts at position 0 begins a new sequence in its row (continuous
+batching), so every stage resets that row's queues. A stage answers every work message that has deciding
+rows exactly once (count may be 0 when all of them went on), so stage 0 receives from stages 1, 2, ... in
+order with explicit sources (NCCL has no receive-from-any). Every channel is FIFO, and stage 0 starts its
+next tick only after all results of the current one arrived, so there is no cycle of blocking sends.
+Each tick of stage 0 therefore completes every current token (the engine runs without a TickSchedule): the
+rows of a pipeline advance in lockstep, while prompts still enter freed rows as in single-process decoding.
 """
 from __future__ import annotations
 
@@ -49,25 +52,28 @@ def stage_segments(num_segments: int, segment_layers: list[int], stages: int) ->
     return [range(bounds[i], bounds[i + 1]) for i in range(stages)]
 
 
-def _send_work(out, batch: int, dst: int, hidden_size: int, device) -> None:
+def _header_size(batch: int) -> int:
+    return 3 + 5 * batch
+
+
+def _send_work(work, engine, dst: int, device) -> None:
     import torch.distributed as dist
 
-    header = torch.zeros(3 + 4 * batch, dtype=torch.long)
-    rows = out.forward_rows
-    r = len(rows)
-    header[0], header[1], header[2] = WORK, r, max(out.forward_counts)
-    header[3:3 + r] = torch.tensor(rows)
-    header[3 + batch:3 + batch + r] = torch.tensor(out.forward_starts)
-    header[3 + 2 * batch:3 + 2 * batch + r] = torch.tensor(out.forward_counts)
-    header[3 + 3 * batch:3 + 3 * batch + r] = torch.tensor([int(d) for d in out.forward_decide])
+    batch = engine.batch
+    header = torch.zeros(_header_size(batch), dtype=torch.long)
+    r = len(work.rows)
+    header[0], header[1], header[2] = WORK, r, work.hidden.shape[1]
+    for k, values in enumerate((work.rows, work.starts, work.counts, [int(d) for d in work.decide],
+                                [engine.sequence_ids[row] for row in work.rows])):
+        header[3 + k * batch:3 + k * batch + r] = torch.tensor(values)
     dist.send(header.to(device), dst)
-    dist.send(out.forward_hidden.contiguous(), dst)
+    dist.send(work.hidden.contiguous(), dst)
 
 
 def _send_stop(batch: int, dst: int, device) -> None:
     import torch.distributed as dist
 
-    header = torch.zeros(3 + 4 * batch, dtype=torch.long)
+    header = torch.zeros(_header_size(batch), dtype=torch.long)
     header[0] = STOP
     dist.send(header.to(device), dst)
 
@@ -84,10 +90,11 @@ def _send_results(results: dict, batch: int, device) -> None:
     dist.send(message.to(device), 0)
 
 
-def _worker_loop(engine, rank: int, stages: int, batch: int, hidden_size: int, dtype, device) -> None:
+def _worker_loop(engine, rank: int, stages: int, hidden_size: int, device) -> None:
     import torch.distributed as dist
 
-    header = torch.zeros(3 + 4 * batch, dtype=torch.long, device=device)
+    batch = engine.batch
+    header = torch.zeros(_header_size(batch), dtype=torch.long, device=device)
     while True:
         dist.recv(header, rank - 1)
         h = header.cpu()
@@ -95,55 +102,41 @@ def _worker_loop(engine, rank: int, stages: int, batch: int, hidden_size: int, d
             if rank + 1 < stages:
                 _send_stop(batch, rank + 1, device)
             return
-        r, n = int(h[1]), int(h[2])
-        rows = h[3:3 + r].tolist()
-        starts = h[3 + batch:3 + batch + r].tolist()
-        counts = h[3 + 2 * batch:3 + 2 * batch + r].tolist()
-        decide_flags = h[3 + 3 * batch:3 + 3 * batch + r].tolist()
-        hidden = torch.empty(r, n, hidden_size, dtype=dtype, device=device)
+        r, total = int(h[1]), int(h[2])
+        rows, starts, counts, decide_flags, sequence_ids = (h[3 + k * batch:3 + k * batch + r].tolist()
+                                                            for k in range(5))
+        hidden = torch.empty(1, total, hidden_size, dtype=engine.dtype, device=device)
         dist.recv(hidden, rank - 1)
-        engine.write_input(rows, starts, hidden, counts)
+        for row, start, sequence_id in zip(rows, starts, sequence_ids):
+            if start == 0:
+                engine.reset_row(row, sequence_id)
+        engine.write_input(rows, starts, counts, hidden)
         decide = [row for row, flag in zip(rows, decide_flags) if flag]
-        eager = [row for row, flag in zip(rows, decide_flags) if not flag]
-        out = engine.step(decide, eager)
+        engine.start_tokens(decide)
+        engine.complete([row for row, flag in zip(rows, decide_flags) if not flag])
+        out = engine.tick()
         if decide:  # exactly one answer per message with deciding rows (possibly empty: all went on)
             _send_results(out.results, batch, device)
-        if out.forward_rows and rank + 1 < stages:
-            _send_work(out, batch, rank + 1, hidden_size, device)
+        if out.forward is not None and rank + 1 < stages:
+            _send_work(out.forward, engine, rank + 1, device)
 
 
-def _driver_loop(engine, model, stages: int, prompts, max_new_tokens: int, eos_id, flush: bool, device):
-    """Stage 0: the decoding loop of generator.decode_loop, with the upper stages in other processes."""
+def _driver_loop(engine, model, stages: int, prompts, sequence_ids, max_new_tokens, eos_id, flush: bool, device):
+    """Stage 0: the single-process Driver, with the upper stages in other processes."""
     import torch.distributed as dist
 
-    from nvium_dist.inference.generator import feed, prefill, record_step
+    from nvium_dist.inference.generator import Driver
 
-    batch = len(prompts)
-    hidden_size = model.config.hidden_size
-
-    def forward(out):
-        if out.forward_rows and stages > 1:
-            _send_work(out, batch, 1, hidden_size, device)
-            return sum(out.forward_decide)
-        return 0
-
-    # prefill (eager, full depth through every stage)
-    prefill_out = prefill(engine, model, prompts, device)
-    if prefill_out is not None:
-        forward(prefill_out)
-    current = [p[-1] for p in prompts]
-    position = [len(p) - 1 for p in prompts]
-    tokens = [[] for _ in range(batch)]
-    exits = [[] for _ in range(batch)]
-    active = list(range(batch))
+    batch = engine.batch
     message = torch.zeros(1 + 3 * batch, dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        if not active:
-            break
-        feed(engine, model, active, [current[b] for b in active], [position[b] for b in active], device)
-        out = engine.step(decide=active, eager=[])
+
+    def step():
+        out = engine.tick()
         results = dict(out.results)
-        waiting = forward(out)
+        waiting = 0
+        if out.forward is not None:
+            _send_work(out.forward, engine, 1, device)
+            waiting = sum(out.forward.decide)
         source = 1
         while waiting:  # stage 1 answers first, then each later stage that still had deciding rows
             dist.recv(message, source)
@@ -153,14 +146,12 @@ def _driver_loop(engine, model, stages: int, prompts, max_new_tokens: int, eos_i
             for i in range(count):
                 results[int(m[1 + i])] = (int(m[1 + batch + i]), int(m[1 + 2 * batch + i]))
             waiting -= count
-        active = record_step(results, active, tokens, exits, current, position, eos_id)
-    if flush and max_new_tokens > 0:
-        rows = list(range(batch))
-        feed(engine, model, rows, current, position, device)
-        forward(engine.step(decide=[], eager=rows))
-    if stages > 1:
-        _send_stop(batch, 1, device)
-    return tokens, exits
+        return results
+
+    driver = Driver(engine, model, prompts, sequence_ids, max_new_tokens, eos_id, flush)
+    driver.run(step)
+    _send_stop(batch, 1, device)
+    return driver
 
 
 def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
@@ -183,20 +174,19 @@ def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
         generator = NviumGenerator.from_pretrained(job["export_dir"], device=device, keep_layers=keep)
         model = generator.model
         device = next(model.parameters()).device
-        prompts = job["prompts"]
-        batch = len(prompts)
+        prompts, max_new_tokens = job["prompts"], job["max_new_tokens"]
+        max_len = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
         with torch.inference_mode():
-            engine = StageEngine(model, segments, batch, max(map(len, prompts)) + job["max_new_tokens"], job["seed"],
-                                 job["sequence_ids"], full_depth=job["mode"] == "full")
+            engine = StageEngine(model, segments, job["rows"], max_len, job["seed"], full_depth=job["mode"] == "full")
             dist.barrier()
             start = time.perf_counter()
             if rank == 0:
-                tokens, exits = _driver_loop(engine, model, stages, prompts, job["max_new_tokens"], job["eos_id"],
-                                             job["flush"], device)
-                result = {"tokens": tokens, "exits": exits, "seconds": time.perf_counter() - start}
+                driver = _driver_loop(engine, model, stages, prompts, job["sequence_ids"], max_new_tokens,
+                                      job["eos_id"], job["flush"], device)
+                result = {"tokens": driver.tokens, "exits": driver.exits, "rows": driver.rows,
+                          "seconds": time.perf_counter() - start}
             else:
-                _worker_loop(engine, rank, stages, batch, export_config.hidden_size, next(model.parameters()).dtype,
-                             device)
+                _worker_loop(engine, rank, stages, export_config.hidden_size, device)
                 result = {}
         if job.get("return_caches"):
             result["caches"] = {layer: (engine.cache.keys[layer].cpu(), engine.cache.values[layer].cpu())
@@ -225,10 +215,11 @@ def _model_config(export_dir):
     return model_config_from_dict(json.loads((Path(export_dir) / "config.json").read_text())["model"])
 
 
-def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: int, seed: int, mode: str, eos_id,
-                 sequence_ids, flush: bool, device: str = "cpu", threads: int = 1, return_caches: bool = False,
-                 timeout: float = 600.0) -> dict:
-    """Decodes with `stages` processes; -> {"tokens", "exits", "seconds" (stage 0's decode time), "caches"?}."""
+def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: list[int], seed: int, mode: str, eos_id,
+                 sequence_ids, flush: bool, device: str = "cpu", rows: int | None = None, threads: int = 1,
+                 return_caches: bool = False, timeout: float = 600.0) -> dict:
+    """Decodes with `stages` processes over `rows` rows (default: one per prompt);
+    -> {"tokens", "exits", "rows", "seconds" (stage 0's decode time), "caches"?}."""
     from nvium_dist.parallel import forkserver_context, free_port
 
     config = _model_config(export_dir)
@@ -236,9 +227,9 @@ def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: int, see
     ctx = forkserver_context(_PRELOAD)
     queue = ctx.Queue()
     port = free_port()
-    job = dict(export_dir=str(export_dir), prompts=prompts, max_new_tokens=max_new_tokens, seed=seed, mode=mode,
-               eos_id=eos_id, sequence_ids=list(sequence_ids), flush=flush, device=device, threads=threads,
-               return_caches=return_caches)
+    job = dict(export_dir=str(export_dir), prompts=prompts, max_new_tokens=list(max_new_tokens), seed=seed,
+               mode=mode, eos_id=eos_id, sequence_ids=list(sequence_ids), flush=flush, device=device, threads=threads,
+               rows=rows or len(prompts), return_caches=return_caches)
     procs = [ctx.Process(target=_stage_main, args=(rank, stages, port, job, queue), daemon=True)
              for rank in range(stages)]
     for p in procs:
