@@ -1,38 +1,133 @@
 #!/usr/bin/env python
-"""Decoding throughput of an N-vium export: full-depth vs deferred, side by side, as JSON.
+"""Decoding throughput of N-vium, side by side, as JSON: dense twin, full depth, deferred, deferred in lockstep.
 
+    python tools/bench_decode.py --synthetic                      # the benchmark model, built in memory
     python tools/bench_decode.py --model exports/tiny --baseline exports/tiny-dense
+    python tools/bench_decode.py --synthetic --profile            # + where batch-1 time goes, per token
 
-For each batch size (default 1, 4, 16) the same prompts and seed are decoded with mode=full (every layer
-every step) and mode=deferred (each token only up to its sampled exit), alternating, best of --repeats.
-Both produce the same tokens, so the comparison is exact. Reports tokens/s of each, the dense baseline's
-tokens/s (--baseline), the measured exit distribution, the ideal speedup num_layers / E[exit layer] and
-efficiency = measured speedup / ideal speedup. A batch decodes in lockstep, so each step is as deep as its
-deepest row: `lockstep_ideal_speedup` = num_layers / E[max exit layer per step] is the bound for batch > 1.
+--synthetic builds the issue-14 benchmark model (d256, L8, 4 heads, exits after layers 2/4/6, vocab 8000,
+random weights; routers biased so ~70% of tokens take the first exit and half of the rest each later one)
+and its parameter-matched dense twin, so anyone can rerun the numbers without an export; `--set key=value`
+changes its ModelConfig (e.g. --set hidden_size=64).
+
+For every setting (batch sizes 1, 4, 16 by default, plus --continuous ROWS:PROMPTS, more prompts than rows
+with per-prompt lengths between 1/2 and 3/2 of --new-tokens) the same prompts and seed are decoded by
+    dense               the dense twin (--baseline), full depth
+    full                N-vium, every layer every step (mode="full")
+    deferred            N-vium, each token only up to its sampled exit, rows advancing independently
+    deferred_lockstep   the same with every tick completing every current token (a lockstep batch)
+interleaved in a rotating order inside each of --repeats rounds, so load changes hit all alike; the JSON
+gives the median tokens/s (and the best). All three N-vium decoders draw the same tokens (checked).
+
+Bounds on the deferred speedup over full depth, next to the measured one:
+    ideal_speedup    L / E[exit layer] (sequential depth per token)
+    lockstep_bound   L / E[deepest exit layer of a tick] for a lockstep batch (the ticks of deferred_lockstep)
+    work_bound       every token still passes every layer, so at larger batches the step time grows with the
+                     tokens run: the full-depth run's time with the fixed cost of every call of a segment above
+                     the first removed (calls fitted as fixed + per-token cost from profiled runs of all settings)
+                     is what a perfect scheduler could reach when cost is proportional to work.
+efficiency = measured speedup / ideal; efficiency_vs_bound = measured / min(ideal, work bound). Load averages
+are recorded per setting: on a shared machine numbers move by tens of percent; rerun on a quiet one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
 import sys
+
+FIRST_EXIT_RATE = 0.7
+SYNTHETIC = dict(vocab_size=8000, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=688, exits=[2, 4, 6],
+                 seq_length=512, norm_eps=1e-6)
+DECODERS = ("dense", "full", "deferred", "deferred_lockstep")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="N-vium export directory")
-    p.add_argument("--baseline", help="dense export directory (exits: []) to compare tokens/s with")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="N-vium export directory")
+    source.add_argument("--synthetic", action="store_true", help="build the benchmark model and its dense twin")
+    p.add_argument("--baseline", help="dense export directory (exits: []) to compare with (--model only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--synthetic: override a ModelConfig field (repeatable)")
+    p.add_argument("--first-exit-rate", type=float, default=FIRST_EXIT_RATE,
+                   help="--synthetic: share of tokens the routers send out at the first exit")
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence per run")
+    p.add_argument("--continuous", default="16:48", help="ROWS:PROMPTS continuous-batching setting ('' = none)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length per sequence")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per setting, alternating modes (best is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per setting (the median is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: small-batch decoding is latency bound; 0 = torch default)")
+    p.add_argument("--profile", action="store_true", help="also report where batch-1 time goes, per token")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
 
 
-def make_prompts(generator, batch: int, length: int, seed: int) -> list[list[int]]:
+class BenchError(ValueError):
+    """Bad benchmark input; main() prints it as one line."""
+
+
+def parse_settings(batch_sizes: str, continuous: str) -> list[tuple[int, int]]:
+    """-> [(rows, prompts)]: one per batch size, then the continuous-batching setting."""
+    try:
+        settings = [(int(x), int(x)) for x in batch_sizes.split(",") if x]
+        if continuous:
+            rows, prompts = (int(x) for x in continuous.split(":"))
+            settings.append((rows, prompts))
+    except ValueError:
+        raise BenchError(f"--batch-sizes {batch_sizes!r} must be comma-separated integers and --continuous "
+                         f"{continuous!r} ROWS:PROMPTS") from None
+    if any(r < 1 or p < r for r, p in settings):
+        raise BenchError("batch sizes must be >= 1 and --continuous needs PROMPTS >= ROWS >= 1")
+    return settings
+
+
+def synthetic_models(overrides: list[str], first_exit_rate: float, device: str, seed: int = 0):
+    """The benchmark N-vium model and its parameter-matched dense twin as generators (random weights)."""
+    import dataclasses
+
+    import torch
+
+    from nvium_dist.config import ConfigError, ModelConfig, model_config_from_dict
+    from nvium_dist.inference.generator import NviumGenerator, Tokenizer, ensure_process_group
+    from nvium_dist.model import NviumModel
+    from nvium_dist.model_info import dense_twin, matched_dense_ffn
+
+    values = dict(SYNTHETIC)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            raise BenchError(f"--set {item!r}: expected KEY=VALUE with KEY a model config field")
+        values[key] = json.loads(value) if value[:1] in "[0123456789-" else value
+    if not 0.0 < first_exit_rate < 1.0:
+        raise BenchError(f"--first-exit-rate must be in (0, 1), got {first_exit_rate}")
+    try:
+        config = model_config_from_dict(values)
+        config.validate()
+    except (ConfigError, TypeError, ValueError) as err:
+        raise BenchError(f"synthetic model: {err}") from None
+    ensure_process_group(device)
+    generators = []
+    for cfg in (config, dense_twin(config, matched_dense_ffn(config))):
+        if cfg is not config:
+            cfg = dataclasses.replace(cfg, exits=[])
+        model = NviumModel(cfg, seed=seed)
+        with torch.no_grad():
+            for k, head in enumerate(model.heads[:-1]):
+                rate = first_exit_rate if k == 0 else 0.5
+                head.router.logits.bias.copy_(torch.tensor([0.0, math.log(rate / (1 - rate))]))
+        model = model.to(device).eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        generators.append(NviumGenerator(model, Tokenizer("none", None), device=device))
+    return generators
+
+
+def make_prompts(generator, count: int, length: int, seed: int) -> list[list[int]]:
     """Text prompts when the export has a tokenizer (CPython's bundled pydoc topics), else random ids."""
     import random
 
@@ -46,7 +141,7 @@ def make_prompts(generator, batch: int, length: int, seed: int) -> list[list[int
             text = ""
     rng = random.Random(seed)
     prompts = []
-    for _ in range(batch):
+    for _ in range(count):
         if text:
             start = rng.randrange(0, len(text) - 40 * length)
             ids = generator.tokenizer.encode(text[start:start + 40 * length])[:length]
@@ -56,116 +151,235 @@ def make_prompts(generator, batch: int, length: int, seed: int) -> list[list[int
     return prompts
 
 
-def timed_pair(generator, prompts, new_tokens, seed, repeats, sync):
-    """Alternates full and deferred runs (so load changes on a shared machine hit both alike); best of each."""
-    best = {"full": None, "deferred": None}
-    outs = {}
-    for _ in range(repeats):
-        for mode in ("full", "deferred"):
-            sync()
-            out = generator.generate(prompts, new_tokens, seed=seed, mode=mode)
-            sync()
-            outs[mode] = out
-            best[mode] = out.seconds if best[mode] is None else min(best[mode], out.seconds)
-    return {mode: (outs[mode].num_tokens / best[mode], outs[mode]) for mode in best}
+def lockstep_bound(tick_depths: list[int], num_layers: int) -> float:
+    """L / mean deepest exit layer per tick of a lockstep batch."""
+    return num_layers / (sum(tick_depths) / len(tick_depths))
 
 
-def timed(generator, prompts, new_tokens, seed, mode, repeats, sync):
-    best, out = None, None
-    for _ in range(repeats):
-        sync()
-        out = generator.generate(prompts, new_tokens, seed=seed, mode=mode)
-        sync()
-        best = out.seconds if best is None else min(best, out.seconds)
-    return out.num_tokens / best, out
+def fit_call_costs(calls: list[tuple[int, int, float]], num_segments: int) -> list[tuple[float, float]]:
+    """Per segment (fixed seconds per call, seconds per token) from (segment, tokens, seconds) samples:
+    least squares over the median time of each token count (robust to load spikes)."""
+    fits = []
+    for j in range(num_segments):
+        by_count: dict[int, list[float]] = {}
+        for segment, tokens, seconds in calls:
+            if segment == j:
+                by_count.setdefault(tokens, []).append(seconds)
+        points = [(n, statistics.median(ts), len(ts)) for n, ts in by_count.items()]
+        weight = sum(w for _, _, w in points)
+        if len(points) < 2:
+            n, t, _ = points[0] if points else (1, 0.0, 1)
+            fits.append((t, 0.0))
+            continue
+        mean_n = sum(n * w for n, _, w in points) / weight
+        mean_t = sum(t * w for _, t, w in points) / weight
+        var = sum(w * (n - mean_n) ** 2 for n, _, w in points)
+        slope = max(0.0, sum(w * (n - mean_n) * (t - mean_t) for n, t, w in points) / var)
+        fits.append((max(0.0, mean_t - slope * mean_n), slope))
+    return fits
+
+
+def run_setting(runs: dict, rows: int, seed: int, repeats: int, sync) -> dict:
+    """runs: {name: (generator, prompts, limits, generate kwargs)}. Interleaved timed runs, rotating the order
+    each round -> {name: (seconds list, (last output, tick depths))}; tick depths are recorded for the
+    lockstep decoder (the deepest exit layer among the tokens of each tick)."""
+    names = [n for n in DECODERS if n in runs]
+    for generator, prompts, limits, kwargs in runs.values():
+        generator.generate(prompts, [min(8, n) for n in limits], seed=seed, max_batch=rows, **kwargs)
+    seconds = {name: [] for name in names}
+    outputs = {}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            generator, prompts, limits, kwargs = runs[name]
+            depths: list[int] = []
+            layers = generator.config.exit_layers
+            on_step = (lambda tick, sampled: depths.append(max(layers[e] for _, e in sampled.values()))) \
+                if name == "deferred_lockstep" else None
+            sync()
+            out = generator.generate(prompts, limits, seed=seed, max_batch=rows, on_step=on_step, **kwargs)
+            sync()
+            seconds[name].append(out.seconds)
+            outputs[name] = (out, depths)
+    return {name: (seconds[name], outputs[name]) for name in names}
+
+
+def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda):
+    from nvium_dist.inference.profile import TickProfiler
+
+    profiler = TickProfiler(cuda)
+    out = generator.generate(prompts, limits, seed=seed, max_batch=rows, mode=mode, schedule=schedule,
+                             timer=profiler)
+    return profiler, out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
-    except ValueError:
-        print(f"error: --batch-sizes {args.batch_sizes!r} must be comma-separated integers", file=sys.stderr)
+        settings = parse_settings(args.batch_sizes, args.continuous)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.baseline and args.synthetic:
+        print("error: --baseline goes with --model (--synthetic builds its own dense twin)", file=sys.stderr)
         return 2
 
     import torch
 
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.inference import GenerationError, NviumGenerator
+    from nvium_dist.inference.engine import TickSchedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        generator = NviumGenerator.from_pretrained(args.model, device=args.device)
-        baseline = NviumGenerator.from_pretrained(args.baseline, device=args.device) if args.baseline else None
-    except CheckpointError as err:
+        if args.synthetic:
+            nvium, dense = synthetic_models(args.set, args.first_exit_rate, args.device, args.seed)
+        else:
+            nvium = NviumGenerator.from_pretrained(args.model, device=args.device)
+            dense = NviumGenerator.from_pretrained(args.baseline, device=args.device) if args.baseline else None
+    except (CheckpointError, BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if baseline is not None and baseline.config.exits:
-        print(f"warning: --baseline {args.baseline} has exits {baseline.config.exits}; it is timed at full depth",
+    if dense is not None and dense.config.exits:
+        print(f"warning: --baseline {args.baseline} has exits {dense.config.exits}; it is timed at full depth",
               file=sys.stderr)
-    config = generator.config
-    context = config.seq_length
-    if args.prompt_tokens + args.new_tokens > context:
-        print(f"error: --prompt-tokens + --new-tokens = {args.prompt_tokens + args.new_tokens} exceeds the model "
-              f"context {context}", file=sys.stderr)
+    config = nvium.config
+    if args.prompt_tokens + (3 * args.new_tokens + 1) // 2 > config.seq_length:
+        print(f"error: --prompt-tokens + 1.5 x --new-tokens exceeds the model context {config.seq_length}",
+              file=sys.stderr)
         return 2
-    result = {"model": args.model, "baseline": args.baseline, "num_layers": config.num_layers,
-              "exit_layers": config.exit_layers, "threads": torch.get_num_threads(), "device": args.device,
-              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "batches": []}
-    hist_total = [0] * config.num_heads_total
+    num_layers, layers = config.num_layers, config.exit_layers
+    result = {"model": "synthetic" if args.synthetic else args.model, "baseline": args.baseline,
+              "num_layers": num_layers, "exit_layers": layers, "hidden_size": config.hidden_size,
+              "vocab_size": config.vocab_size, "threads": torch.get_num_threads(), "device": args.device,
+              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+              "settings": []}
+    calls: list[tuple[int, int, float]] = []
+    pending = []
     try:
-        for batch in batch_sizes:
-            prompts = make_prompts(generator, batch, args.prompt_tokens, args.seed + batch)
-            print(f"batch {batch}: warming up", file=sys.stderr, flush=True)
-            generator.generate(prompts, min(8, args.new_tokens), seed=args.seed, mode="full")
-            generator.generate(prompts, min(8, args.new_tokens), seed=args.seed, mode="deferred")
-            pair = timed_pair(generator, prompts, args.new_tokens, args.seed, args.repeats, sync)
-            (full_tps, full_out), (deferred_tps, deferred_out) = pair["full"], pair["deferred"]
-            if full_out.tokens != deferred_out.tokens:
+        for rows, count in settings:
+            load_before = os.getloadavg()
+            prompts = make_prompts(nvium, count, args.prompt_tokens, args.seed + count)
+            if dense is not None and dense.config.vocab_size < config.vocab_size:
+                dense_prompts = [[t % dense.config.vocab_size for t in p] for p in prompts]
+            else:
+                dense_prompts = prompts
+            if count == rows:
+                limits = [args.new_tokens] * count
+            else:  # serving-like: lengths vary, so rows free up at different times
+                import random
+
+                rng = random.Random(args.seed)
+                limits = [rng.randint(args.new_tokens // 2, (3 * args.new_tokens) // 2) for _ in range(count)]
+            label = f"batch {rows}" if rows == count else f"{count} prompts through {rows} rows"
+            print(f"{label}: timing", file=sys.stderr, flush=True)
+            runs = {"full": (nvium, prompts, limits, dict(mode="full")),
+                    "deferred": (nvium, prompts, limits, dict(mode="deferred", schedule=TickSchedule())),
+                    "deferred_lockstep": (nvium, prompts, limits, dict(mode="deferred", schedule=None))}
+            if dense is not None:
+                runs["dense"] = (dense, dense_prompts, limits, dict(mode="full"))
+            timed = run_setting(runs, rows, args.seed, args.repeats, sync)
+            for mode, schedule in (("full", None), ("deferred", TickSchedule())):
+                profiler, _ = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda)
+                calls += profiler.calls
+            load_after = os.getloadavg()
+            pending.append((rows, count, timed, load_before, load_after))
+            outs = {name: out for name, (_, (out, _)) in timed.items()}
+            same = (outs["full"].tokens == outs["deferred"].tokens == outs["deferred_lockstep"].tokens)
+            if not same:
                 print("warning: full and deferred tokens differ (a floating-point tie at a sampling boundary)",
                       file=sys.stderr)
-            hist = deferred_out.exit_histogram()
-            hist_total = [a + b for a, b in zip(hist_total, hist)]
-            mean_layer = deferred_out.mean_exit_layer()
-            ideal = config.num_layers / mean_layer
-            measured = deferred_tps / full_tps
-            # a batch decodes in lockstep: a step is as deep as its deepest row, so the sequential-depth bound
-            # for batch B is num_layers / E[max exit layer over the rows of a step]
-            layers = config.exit_layers
-            steps = max(len(row) for row in deferred_out.exits)
-            step_depths = [max(layers[row[t]] for row in deferred_out.exits if t < len(row)) for t in range(steps)]
-            lockstep_ideal = config.num_layers / (sum(step_depths) / len(step_depths))
-            entry = {"batch": batch, "full_tokens_per_s": round(full_tps, 2),
-                     "deferred_tokens_per_s": round(deferred_tps, 2),
-                     "measured_speedup": round(measured, 3), "mean_exit_layer": round(mean_layer, 3),
-                     "ideal_speedup": round(ideal, 3), "efficiency": round(measured / ideal, 3),
-                     "lockstep_ideal_speedup": round(lockstep_ideal, 3),
-                     "lockstep_efficiency": round(measured / lockstep_ideal, 3),
-                     "exit_histogram": hist}
-            if baseline is not None:
-                base_prompts = [[t % baseline.config.vocab_size for t in p] for p in prompts]
-                baseline.generate(base_prompts, min(8, args.new_tokens), seed=args.seed, mode="full")
-                base_tps, _ = timed(baseline, base_prompts, args.new_tokens, args.seed, "full", args.repeats, sync)
-                entry["baseline_tokens_per_s"] = round(base_tps, 2)
-                entry["deferred_vs_baseline"] = round(deferred_tps / base_tps, 3)
-            result["batches"].append(entry)
-            print(f"batch {batch}: full {full_tps:.1f} tok/s, deferred {deferred_tps:.1f} tok/s, speedup "
-                  f"{measured:.2f}x of ideal {ideal:.2f}x (efficiency {measured / ideal:.2f}; lockstep bound "
-                  f"{lockstep_ideal:.2f}x)"
-                  + (f", dense baseline {entry['baseline_tokens_per_s']:.1f} tok/s" if baseline else ""),
-                  file=sys.stderr, flush=True)
+        costs = fit_call_costs(calls, config.num_heads_total)
+        for rows, count, timed, load_before, load_after in pending:
+            entry = summarize(rows, count, timed, costs, num_layers, layers, load_before, load_after)
+            result["settings"].append(entry)
+            tps = entry["tokens_per_s"]
+            print(f"{'batch ' + str(rows) if rows == count else f'{count} prompts / {rows} rows'}: "
+                  f"full {tps['full']:.0f} tok/s, deferred {tps['deferred']:.0f} ({entry['speedup']:.2f}x; ideal "
+                  f"{entry['ideal_speedup']:.2f}x, lockstep bound {entry['lockstep_bound']:.2f}x, work bound "
+                  f"{entry['work_bound']:.2f}x, efficiency vs bound {entry['efficiency_vs_bound']:.2f})"
+                  + (f", dense {tps['dense']:.0f}" if "dense" in tps else ""), file=sys.stderr, flush=True)
+        result["segment_call_cost_us"] = [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)}
+                                          for a, b in costs]
+        if args.profile:
+            result["profile_batch1"] = profile_batch1(nvium, args, cuda)
     except GenerationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    total = sum(hist_total)
-    result["exit_distribution"] = [c / total for c in hist_total] if total else []
-    mean_layer = sum(c * l for c, l in zip(hist_total, config.exit_layers)) / total if total else config.num_layers
-    result["mean_exit_layer"] = mean_layer
-    result["ideal_speedup"] = config.num_layers / mean_layer
     print(json.dumps(result, indent=2))
     return 0
+
+
+def summarize(rows, count, timed, costs, num_layers, layers, load_before, load_after) -> dict:
+    tokens = timed["full"][1][0].num_tokens
+    median = {name: tokens / statistics.median(s) for name, (s, _) in timed.items()}
+    best = {name: tokens / min(s) for name, (s, _) in timed.items()}
+    full_out = timed["full"][1][0]
+    deferred_out = timed["deferred"][1][0]
+    lockstep_out, depths = timed["deferred_lockstep"][1]
+    mean_layer = deferred_out.mean_exit_layer()
+    ideal = num_layers / mean_layer
+    speedup = median["deferred"] / median["full"]
+    # the full-depth run calls every segment once per tick; remove the fixed cost of the upper ones
+    full_seconds = statistics.median(timed["full"][0])
+    upper_fixed = full_out.ticks * sum(a for a, _ in costs[1:])
+    work = full_seconds / max(full_seconds - upper_fixed, 1e-9)
+    bound = min(ideal, work)
+    engine = deferred_out.engine
+    entry = {"rows": rows, "prompts": count, "generated_tokens": tokens,
+             "tokens_per_s": {k: round(v, 1) for k, v in median.items()},
+             "tokens_per_s_best": {k: round(v, 1) for k, v in best.items()},
+             "speedup": round(speedup, 3),
+             "speedup_lockstep": round(median["deferred_lockstep"] / median["full"], 3),
+             "ideal_speedup": round(ideal, 3),
+             "lockstep_bound": round(lockstep_bound(depths, num_layers), 3),
+             "work_bound": round(work, 3),
+             "efficiency": round(speedup / ideal, 3),
+             "efficiency_vs_bound": round(speedup / bound, 3),
+             "beats_lockstep_bound": speedup > lockstep_bound(depths, num_layers),
+             "mean_exit_layer": round(mean_layer, 3), "exit_histogram": deferred_out.exit_histogram(),
+             "ticks": {"full": full_out.ticks, "deferred": deferred_out.ticks, "deferred_lockstep": lockstep_out.ticks},
+             "deferred_segment_calls": engine.segment_calls,
+             "deferred_tokens_per_call": [round(t / max(c, 1), 2) for t, c in
+                                          zip(engine.segment_tokens, engine.segment_calls)],
+             "same_tokens": full_out.tokens == deferred_out.tokens == lockstep_out.tokens,
+             "load_average": {"before": [round(x, 2) for x in load_before],
+                              "after": [round(x, 2) for x in load_after]}}
+    if "dense" in median:
+        entry["speedup_vs_dense"] = round(median["deferred"] / median["dense"], 3)
+    return entry
+
+
+def profile_batch1(nvium, args, cuda) -> dict:
+    """Microseconds per generated token by part (median of --repeats profiled runs), full depth and deferred,
+    with the bound the heads leave: the full-depth time with its layers scaled by E[exit layer] / L and its
+    routers by the exits actually reached."""
+    from nvium_dist.inference.engine import TickSchedule
+
+    prompts = make_prompts(nvium, 1, args.prompt_tokens, args.seed + 1)
+    report = {}
+    for mode, schedule in (("full", None), ("deferred", TickSchedule())):
+        parts: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            profiler, out = profiled_run(nvium, prompts, [args.new_tokens], 1, args.seed, mode, schedule, cuda)
+            for name, us in profiler.report(out.num_tokens, out.seconds).items():
+                parts.setdefault(name, []).append(us)
+        report[mode] = {name: round(statistics.median(v), 1) for name, v in parts.items()}
+        report[mode + "_exit_histogram"] = out.exit_histogram()
+    full = report["full"]
+    hist = report["deferred_exit_histogram"]
+    layers = nvium.config.exit_layers
+    mean_layer = sum(c * layer for c, layer in zip(hist, layers)) / sum(hist)
+    segments = sum(v for k, v in full.items() if k.startswith("segment"))
+    routers_reached = sum(c * (k + 1 if k < len(layers) - 1 else k) for k, c in enumerate(hist)) / sum(hist)
+    heads_bound = full["total"] / (full["total"] - segments * (1 - mean_layer / nvium.config.num_layers)
+                                   - full.get("router", 0.0) * (1 - routers_reached / max(1, len(layers) - 1)))
+    report["ideal_speedup"] = round(nvium.config.num_layers / mean_layer, 3)
+    report["heads_bound"] = round(heads_bound, 3)
+    report["measured_speedup"] = round(full["total"] / report["deferred"]["total"], 3)
+    return report
 
 
 if __name__ == "__main__":

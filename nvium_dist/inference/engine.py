@@ -39,11 +39,12 @@ from nvium_dist.mixture import log_mixture_distribution, router_log_probs
 
 @dataclass(frozen=True)
 class TickSchedule:
-    """When a segment above the first runs its waiting tokens: as soon as `min_rows` rows wait there, when one
-    of them has waited `max_wait` ticks, when the segment runs anyway (eager work), or when no other segment
-    has work this tick."""
-    min_rows: int = 4
-    max_wait: int = 2
+    """When a segment above the first runs the tokens waiting there: once they are at least `share` of the rows
+    with a current token (so one call's fixed cost serves several rows; with 4 or fewer such rows at the
+    default share that is always), when one of them has waited `max_wait` ticks, when the segment runs anyway
+    (eager work), or when no lower segment had work this tick."""
+    share: float = 0.25
+    max_wait: int = 4
 
 
 @dataclass
@@ -96,6 +97,7 @@ class StageEngine:
         self.waited = [0] * batch
         self.deciding: set[int] = set()
         self.eager: set[int] = set()
+        self.rows_deciding = 0
         self.mixture_parts: dict[int, list] = {}
         self.segment_calls = [0] * self.num_heads  # statistics: calls and tokens run per segment
         self.segment_tokens = [0] * self.num_heads
@@ -155,6 +157,7 @@ class StageEngine:
         previous: tuple[int, SegmentBatch, torch.Tensor] | None = None  # the last segment call of this tick
         forward_rows: list[int] = []
         done, avail, level = self.done, self.avail, self.level
+        self.rows_deciding = len(self.deciding)  # rows with a current token as the tick starts
         for j in range(self.lo, self.hi):
             waiting = [row for row in sorted(self.deciding) if level[row] == j]
             eager = [row for row in sorted(self.eager)
@@ -190,7 +193,8 @@ class StageEngine:
         schedule = self.schedule
         if schedule is None:
             return True
-        return len(waiting) >= schedule.min_rows or max(self.waited[row] for row in waiting) >= schedule.max_wait
+        return (len(waiting) >= schedule.share * self.rows_deciding
+                or max(self.waited[row] for row in waiting) >= schedule.max_wait)
 
     def _run_segment(self, j, rows, starts, counts, previous):
         timer = self.timer
@@ -206,7 +210,7 @@ class StageEngine:
                     hidden = source[row:row + 1, start:start + counts[0]]
                 else:
                     hidden = source[batch.token_rows, batch.token_positions].unsqueeze(0)
-        with timer(f"segment {j}"):
+        with timer(f"segment {j}", (j, batch.total)):
             hidden = self.model.run_segment(j, hidden, batch.positions, self.caches)
         if j < self.num_heads - 1:
             with timer("bookkeeping"):
@@ -338,6 +342,6 @@ class _NullContext:
 _NULL = _NullContext()
 
 
-def _no_timer(name: str) -> _NullContext:
+def _no_timer(name: str, call=None) -> _NullContext:
     return _NULL
 

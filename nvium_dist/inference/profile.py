@@ -15,10 +15,10 @@ from collections import defaultdict
 
 
 class _Section:
-    __slots__ = ("profiler", "name", "start")
+    __slots__ = ("profiler", "name", "call", "start")
 
-    def __init__(self, profiler: "TickProfiler", name: str):
-        self.profiler, self.name = profiler, name
+    def __init__(self, profiler: "TickProfiler", name: str, call):
+        self.profiler, self.name, self.call = profiler, name, call
 
     def __enter__(self):
         self.profiler.sync()
@@ -26,7 +26,10 @@ class _Section:
 
     def __exit__(self, *exc):
         self.profiler.sync()
-        self.profiler.seconds[self.name] += time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start
+        self.profiler.seconds[self.name] += elapsed
+        if self.call is not None:
+            self.profiler.calls.append((*self.call, elapsed))
         return False
 
 
@@ -36,9 +39,11 @@ class TickProfiler:
 
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: list[tuple[int, int, float]] = []  # (segment, tokens, seconds) of every segment call
 
-    def __call__(self, name: str) -> _Section:
-        return _Section(self, name)
+    def __call__(self, name: str, call: tuple[int, int] | None = None) -> _Section:
+        """A timed section; `call` = (segment, tokens) also records the call for cost fits."""
+        return _Section(self, name, call)
 
     def report(self, tokens: int, total_seconds: float) -> dict:
         """{part: microseconds per generated token}, plus "driver and other" (embedding, the decode loop,
