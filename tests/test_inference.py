@@ -136,8 +136,17 @@ def test_pipeline_two_stages_same_tokens_and_kv(generator):
     piped = generator.generate(RAGGED, 16, seed=5, mode="deferred", pipeline_stages=2, flush=True)
     assert piped.tokens == reference.tokens and piped.exits == reference.exits
     for layer, (keys, values) in piped.stage_caches.items():
-        torch.testing.assert_close(keys[:, :, :-1], reference.engine.cache.keys[layer][:, :, :-1], atol=1e-5, rtol=0)
-        torch.testing.assert_close(values[:, :, :-1], reference.engine.cache.values[layer][:, :, :-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(keys, reference.engine.cache.keys[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(values, reference.engine.cache.values[layer], atol=1e-5, rtol=0)
+
+
+def test_pipeline_continuous_batching(generator):
+    """More prompts than rows through two stage processes: rows are reset on every stage when a new sequence
+    enters them, and the tokens equal single-process decoding."""
+    reference = generator.generate(PROMPTS7, LIMITS7, seed=6, max_batch=3, schedule=None)  # pipelines tick so
+    piped = generator.generate(PROMPTS7, LIMITS7, seed=6, max_batch=3, pipeline_stages=2)
+    assert piped.tokens == reference.tokens and piped.exits == reference.exits
+    assert piped.rows == reference.rows
 
 
 @pytest.mark.slow
@@ -259,3 +268,103 @@ def test_dense_model_decodes(tmp_path):
     reference = full_forward_kv(generator, deferred.sequences[1])
     torch.testing.assert_close(deferred.engine.cache.keys[5][1, :, :len(deferred.sequences[1])], reference[5][0],
                                atol=1e-5, rtol=0)
+
+
+PROMPTS7 = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1], [4, 4, 20, 30, 40], [2, 3], [9] * 9, [33, 7, 1, 50]]
+LIMITS7 = [12, 5, 16, 9, 14, 7, 11]
+
+
+def test_continuous_batching_matches_each_prompt_alone(generator):
+    """7 prompts through 3 rows: a prompt enters a freed row while the others are mid-sequence, and its
+    tokens do not depend on the row or the moment (randomness is keyed by the sequence id)."""
+    streamed = {}
+    out = generator.generate(PROMPTS7, LIMITS7, seed=21, max_batch=3,
+                             on_step=lambda tick, sampled: [streamed.setdefault(i, []).append((tick, t, e))
+                                                            for i, (t, e) in sampled.items()])
+    assert [len(t) for t in out.tokens] == LIMITS7
+    assert sorted(set(out.rows)) == [0, 1, 2] and len(out.rows) == 7
+    for i, prompt in enumerate(PROMPTS7):
+        alone = generator.generate([prompt], LIMITS7[i], seed=21, sequence_ids=[i])
+        assert out.tokens[i] == alone.tokens[0] and out.exits[i] == alone.exits[0]
+        assert [t for _, t, _ in streamed[i]] == out.tokens[i] and [e for _, _, e in streamed[i]] == out.exits[i]
+    # some sequence was admitted while another one, in another row, was still running
+    first_tick = {i: ticks[0][0] for i, ticks in streamed.items()}
+    last_tick = {i: ticks[-1][0] for i, ticks in streamed.items()}
+    assert any(out.rows[a] != out.rows[b] and first_tick[a] < first_tick[b] < last_tick[a] < last_tick[b]
+               for a in range(7) for b in range(3, 7))
+    full = generator.generate(PROMPTS7, LIMITS7, seed=21, max_batch=3, mode="full")
+    assert full.tokens == out.tokens and full.exits == out.exits
+
+
+def test_continuous_batching_eos_and_flush_kv(generator):
+    """EOS frees a row early; with flush=True the last sequence in each row leaves KV equal to a full forward."""
+    eos = generator.generate(PROMPTS7, LIMITS7, seed=8, max_batch=2).tokens[3][2]
+    out = generator.generate(PROMPTS7, LIMITS7, seed=8, max_batch=2, eos_id=eos, flush=True)
+    assert len(out.tokens[3]) <= 3 and out.tokens[3][-1] == eos
+    for i, prompt in enumerate(PROMPTS7):
+        alone = generator.generate([prompt], LIMITS7[i], seed=8, sequence_ids=[i], eos_id=eos)
+        assert out.tokens[i] == alone.tokens[0]
+    cache = out.engine.cache
+    for row in (0, 1):
+        last = max(i for i, r in enumerate(out.rows) if r == row)
+        sequence = out.sequences[last]
+        for layer, (keys, values) in full_forward_kv(generator, sequence).items():
+            torch.testing.assert_close(cache.keys[layer][row, :, :len(sequence)], keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(cache.values[layer][row, :, :len(sequence)], values, atol=1e-5, rtol=0)
+
+
+def test_schedules_draw_the_same_tokens(generator):
+    """Holding climbing tokens back (TickSchedule) changes when work runs, never what is drawn; a wide batch
+    does hold some (more ticks than tokens per sequence)."""
+    from nvium_dist.inference.engine import TickSchedule
+
+    prompts = [[(7 * i + 3) % 61, (5 * i) % 60 + 1] for i in range(24)]
+    lockstep = generator.generate(prompts, 10, seed=5, schedule=None)
+    held = generator.generate(prompts, 10, seed=5, schedule=TickSchedule(max_wait=3))
+    assert held.tokens == lockstep.tokens and held.exits == lockstep.exits
+    assert lockstep.ticks == 10 and held.ticks > 10
+    assert held.engine.segment_tokens == lockstep.engine.segment_tokens  # the same work, at other times
+
+
+def test_packed_attention_equals_per_row_attention():
+    """A packed ragged segment batch (rows out of order, carried queues of different lengths) attends exactly
+    like each row on its own, and the layers see only the real tokens (no padding)."""
+    import torch.nn.functional as F
+
+    from nvium_dist.inference.cache import KVCache
+
+    torch.manual_seed(0)
+    heads, hd, max_len = 2, 8, 12
+    cache = KVCache([0], 1, 4, max_len, heads, hd, torch.float32, torch.device("cpu"))
+    cache.keys[0].normal_()
+    cache.values[0].normal_()
+    before_k, before_v = cache.keys[0].clone(), cache.values[0].clone()
+    rows, starts, counts = [3, 0, 2], [4, 7, 2], [1, 3, 5]
+    batch = cache.prepare(rows, starts, counts)
+    total = sum(counts)
+    assert batch.positions.tolist() == [[4, 7, 8, 9, 2, 3, 4, 5, 6]] and batch.total == total
+    q, k, v = (torch.randn(1, heads, total, hd) for _ in range(3))
+    out = cache.layer_caches[0].attend(q, k, v)
+    offset = 0
+    for row, start, count in zip(rows, starts, counts):
+        end = start + count
+        keys, values = before_k[row, :, :end].clone(), before_v[row, :, :end].clone()
+        keys[:, start:end], values[:, start:end] = k[0, :, offset:offset + count], v[0, :, offset:offset + count]
+        mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        want = F.scaled_dot_product_attention(q[:, :, offset:offset + count], keys[None], values[None],
+                                              attn_mask=mask[None, None])
+        torch.testing.assert_close(out[:, :, offset:offset + count], want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(cache.keys[0][row, :, :end], keys, atol=0, rtol=0)
+        offset += count
+    torch.testing.assert_close(cache.keys[0][1], before_k[1], atol=0, rtol=0)  # a row not in the batch
+
+
+def test_continuous_batching_bad_input(generator):
+    from nvium_dist.inference import GenerationError
+
+    with pytest.raises(GenerationError, match="max_batch must be >= 1"):
+        generator.generate(RAGGED, 4, max_batch=0)
+    with pytest.raises(GenerationError, match="one per prompt"):
+        generator.generate(RAGGED, [4, 5], max_batch=2)
+    with pytest.raises(GenerationError, match="use max_new_tokens <= 8"):
+        generator.generate([[1], [1] * 40], [4, 10], max_batch=1)

@@ -40,7 +40,7 @@ import sys
 
 FIRST_EXIT_RATE = 0.7
 SYNTHETIC = dict(vocab_size=8000, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=688, exits=[2, 4, 6],
-                 seq_length=512, norm_eps=1e-6)
+                 seq_length=512)
 DECODERS = ("dense", "full", "deferred", "deferred_lockstep")
 
 
@@ -113,8 +113,6 @@ def synthetic_models(overrides: list[str], first_exit_rate: float, device: str, 
     ensure_process_group(device)
     generators = []
     for cfg in (config, dense_twin(config, matched_dense_ffn(config))):
-        if cfg is not config:
-            cfg = dataclasses.replace(cfg, exits=[])
         model = NviumModel(cfg, seed=seed)
         with torch.no_grad():
             for k, head in enumerate(model.heads[:-1]):

@@ -39,12 +39,16 @@ from nvium_dist.mixture import log_mixture_distribution, router_log_probs
 
 @dataclass(frozen=True)
 class TickSchedule:
-    """When a segment above the first runs the tokens waiting there: once they are at least `share` of the rows
-    with a current token (so one call's fixed cost serves several rows; with 4 or fewer such rows at the
-    default share that is always), when one of them has waited `max_wait` ticks, when the segment runs anyway
-    (eager work), or when no lower segment had work this tick."""
-    share: float = 0.25
+    """When tokens waiting at a segment above the first climb: at once, unless holding them one more tick is
+    cheaper. Small-batch decoding is bound by reading weights, so a segment call costs about its weights
+    whether it runs one token or several, and a row that waits loses its share of a tick:
+        hold  iff  waiting rows x (full-depth weights / rows with a current token)
+                   < segment weights x P(more tokens arrive there next tick)
+    with arrivals counted as a running mean (`arrival_decay`). So a batch of one never waits, and a wide
+    batch gathers the tokens that rarely climb into one call. A token waits at most `max_wait` ticks; a
+    segment also runs its waiting tokens when it runs anyway (eager work) or nothing below it had work."""
     max_wait: int = 4
+    arrival_decay: float = 0.9
 
 
 @dataclass
@@ -66,7 +70,7 @@ class TickOutput:
 class StageEngine:
     def __init__(self, model, segments: range, batch: int, max_len: int, seed: int, full_depth: bool = False,
                  transform: SamplingTransform | None = None, schedule: TickSchedule | None = None,
-                 trace: bool = False, timer=None):
+                 trace: bool = False, timer=None, output_matrix: torch.Tensor | None = None):
         config = model.config
         self.model, self.config = model, config
         self.lo, self.hi = segments.start, segments.stop
@@ -89,6 +93,7 @@ class StageEngine:
         self.hidden = {j: torch.zeros(batch, max_len, config.hidden_size, dtype=self.dtype, device=self.device)
                        for j in range(self.lo - 1, min(self.hi, self.num_heads - 1))}
         self.vocab = config.vocab_size
+        self.output_matrix = output_matrix if output_matrix is not None else decode_output_matrix(model)
         self.sequence_ids = [0] * batch
         self.done = [[0] * self.num_heads for _ in range(batch)]
         self.avail = [0] * batch
@@ -98,6 +103,14 @@ class StageEngine:
         self.deciding: set[int] = set()
         self.eager: set[int] = set()
         self.rows_deciding = 0
+        # TickSchedule statistics: weights read per segment call (layers and router) and per full-depth
+        # step, and the running mean of tokens arriving at each segment per tick
+        weights = [sum(p.numel() for i in range(*ranges[j]) for p in model.layers[i].parameters())
+                   + sum(p.numel() for p in model.heads[j].parameters()) for j in range(self.num_heads)]
+        self.segment_weights = weights
+        self.full_weights = sum(weights) + model.output.weight.numel()
+        self.arrivals = [0.0] * self.num_heads
+        self.arrived = [0] * self.num_heads
         self.mixture_parts: dict[int, list] = {}
         self.segment_calls = [0] * self.num_heads  # statistics: calls and tokens run per segment
         self.segment_tokens = [0] * self.num_heads
@@ -182,6 +195,10 @@ class StageEngine:
                 forward_rows = rows
         for row in [r for r in self.deciding if level[r] is not None and level[r] < self.hi]:
             self.waited[row] += 1
+        if self.schedule is not None:
+            decay = self.schedule.arrival_decay
+            self.arrivals = [decay * mean + (1 - decay) * n for mean, n in zip(self.arrivals, self.arrived)]
+            self.arrived = [0] * self.num_heads
         if exits:
             self._sample(exits, out)
         if forward_rows:
@@ -191,10 +208,11 @@ class StageEngine:
 
     def _climb_now(self, j: int, waiting: list[int]) -> bool:
         schedule = self.schedule
-        if schedule is None:
+        if schedule is None or max(self.waited[row] for row in waiting) >= schedule.max_wait:
             return True
-        return (len(waiting) >= schedule.share * self.rows_deciding
-                or max(self.waited[row] for row in waiting) >= schedule.max_wait)
+        idle_cost = len(waiting) * self.full_weights / self.rows_deciding
+        saving = self.segment_weights[j] * (1.0 - math.exp(-self.arrivals[j]))
+        return idle_cost >= saving
 
     def _run_segment(self, j, rows, starts, counts, previous):
         timer = self.timer
@@ -262,6 +280,7 @@ class StageEngine:
             else:
                 level[row] = nxt
                 self.waited[row] = 0
+                self.arrived[nxt] += 1
                 if nxt == self.hi:  # continues in the next stage
                     self.deciding.discard(row)
 
@@ -275,8 +294,7 @@ class StageEngine:
                        for head in heads]
             adapted = adapted[0] if len(adapted) == 1 else torch.cat(adapted)
         with timer("output"):
-            logits, _ = self.model.output(adapted)
-            logits = logits[..., :self.vocab]
+            logits = adapted @ self.output_matrix
         with timer("sampling"):
             u = torch.tensor([uniform(self.seed, self.sequence_ids[row], self.avail[row], head, STREAM_TOKEN)
                               for row, head, _ in order], dtype=torch.float64, device=logits.device)
@@ -329,6 +347,15 @@ class StageEngine:
             if self.level[row] == self.hi:
                 self.level[row] = None
         return ForwardWork(rows, starts, counts, decide, payload.unsqueeze(0))
+
+
+def decode_output_matrix(model) -> torch.Tensor:
+    """The output matrix as the decoder multiplies it: [hidden, vocab], contiguous, vocab padding dropped
+    (TP=1). The same weights as model.output in another layout: CPU BLAS runs the batch-1 product
+    adapted @ W^T about twice as fast against this copy as against W itself, which matters because it is
+    the largest matrix a shallow token reads (vocab x hidden; 8000 x 256 is 2.6 layers of the benchmark
+    model). Costs one extra copy of the matrix."""
+    return model.output.weight[:model.config.vocab_size].t().contiguous()
 
 
 class _NullContext:
