@@ -42,6 +42,11 @@ def test_generate_cli_errors_are_clear(byte_export, capsys):
     assert generate.main(["--model", str(byte_export), "ab", "--prompt", "cde", "--max-new-tokens", "5",
                           "--mode", "full", "--top-k", "5"]) == 0
     assert capsys.readouterr().out.count("--- sequence") == 2
+    assert generate.main(["--model", str(byte_export), "ab", "c", "de", "--max-new-tokens", "4", "--max-batch", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("--- sequence") == 3 and "3 sequence(s) in 2 row(s)" in captured.err
+    assert generate.main(["--model", str(byte_export), "ab", "--max-batch", "0"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_decode_json(byte_export, capsys):
@@ -50,14 +55,39 @@ def test_bench_decode_json(byte_export, capsys):
     dense = make_export(byte_export.parent / "dense", vocab_size=256, make_vocab_size_divisible_by=128, seq_length=64,
                         exits=[])
     assert bench_decode.main(["--model", str(byte_export), "--baseline", str(dense), "--batch-sizes", "1,2",
-                              "--new-tokens", "8", "--prompt-tokens", "4", "--repeats", "1"]) == 0
+                              "--continuous", "2:3", "--new-tokens", "8", "--prompt-tokens", "4", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [b["batch"] for b in result["batches"]] == [1, 2]
-    for entry in result["batches"]:
-        assert entry["full_tokens_per_s"] > 0 and entry["deferred_tokens_per_s"] > 0
-        assert entry["baseline_tokens_per_s"] > 0
-        assert entry["efficiency"] == pytest.approx(entry["measured_speedup"] / entry["ideal_speedup"], abs=2e-3)
-    assert abs(sum(result["exit_distribution"]) - 1) < 1e-9
+    assert [(s["rows"], s["prompts"]) for s in result["settings"]] == [(1, 1), (2, 2), (2, 3)]
+    for entry in result["settings"]:
+        assert set(entry["tokens_per_s"]) == {"dense", "full", "deferred", "deferred_lockstep"}
+        assert all(v > 0 for v in entry["tokens_per_s"].values()) and entry["same_tokens"]
+        assert entry["efficiency"] == pytest.approx(entry["speedup"] / entry["ideal_speedup"], abs=2e-3)
+        assert 1 <= entry["lockstep_bound"] <= entry["ideal_speedup"] + 1e-6 and entry["work_bound"] >= 1
+        assert len(entry["load_average"]["before"]) == 3
+    assert result["settings"][0]["lockstep_bound"] == result["settings"][0]["ideal_speedup"]  # one row: no lockstep
+    assert result["settings"][2]["generated_tokens"] > 3 * 8 // 2
+
+
+def test_bench_decode_synthetic_profile(capsys):
+    import bench_decode
+
+    tiny = ["--set", "hidden_size=64", "--set", "vocab_size=300", "--set", "num_layers=4", "--set", "exits=[1,2]",
+            "--set", "ffn_hidden_size=96"]
+    assert bench_decode.main(["--synthetic", *tiny, "--batch-sizes", "1", "--continuous", "", "--new-tokens", "6",
+                              "--prompt-tokens", "3", "--repeats", "1", "--profile"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exit_layers"] == [1, 2, 4] and result["vocab_size"] == 300
+    profile = result["profile_batch1"]
+    for mode in ("full", "deferred"):
+        assert {"segment 0", "router", "adapter", "output", "sampling", "bookkeeping", "driver and other"} \
+            <= set(profile[mode])
+        parts = sum(v for k, v in profile[mode].items() if k != "total")
+        assert parts == pytest.approx(profile[mode]["total"], rel=1e-3)
+    assert "segment 2" in profile["full"] and profile["heads_bound"] > 1
+    assert bench_decode.main(["--synthetic", "--set", "colour=blue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert bench_decode.main(["--synthetic", "--continuous", "4:2"]) == 2
+    assert "PROMPTS >= ROWS" in capsys.readouterr().err
 
 
 def test_evaluate_json(byte_export, tmp_path, capsys):

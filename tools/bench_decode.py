@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import sys
 
@@ -127,8 +128,6 @@ def synthetic_models(overrides: list[str], first_exit_rate: float, device: str, 
 
 def make_prompts(generator, count: int, length: int, seed: int) -> list[list[int]]:
     """Text prompts when the export has a tokenizer (CPython's bundled pydoc topics), else random ids."""
-    import random
-
     text = ""
     if generator.tokenizer.kind != "none":
         try:
@@ -248,14 +247,12 @@ def main(argv=None) -> int:
         print(f"error: --prompt-tokens + 1.5 x --new-tokens exceeds the model context {config.seq_length}",
               file=sys.stderr)
         return 2
-    num_layers, layers = config.num_layers, config.exit_layers
+    num_layers = config.num_layers
     result = {"model": "synthetic" if args.synthetic else args.model, "baseline": args.baseline,
-              "num_layers": num_layers, "exit_layers": layers, "hidden_size": config.hidden_size,
+              "num_layers": num_layers, "exit_layers": config.exit_layers, "hidden_size": config.hidden_size,
               "vocab_size": config.vocab_size, "threads": torch.get_num_threads(), "device": args.device,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
               "settings": []}
-    calls: list[tuple[int, int, float]] = []
-    pending = []
     try:
         for rows, count in settings:
             load_before = os.getloadavg()
@@ -267,8 +264,6 @@ def main(argv=None) -> int:
             if count == rows:
                 limits = [args.new_tokens] * count
             else:  # serving-like: lengths vary, so rows free up at different times
-                import random
-
                 rng = random.Random(args.seed)
                 limits = [rng.randint(args.new_tokens // 2, (3 * args.new_tokens) // 2) for _ in range(count)]
             label = f"batch {rows}" if rows == count else f"{count} prompts through {rows} rows"
@@ -279,28 +274,21 @@ def main(argv=None) -> int:
             if dense is not None:
                 runs["dense"] = (dense, dense_prompts, limits, dict(mode="full"))
             timed = run_setting(runs, rows, args.seed, args.repeats, sync)
+            calls = []  # segment call timings of this setting, for its work bound
             for mode, schedule in (("full", None), ("deferred", TickSchedule())):
                 profiler, _ = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda)
                 calls += profiler.calls
-            load_after = os.getloadavg()
-            pending.append((rows, count, timed, load_before, load_after))
-            outs = {name: out for name, (_, (out, _)) in timed.items()}
-            same = (outs["full"].tokens == outs["deferred"].tokens == outs["deferred_lockstep"].tokens)
-            if not same:
+            costs = fit_call_costs(calls, config.num_heads_total)
+            entry = summarize(rows, count, timed, costs, num_layers, load_before, os.getloadavg())
+            result["settings"].append(entry)
+            if not entry["same_tokens"]:
                 print("warning: full and deferred tokens differ (a floating-point tie at a sampling boundary)",
                       file=sys.stderr)
-        costs = fit_call_costs(calls, config.num_heads_total)
-        for rows, count, timed, load_before, load_after in pending:
-            entry = summarize(rows, count, timed, costs, num_layers, layers, load_before, load_after)
-            result["settings"].append(entry)
             tps = entry["tokens_per_s"]
-            print(f"{'batch ' + str(rows) if rows == count else f'{count} prompts / {rows} rows'}: "
-                  f"full {tps['full']:.0f} tok/s, deferred {tps['deferred']:.0f} ({entry['speedup']:.2f}x; ideal "
-                  f"{entry['ideal_speedup']:.2f}x, lockstep bound {entry['lockstep_bound']:.2f}x, work bound "
+            print(f"{label}: full {tps['full']:.0f} tok/s, deferred {tps['deferred']:.0f} ({entry['speedup']:.2f}x; "
+                  f"ideal {entry['ideal_speedup']:.2f}x, lockstep bound {entry['lockstep_bound']:.2f}x, work bound "
                   f"{entry['work_bound']:.2f}x, efficiency vs bound {entry['efficiency_vs_bound']:.2f})"
                   + (f", dense {tps['dense']:.0f}" if "dense" in tps else ""), file=sys.stderr, flush=True)
-        result["segment_call_cost_us"] = [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)}
-                                          for a, b in costs]
         if args.profile:
             result["profile_batch1"] = profile_batch1(nvium, args, cuda)
     except GenerationError as err:
@@ -310,7 +298,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize(rows, count, timed, costs, num_layers, layers, load_before, load_after) -> dict:
+def summarize(rows, count, timed, costs, num_layers, load_before, load_after) -> dict:
     tokens = timed["full"][1][0].num_tokens
     median = {name: tokens / statistics.median(s) for name, (s, _) in timed.items()}
     best = {name: tokens / min(s) for name, (s, _) in timed.items()}
@@ -327,6 +315,7 @@ def summarize(rows, count, timed, costs, num_layers, layers, load_before, load_a
     bound = min(ideal, work)
     engine = deferred_out.engine
     entry = {"rows": rows, "prompts": count, "generated_tokens": tokens,
+             "segment_call_cost_us": [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)} for a, b in costs],
              "tokens_per_s": {k: round(v, 1) for k, v in median.items()},
              "tokens_per_s_best": {k: round(v, 1) for k, v in best.items()},
              "speedup": round(speedup, 3),
@@ -351,32 +340,31 @@ def summarize(rows, count, timed, costs, num_layers, layers, load_before, load_a
 
 
 def profile_batch1(nvium, args, cuda) -> dict:
-    """Microseconds per generated token by part (median of --repeats profiled runs), full depth and deferred,
-    with the bound the heads leave: the full-depth time with its layers scaled by E[exit layer] / L and its
-    routers by the exits actually reached."""
+    """Microseconds per generated token by part (median of --repeats profiled runs, full depth and deferred
+    alternating), with the bound the heads leave: the full-depth time with its layers scaled by
+    E[exit layer] / L and its routers by the exits actually reached."""
     from nvium_dist.inference.engine import TickSchedule
 
     prompts = make_prompts(nvium, 1, args.prompt_tokens, args.seed + 1)
-    report = {}
-    for mode, schedule in (("full", None), ("deferred", TickSchedule())):
-        parts: dict[str, list[float]] = {}
-        for _ in range(args.repeats):
+    parts = {"full": {}, "deferred": {}}
+    histogram = None
+    for _ in range(args.repeats):
+        for mode, schedule in (("full", None), ("deferred", TickSchedule())):
             profiler, out = profiled_run(nvium, prompts, [args.new_tokens], 1, args.seed, mode, schedule, cuda)
             for name, us in profiler.report(out.num_tokens, out.seconds).items():
-                parts.setdefault(name, []).append(us)
-        report[mode] = {name: round(statistics.median(v), 1) for name, v in parts.items()}
-        report[mode + "_exit_histogram"] = out.exit_histogram()
-    full = report["full"]
-    hist = report["deferred_exit_histogram"]
-    layers = nvium.config.exit_layers
-    mean_layer = sum(c * layer for c, layer in zip(hist, layers)) / sum(hist)
+                parts[mode].setdefault(name, []).append(us)
+            histogram = out.exit_histogram()
+    report = {mode: {name: round(statistics.median(v), 1) for name, v in values.items()}
+              for mode, values in parts.items()}
+    full, layers = report["full"], nvium.config.exit_layers
+    mean_layer = sum(c * layer for c, layer in zip(histogram, layers)) / sum(histogram)
     segments = sum(v for k, v in full.items() if k.startswith("segment"))
-    routers_reached = sum(c * (k + 1 if k < len(layers) - 1 else k) for k, c in enumerate(hist)) / sum(hist)
+    routers_reached = sum(c * min(k + 1, len(layers) - 1) for k, c in enumerate(histogram)) / sum(histogram)
     heads_bound = full["total"] / (full["total"] - segments * (1 - mean_layer / nvium.config.num_layers)
                                    - full.get("router", 0.0) * (1 - routers_reached / max(1, len(layers) - 1)))
-    report["ideal_speedup"] = round(nvium.config.num_layers / mean_layer, 3)
-    report["heads_bound"] = round(heads_bound, 3)
-    report["measured_speedup"] = round(full["total"] / report["deferred"]["total"], 3)
+    report.update(exit_histogram=histogram, ideal_speedup=round(nvium.config.num_layers / mean_layer, 3),
+                  heads_bound=round(heads_bound, 3),
+                  measured_speedup=round(full["total"] / report["deferred"]["total"], 3))
     return report
 
 

@@ -9,7 +9,7 @@
 --mode deferred runs each token only up to its sampled exit and completes upper layers later (exact);
 --mode full runs every layer every step. Temperature/top-k/top-p/greedy change the distribution and need
 every head, so they require --mode full. One prompt streams its text as it is generated; several
-prompts decode as one batch and print at the end. Prints tokens/s, the exit histogram and the mean exit depth.
+prompts decode as one batch (or --max-batch rows at a time, continuous batching) and print at the end. Prints tokens/s, the exit histogram and the mean exit depth.
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="needs --mode full (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax of p_mix; needs --mode full")
     p.add_argument("--pipeline-stages", type=int, default=1, help="decode with this many stage processes")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="rows decoded together (default: every prompt); more prompts than rows enter rows as "
+                        "earlier sequences finish (continuous batching)")
     p.add_argument("--show-exits", action="store_true", help="print each token's exit index after it, as [k]")
     p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the tokenizer's EOS token")
     p.add_argument("--threads", type=int, default=0,
@@ -81,8 +84,8 @@ def main(argv=None) -> int:
         shown = {"text": ""}
         generated: list[int] = []
 
-        def on_step(step, results):
-            token, exit = results[0]
+        def on_step(tick, sampled):  # {sequence: (token, exit)} of one engine tick
+            token, exit = sampled[0]
             generated.append(token)
             if args.show_exits:
                 sys.stdout.write(tok.decode([token]) + f"[{exit}]")
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
             sys.stdout.flush()
         out = generator.generate(prompts, args.max_new_tokens, seed=args.seed, mode=args.mode,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
-                                 eos_id=eos, pipeline_stages=args.pipeline_stages, on_step=on_step if streaming else None)
+                                 eos_id=eos, pipeline_stages=args.pipeline_stages, max_batch=args.max_batch,
+                                 on_step=on_step if streaming else None)
     except (GenerationError, CheckpointError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
     total = max(1, sum(hist))
     config = generator.config
     stats = (f"{out.num_tokens} tokens in {out.seconds:.2f} s = {out.tokens_per_second:.1f} tokens/s "
-             f"(mode={args.mode}, batch {len(prompts)}, {args.pipeline_stages} stage(s))")
+             f"(mode={args.mode}, {len(prompts)} sequence(s) in {len(set(out.rows))} row(s), "
+             f"{args.pipeline_stages} stage(s))")
     print(stats, file=sys.stderr)
     if sum(hist):
         parts = ", ".join(f"exit {k} (layer {layer}): {c} ({100 * c / total:.0f}%)"
