@@ -258,6 +258,8 @@ class NviumGenerator:
                 "distribution is a function of the full mixture p_mix, which needs every head's logits, so it "
                 "cannot be sampled by stopping at one exit. Use mode='full' (computes all heads and transforms "
                 "p_mix exactly) or plain sampling (temperature=1, no top-k/top-p) for deferred decoding")
+        if max_batch is not None and max_batch < 1:
+            raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
         prompts, max_new_tokens = self._prepare_prompts(prompts, max_new_tokens)
         if sequence_ids is None:
             sequence_ids = list(range(len(prompts)))
@@ -265,8 +267,6 @@ class NviumGenerator:
             raise GenerationError("sequence_ids needs one id per prompt")
         if eos_id is not None:
             self._check_ids([eos_id])
-        if max_batch is not None and max_batch < 1:
-            raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
         rows = min(len(prompts), max_batch or len(prompts))
         max_len = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
         if pipeline_stages < 1:
