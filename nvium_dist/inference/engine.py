@@ -17,10 +17,10 @@ an earlier pipeline stage forwarded).
 One `tick` runs every owned segment at most once, in order, as one packed call over all work waiting there:
 new tokens, continuing tokens with their carried queues, eager work. Rows advance independently: a row whose
 token exited early gets its next token in the next tick, while another row's token may still be waiting to
-climb. With a `TickSchedule` a segment above the first can hold its waiting tokens back for a few ticks
-until enough have gathered (one call's fixed cost then serves several rows); without one every waiting
-token climbs at once, so each tick completes every current token (the full-depth baseline and pipeline
-stages work that way).
+climb. With a `TickSchedule` a segment above the first may hold its waiting tokens for a few ticks when
+that saves a call whose weight reads cost more than the waiting rows' share of a tick; without one every
+waiting token climbs at once, so each tick completes every current token (the full-depth baseline and
+pipeline stages work that way).
 
 Sampled tokens of a tick are drawn together at its end: each exit's adapter on its tokens, then one
 output-matrix product for all of them.
@@ -193,7 +193,7 @@ class StageEngine:
                 self._decide(j, waiting, batch, hidden, exits, out)
             if j == self.hi - 1 and not self.is_last:
                 forward_rows = rows
-        for row in [r for r in self.deciding if level[r] is not None and level[r] < self.hi]:
+        for row in self.deciding:
             self.waited[row] += 1
         if self.schedule is not None:
             decay = self.schedule.arrival_decay
@@ -263,8 +263,7 @@ class StageEngine:
                 stop = [True] * len(rows)
             else:
                 log_q, _ = router_log_probs(router)
-                seeds = self.seed
-                stop = [uniform(seeds, self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(lq)
+                stop = [uniform(self.seed, self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(lq)
                         for row, pos, lq in zip(rows, positions, log_q.tolist())]
         if self.trace is not None and router is not None:
             for i, (row, pos) in enumerate(zip(rows, positions)):
