@@ -154,25 +154,23 @@ def lockstep_bound(tick_depths: list[int], num_layers: int) -> float:
 
 
 def fit_call_costs(calls: list[tuple[int, int, float]], num_segments: int) -> list[tuple[float, float]]:
-    """Per segment (fixed seconds per call, seconds per token) from (segment, tokens, seconds) samples:
-    least squares over the median time of each token count (robust to load spikes)."""
+    """Per segment (fixed seconds per call, seconds per token) from (segment, tokens, seconds) samples, robust to
+    load spikes: the median time of each token count, then the median of the pairwise slopes between those
+    points (Theil-Sen); the fixed part is at most the median time of the smallest calls."""
     fits = []
     for j in range(num_segments):
         by_count: dict[int, list[float]] = {}
         for segment, tokens, seconds in calls:
             if segment == j:
                 by_count.setdefault(tokens, []).append(seconds)
-        points = [(n, statistics.median(ts), len(ts)) for n, ts in by_count.items()]
-        weight = sum(w for _, _, w in points)
-        if len(points) < 2:
-            n, t, _ = points[0] if points else (1, 0.0, 1)
-            fits.append((t, 0.0))
+        points = sorted((n, statistics.median(ts)) for n, ts in by_count.items())
+        if not points:
+            fits.append((0.0, 0.0))
             continue
-        mean_n = sum(n * w for n, _, w in points) / weight
-        mean_t = sum(t * w for _, t, w in points) / weight
-        var = sum(w * (n - mean_n) ** 2 for n, _, w in points)
-        slope = max(0.0, sum(w * (n - mean_n) * (t - mean_t) for n, t, w in points) / var)
-        fits.append((max(0.0, mean_t - slope * mean_n), slope))
+        slopes = [(t2 - t1) / (n2 - n1) for i, (n1, t1) in enumerate(points) for n2, t2 in points[i + 1:]]
+        slope = max(0.0, statistics.median(slopes)) if slopes else 0.0
+        fixed = statistics.median(t - slope * n for n, t in points)
+        fits.append((min(max(0.0, fixed), points[0][1]), slope))
     return fits
 
 
