@@ -368,3 +368,15 @@ def test_continuous_batching_bad_input(generator):
         generator.generate(RAGGED, [4, 5], max_batch=2)
     with pytest.raises(GenerationError, match="use max_new_tokens <= 8"):
         generator.generate([[1], [1] * 40], [4, 10], max_batch=1)
+
+
+def test_zero_new_tokens(generator):
+    """max_new_tokens=0 decodes nothing; with flush the prompts alone are completed through every layer."""
+    assert generator.generate(RAGGED, 0).tokens == [[]] * 4
+    out = generator.generate(RAGGED, [0, 0, 3, 0], flush=True, max_batch=2)
+    assert [len(t) for t in out.tokens] == [0, 0, 3, 0]
+    cache = out.engine.cache
+    for i in (2, 3):  # the last sequences of rows 0 and 1
+        sequence, row = out.sequences[i], out.rows[i]
+        reference = full_forward_kv(generator, sequence)
+        torch.testing.assert_close(cache.keys[5][row, :, :len(sequence)], reference[5][0], atol=1e-5, rtol=0)

@@ -346,7 +346,9 @@ class Driver:
                 self._feed(inputs)
                 finishing.update(row for row, (_, _, decide) in inputs.items() if not decide)
                 inputs.clear()
-            results = step() if engine.deciding or engine.eager else {}
+            if not (engine.deciding or engine.eager):
+                continue  # nothing admitted needs decoding (max_new_tokens 0)
+            results = step()
             sampled = {}
             for row in sorted(results):
                 i = occupant[row]
