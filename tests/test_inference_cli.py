@@ -55,9 +55,11 @@ def test_bench_decode_json(byte_export, capsys):
     dense = make_export(byte_export.parent / "dense", vocab_size=256, make_vocab_size_divisible_by=128, seq_length=64,
                         exits=[])
     assert bench_decode.main(["--model", str(byte_export), "--baseline", str(dense), "--batch-sizes", "1,2",
-                              "--continuous", "2:3", "--new-tokens", "8", "--prompt-tokens", "4", "--repeats", "1"]) == 0
+                              "--continuous", "2:3", "--new-tokens", "8", "--prompt-tokens", "4", "--repeats", "1",
+                              "--min-tokens", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [(s["rows"], s["prompts"]) for s in result["settings"]] == [(1, 1), (2, 2), (2, 3)]
+    assert [(s["rows"], s["prompts"], s["serving"]) for s in result["settings"]] == [(1, 2, False), (2, 2, False),
+                                                                                    (2, 3, True)]
     for entry in result["settings"]:
         assert set(entry["tokens_per_s"]) == {"dense", "full", "deferred", "deferred_lockstep"}
         assert all(v > 0 for v in entry["tokens_per_s"].values()) and entry["same_tokens"]
@@ -73,7 +75,7 @@ def test_bench_decode_synthetic_profile(capsys):
 
     tiny = ["--set", "hidden_size=64", "--set", "vocab_size=300", "--set", "num_layers=4", "--set", "exits=[1,2]",
             "--set", "ffn_hidden_size=96"]
-    assert bench_decode.main(["--synthetic", *tiny, "--batch-sizes", "1", "--continuous", "", "--new-tokens", "6",
+    assert bench_decode.main(["--synthetic", *tiny, "--batch-sizes", "1", "--continuous", "", "--new-tokens", "6", "--min-tokens", "6",
                               "--prompt-tokens", "3", "--repeats", "1", "--profile"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["exit_layers"] == [1, 2, 4] and result["vocab_size"] == 300

@@ -10,8 +10,9 @@ random weights; routers biased so ~70% of tokens take the first exit and half of
 and its parameter-matched dense twin, so anyone can rerun the numbers without an export; `--set key=value`
 changes its ModelConfig (e.g. --set hidden_size=64).
 
-For every setting (batch sizes 1, 4, 16 by default, plus --continuous ROWS:PROMPTS, more prompts than rows
-with per-prompt lengths between 1/2 and 3/2 of --new-tokens) the same prompts and seed are decoded by
+For every setting (batch sizes 1, 4, 16 by default, each decoding batches of prompts one after another until
+--min-tokens tokens, plus --continuous ROWS:PROMPTS: more prompts than rows, with per-prompt lengths between
+1/2 and 3/2 of --new-tokens, entering rows as they free up) the same prompts and seed are decoded by
     dense               the dense twin (--baseline), full depth
     full                N-vium, every layer every step (mode="full")
     deferred            N-vium, each token only up to its sampled exit, rows advancing independently
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
     p.add_argument("--continuous", default="16:48", help="ROWS:PROMPTS continuous-batching setting ('' = none)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--min-tokens", type=int, default=256,
+                   help="a batch size decodes batches of prompts one after another until this many tokens")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length per sequence")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per setting (the median is reported)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,18 +75,24 @@ class BenchError(ValueError):
     """Bad benchmark input; main() prints it as one line."""
 
 
-def parse_settings(batch_sizes: str, continuous: str) -> list[tuple[int, int]]:
-    """-> [(rows, prompts)]: one per batch size, then the continuous-batching setting."""
+def parse_settings(batch_sizes: str, continuous: str, min_tokens: int, new_tokens: int) -> list[tuple[int, int, bool]]:
+    """-> [(rows, prompts, serving)]: one per batch size (enough prompts, decoded one batch after another, for
+    at least `min_tokens` tokens), then the continuous-batching (serving) setting."""
     try:
-        settings = [(int(x), int(x)) for x in batch_sizes.split(",") if x]
+        sizes = [int(x) for x in batch_sizes.split(",") if x]
+        settings = [(b, max(b, b * math.ceil(min_tokens / (b * new_tokens))), False) for b in sizes if b > 0]
+        if len(settings) < len(sizes):
+            raise BenchError("batch sizes must be >= 1")
         if continuous:
             rows, prompts = (int(x) for x in continuous.split(":"))
-            settings.append((rows, prompts))
-    except ValueError:
+            if not 1 <= rows <= prompts:
+                raise BenchError("--continuous needs PROMPTS >= ROWS >= 1")
+            settings.append((rows, prompts, True))
+    except ValueError as err:
+        if isinstance(err, BenchError):
+            raise
         raise BenchError(f"--batch-sizes {batch_sizes!r} must be comma-separated integers and --continuous "
                          f"{continuous!r} ROWS:PROMPTS") from None
-    if any(r < 1 or p < r for r, p in settings):
-        raise BenchError("batch sizes must be >= 1 and --continuous needs PROMPTS >= ROWS >= 1")
     return settings
 
 
@@ -210,7 +219,7 @@ def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        settings = parse_settings(args.batch_sizes, args.continuous)
+        settings = parse_settings(args.batch_sizes, args.continuous, args.min_tokens, max(1, args.new_tokens))
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -252,19 +261,19 @@ def main(argv=None) -> int:
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
               "settings": []}
     try:
-        for rows, count in settings:
+        for rows, count, serving in settings:
             load_before = os.getloadavg()
             prompts = make_prompts(nvium, count, args.prompt_tokens, args.seed + count)
             if dense is not None and dense.config.vocab_size < config.vocab_size:
                 dense_prompts = [[t % dense.config.vocab_size for t in p] for p in prompts]
             else:
                 dense_prompts = prompts
-            if count == rows:
+            if not serving:
                 limits = [args.new_tokens] * count
             else:  # serving-like: lengths vary, so rows free up at different times
                 rng = random.Random(args.seed)
                 limits = [rng.randint(args.new_tokens // 2, (3 * args.new_tokens) // 2) for _ in range(count)]
-            label = f"batch {rows}" if rows == count else f"{count} prompts through {rows} rows"
+            label = f"{count} prompts through {rows} rows" if serving else f"batch {rows}"
             print(f"{label}: timing", file=sys.stderr, flush=True)
             runs = {"full": (nvium, prompts, limits, dict(mode="full")),
                     "deferred": (nvium, prompts, limits, dict(mode="deferred", schedule=TickSchedule())),
@@ -277,7 +286,7 @@ def main(argv=None) -> int:
                 profiler, _ = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda)
                 calls += profiler.calls
             costs = fit_call_costs(calls, config.num_heads_total)
-            entry = summarize(rows, count, timed, costs, num_layers, load_before, os.getloadavg())
+            entry = summarize(rows, count, serving, timed, costs, num_layers, load_before, os.getloadavg())
             result["settings"].append(entry)
             if not entry["same_tokens"]:
                 print("warning: full and deferred tokens differ (a floating-point tie at a sampling boundary)",
@@ -296,7 +305,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize(rows, count, timed, costs, num_layers, load_before, load_after) -> dict:
+def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_after) -> dict:
     tokens = timed["full"][1][0].num_tokens
     median = {name: tokens / statistics.median(s) for name, (s, _) in timed.items()}
     best = {name: tokens / min(s) for name, (s, _) in timed.items()}
@@ -312,7 +321,7 @@ def summarize(rows, count, timed, costs, num_layers, load_before, load_after) ->
     work = full_seconds / max(full_seconds - upper_fixed, 1e-9)
     bound = min(ideal, work)
     engine = deferred_out.engine
-    entry = {"rows": rows, "prompts": count, "generated_tokens": tokens,
+    entry = {"rows": rows, "prompts": count, "serving": serving, "generated_tokens": tokens,
              "segment_call_cost_us": [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)} for a, b in costs],
              "tokens_per_s": {k: round(v, 1) for k, v in median.items()},
              "tokens_per_s_best": {k: round(v, 1) for k, v in best.items()},
