@@ -75,8 +75,8 @@ def test_bench_decode_synthetic_profile(capsys):
 
     tiny = ["--set", "hidden_size=64", "--set", "vocab_size=300", "--set", "num_layers=4", "--set", "exits=[1,2]",
             "--set", "ffn_hidden_size=96"]
-    assert bench_decode.main(["--synthetic", *tiny, "--batch-sizes", "1", "--continuous", "", "--new-tokens", "6", "--min-tokens", "6",
-                              "--prompt-tokens", "3", "--repeats", "1", "--profile"]) == 0
+    assert bench_decode.main(["--synthetic", *tiny, "--batch-sizes", "1", "--continuous", "", "--new-tokens", "6",
+                              "--min-tokens", "6", "--prompt-tokens", "3", "--repeats", "1", "--profile"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["exit_layers"] == [1, 2, 4] and result["vocab_size"] == 300
     profile = result["profile_batch1"]
