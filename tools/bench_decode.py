@@ -320,7 +320,6 @@ def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_
     upper_fixed = full_out.ticks * sum(a for a, _ in costs[1:])
     work = full_seconds / max(full_seconds - upper_fixed, 1e-9)
     bound = min(ideal, work)
-    engine = deferred_out.engine
     entry = {"rows": rows, "prompts": count, "serving": serving, "generated_tokens": tokens,
              "segment_call_cost_us": [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)} for a, b in costs],
              "tokens_per_s": {k: round(v, 1) for k, v in median.items()},
@@ -335,9 +334,11 @@ def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_
              "beats_lockstep_bound": speedup > lockstep_bound(depths, num_layers),
              "mean_exit_layer": round(mean_layer, 3), "exit_histogram": deferred_out.exit_histogram(),
              "ticks": {"full": full_out.ticks, "deferred": deferred_out.ticks, "deferred_lockstep": lockstep_out.ticks},
-             "deferred_segment_calls": engine.segment_calls,
-             "deferred_tokens_per_call": [round(t / max(c, 1), 2) for t, c in
-                                          zip(engine.segment_tokens, engine.segment_calls)],
+             "segment_calls": {name: out.engine.segment_calls for name, out in
+                               (("deferred", deferred_out), ("deferred_lockstep", lockstep_out))},
+             "tokens_per_call": {name: [round(t / max(c, 1), 2) for t, c in
+                                        zip(out.engine.segment_tokens, out.engine.segment_calls)]
+                                 for name, out in (("deferred", deferred_out), ("deferred_lockstep", lockstep_out))},
              "same_tokens": full_out.tokens == deferred_out.tokens == lockstep_out.tokens,
              "load_average": {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in load_after]}}
