@@ -1,0 +1,100 @@
+"""Parameter names between nvium's full state dict and transformers' LLaMA layout, and reading
+transformers directories (config.json + safetensors, single file or sharded) without unpickling.
+
+nvium keeps each layer's attention input projection as one matrix `attn.qkv.weight` [3d, d] whose rows are
+head-major [head, (q, k, v), head_dim] (so a tensor-parallel split hands each rank whole heads);
+transformers keeps q_proj / k_proj / v_proj [d, d] separately. Everything else is a rename.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nvium_dist.checkpoint_io import CheckpointError, _load_safetensors
+
+# nvium name inside layers.{i} -> transformers name inside model.layers.{i}
+LAYER_RENAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.out.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def backbone_to_llama(state: dict[str, torch.Tensor], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """nvium embedding + layers -> transformers `model.embed_tokens` + `model.layers.*` (heads not included)."""
+    out = {"model.embed_tokens.weight": state["embedding.weight"]}
+    for i in range(num_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        for name, hf_name in LAYER_RENAMES.items():
+            out[theirs + hf_name] = state[ours + name]
+        qkv = state[ours + "attn.qkv.weight"]
+        d = qkv.shape[1]
+        per_head = qkv.view(num_heads, 3, d // num_heads, d)
+        for j, part in enumerate(QKV):
+            out[f"{theirs}self_attn.{part}.weight"] = per_head[:, j].reshape(d, d).contiguous()
+    return out
+
+
+def backbone_from_llama(hf_state: dict[str, torch.Tensor], num_layers: int, num_heads: int
+                        ) -> dict[str, torch.Tensor]:
+    """The inverse of `backbone_to_llama`."""
+    out = {"embedding.weight": hf_state["model.embed_tokens.weight"]}
+    for i in range(num_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        for name, hf_name in LAYER_RENAMES.items():
+            out[ours + name] = hf_state[theirs + hf_name]
+        q, k, v = (hf_state[f"{theirs}self_attn.{part}.weight"] for part in QKV)
+        d = q.shape[1]
+        out[ours + "attn.qkv.weight"] = torch.stack(
+            [m.view(num_heads, d // num_heads, d) for m in (q, k, v)], dim=1).reshape(3 * d, d).contiguous()
+    return out
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory} is not a directory; pass a transformers model directory")
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; it is not a transformers model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_hf_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors or of the shards model.safetensors.index.json lists."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
+        state = {}
+        for shard in shards:
+            state.update(_load_safetensors(directory / shard))
+        return state
+    if (directory / "model.safetensors").is_file():
+        return _load_safetensors(directory / "model.safetensors")
+    pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    hint = (f" It has {pickled[:3]}: pickled weights are not read (they can run code); re-save the model with "
+            "`model.save_pretrained(DIR)` (safetensors is the default)") if pickled else ""
+    raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def rope_theta(hf_config: dict) -> float:
+    """RoPE base from a transformers config (v5 `rope_parameters` or v4 `rope_theta`); only plain RoPE."""
+    parameters = hf_config.get("rope_parameters") or {}
+    scaling = hf_config.get("rope_scaling") or {}
+    kind = parameters.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise CheckpointError(f"RoPE scaling type {kind!r} is not supported by nvium (plain RoPE only)")
+    return float(parameters.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
