@@ -11,8 +11,9 @@ SMALL = dict(vocab_size=61, hidden_size=64, num_layers=6, num_heads=4, ffn_hidde
 RAGGED = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1], [4, 4, 20, 30, 40]]
 
 
-def make_export(path, seed=0, **overrides):
-    """A random model whose heads differ (adapters' W2 perturbed, peaked logits) and whose routers use every exit."""
+def make_export(path, seed=0, tokenizer="auto", **overrides):
+    """A random model whose heads differ (adapters' W2 perturbed, peaked logits) and whose routers use every exit.
+    tokenizer: a SentencePiece .model path, or "auto" (bytes when the vocab has >= 256 entries, else none)."""
     from nvium_dist.checkpoint_io import save_export
     from nvium_dist.model import NviumModel
     from nvium_dist.parallel import init_distributed
@@ -29,7 +30,9 @@ def make_export(path, seed=0, **overrides):
                 head.adapter.w2.weight.normal_(std=0.05)  # W1 ~ N(0, 1/sqrt(d)) already spreads the adapter input
             if head.router is not None:
                 head.router.logits.weight.mul_(3.0)
-    save_export(path, config, gather_full_state_dict(model), "bytes" if config.vocab_size >= 256 else None)
+    if tokenizer == "auto":
+        tokenizer = "bytes" if config.vocab_size >= 256 else None
+    save_export(path, config, gather_full_state_dict(model), tokenizer)
     return path
 
 

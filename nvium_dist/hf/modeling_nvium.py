@@ -3,8 +3,8 @@
 This file is copied verbatim into every N-vium directory that `tools/convert_to_hf.py` writes; it imports
 only torch and transformers. A LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, untied embedding/output, no
 biases) whose heads read the residual stream after the layers listed in `config.exits` and after the last
-layer. Each head: its own RMSNorm, a residual adapter n + W2 SiLU(W1 n) (the final head's is optional),
-the shared output matrix; early heads add a router MLP on the normed state giving [continue, exit] logits.
+layer. Each head: its own RMSNorm, a residual adapter n + W2 SiLU(W1 n), the shared output matrix;
+early heads add a router MLP on the normed state giving [continue, exit] logits.
 
 `forward` returns log p_mix, the exact mixture distribution, as `logits`: every head runs on every token
 (full depth), so `generate(do_sample=True)` draws from p_mix exactly (with the generation_config shipped
@@ -23,27 +23,28 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-# q_k is clamped to [Q_MIN, 1 - Q_MIN], as in nvium_dist/mixture.py (tests compare the two).
-Q_MIN = 1e-6
+# pi_k is floored at PI_MIN inside the log of p_mix, as in nvium_dist/mixture.py (tests compare the two).
+PI_MIN = 1e-8
 
 
 def log_mixture(head_log_probs: torch.Tensor, router_logits: torch.Tensor | None):
     """Head log-softmaxes [..., K, V] and router logits [..., K-1, 2] ([continue, exit]) ->
     (log p_mix [..., V], exit probabilities q [..., K-1], log mixture weights log pi [..., K]).
 
-    q_k = softmax(router_k)[exit] clamped to [Q_MIN, 1 - Q_MIN]; pi_k = q_k prod_{j<k} (1 - q_j) for early
-    heads, pi_K = prod_{j<K} (1 - q_j); log p_mix = logsumexp_k(log pi_k + log p_k). fp32, log space.
+    q_k = softmax(router_k)[exit]; pi_k = q_k prod_{j<k} (1 - q_j) for early heads, pi_K = prod_{j<K} (1 - q_j);
+    log p_mix = logsumexp_k(log max(pi_k, PI_MIN) + log p_k). fp32, log space.
     """
     head_log_probs = head_log_probs.float()
     if router_logits is None:
         zeros = head_log_probs.new_zeros(head_log_probs.shape[:-1])
         return head_log_probs[..., -1, :], zeros[..., :0], zeros
-    log_router = torch.log_softmax(router_logits.float(), dim=-1).clamp(math.log(Q_MIN), math.log1p(-Q_MIN))
+    log_router = torch.log_softmax(router_logits.float(), dim=-1)
     log_q, log_continue = log_router[..., 1], log_router[..., 0]
     log_reach = torch.cumsum(log_continue, dim=-1)
     reached_before = torch.cat([torch.zeros_like(log_reach[..., :1]), log_reach[..., :-1]], dim=-1)
     log_pi = torch.cat([reached_before + log_q, log_reach[..., -1:]], dim=-1)
-    log_p_mix = torch.logsumexp(log_pi.unsqueeze(-1) + head_log_probs, dim=-2)
+    floored = log_pi.clamp_min(math.log(PI_MIN))
+    log_p_mix = torch.logsumexp(floored.unsqueeze(-1) + head_log_probs, dim=-2)
     return log_p_mix, log_q.exp(), log_pi
 
 
@@ -52,7 +53,7 @@ class NviumConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 768, num_hidden_layers: int = 24,
                  num_attention_heads: int = 12, intermediate_size: int = 2048, exits=(6, 12, 18),
-                 router_hidden_size: int = 506, final_adapter: bool = True, max_position_embeddings: int = 1024,
+                 router_hidden_size: int = 512, max_position_embeddings: int = 1024,
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, initializer_range: float = 0.02,
                  use_cache: bool = True, tie_word_embeddings: bool = False, **kwargs):
         self.vocab_size = vocab_size
@@ -64,7 +65,6 @@ class NviumConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.exits = list(exits)
         self.router_hidden_size = router_hidden_size
-        self.final_adapter = final_adapter
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
@@ -77,7 +77,7 @@ class NviumConfig(PretrainedConfig):
 class NviumCausalLMOutput(CausalLMOutputWithPast):
     """`logits` are log p_mix [b, s, V]; the rest describe the heads behind it."""
     head_log_probs: torch.Tensor | None = None  # [b, s, K, V] log-softmax of each head
-    exit_probs: torch.Tensor | None = None  # [b, s, K-1] router exit probabilities q_k (clamped)
+    exit_probs: torch.Tensor | None = None  # [b, s, K-1] router exit probabilities q_k
     mixture_weights: torch.Tensor | None = None  # [b, s, K] pi_k
 
 
@@ -91,6 +91,10 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -110,8 +114,7 @@ class Attention(nn.Module):
         d = config.hidden_size
         self.layer_idx, self.num_heads, self.head_dim = layer_idx, config.num_attention_heads, config.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(self.head_dim, config.rope_theta), persistent=False)
 
     def forward(self, x, positions, mask, cache):
         b, s, _ = x.shape
@@ -177,14 +180,13 @@ class Head(nn.Module):
     def __init__(self, config: NviumConfig, early: bool):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.adapter = Adapter(config.hidden_size) if early or config.final_adapter else None
+        self.adapter = Adapter(config.hidden_size)
         self.router = Router(config) if early else None
 
     def forward(self, hidden):
         """-> (state for the output matrix, router logits or None); the router reads the normed state."""
         normed = self.norm(hidden)
-        router_logits = self.router(normed) if self.router is not None else None
-        return (self.adapter(normed) if self.adapter is not None else normed), router_logits
+        return self.adapter(normed), (self.router(normed) if self.router is not None else None)
 
 
 class NviumBackbone(nn.Module):
@@ -209,6 +211,9 @@ class NviumPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
         if isinstance(module, Adapter):  # a fresh adapter is the identity
             nn.init.zeros_(module.w2.weight)
+        if isinstance(module, Attention):  # a computed buffer: from_pretrained materialises it empty
+            with torch.no_grad():
+                module.inv_freq.copy_(rope_frequencies(module.head_dim, self.config.rope_theta))
 
 
 class NviumForCausalLM(NviumPreTrainedModel, GenerationMixin):
