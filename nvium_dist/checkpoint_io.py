@@ -303,16 +303,23 @@ def write_resharded_checkpoint(output_run_dir: str | os.PathLike, config: NviumC
         new.validate()
     except ConfigError as err:
         raise CheckpointError(f"cannot reshard to --tp {tensor_parallel} --pp {pipeline_parallel}: {err}") from None
-    step = int(trainer_state.get("step", 0))
-    checkpoints = Path(output_run_dir) / "checkpoints"
-    step_dir = checkpoints / step_dir_name(step)
-    if step_dir.exists():
-        raise CheckpointError(f"{step_dir} already exists; choose an empty --output directory")
-    write_model_files(step_dir, new, full_state, sample)
     state = dict(trainer_state)
     state["resharded_from"] = {"tensor_parallel": config.parallel.tensor_parallel,
                                "pipeline_parallel": config.parallel.pipeline_parallel}
-    atomic_write_json(step_dir / TRAINER_STATE_FILE, state)
+    return write_weights_only_checkpoint(output_run_dir, new, full_state, sample, state)
+
+
+def write_weights_only_checkpoint(run_dir: str | os.PathLike, config: NviumConfig, full_state: dict[str, torch.Tensor],
+                                  sample: dict[str, torch.Tensor] | None, trainer_state: dict) -> Path:
+    """RUN_DIR/checkpoints/step_X/ (+ latest) without DeepSpeed state: the trainer resumes these weights (and
+    trainer_state's step, consumed samples and beta) with a fresh optimizer."""
+    step = int(trainer_state.get("step", 0))
+    checkpoints = Path(run_dir) / "checkpoints"
+    step_dir = checkpoints / step_dir_name(step)
+    if step_dir.exists():
+        raise CheckpointError(f"{step_dir} already exists; choose an empty --output directory")
+    write_model_files(step_dir, config, full_state, sample)
+    atomic_write_json(step_dir / TRAINER_STATE_FILE, trainer_state)
     update_latest(checkpoints, step_dir.name)
     return step_dir
 

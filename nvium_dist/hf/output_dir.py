@@ -2,6 +2,7 @@
 never replacing something the tool did not write unless the user says --force."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -43,3 +44,18 @@ def install_dir(tmp: Path, out: Path) -> None:
             old.unlink()
     else:
         os.replace(tmp, out)
+
+
+MARKER_FILE = "nvium_conversion.json"
+
+
+def write_marker(directory: Path, tool: str, **info) -> None:
+    """Marks `directory` as written by `tool` (so a re-run may replace it)."""
+    (directory / MARKER_FILE).write_text(json.dumps({"tool": tool, **info}, indent=2) + "\n")
+
+
+def written_by(directory: Path, tool: str) -> bool:
+    try:
+        return json.loads((directory / MARKER_FILE).read_text()).get("tool") == tool
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False

@@ -5,21 +5,20 @@ Dense exports (no exits, no final adapter) become a stock `LlamaForCausalLM` tha
 `NviumForCausalLM` directory (modeling_nvium.py copied in, `auto_map` in config.json, loaded with
 `trust_remote_code=True`) whose logits are log p_mix. Both get generation_config.json set for plain
 ancestral sampling (do_sample, top_k=0, top_p=1, temperature=1), tokenizer files when the export has a
-SentencePiece model, and `nvium_conversion.json`, which marks the directory as this tool's output.
+SentencePiece model, and `nvium_conversion.json` (output_dir.MARKER_FILE), which marks the directory as
+this tool's output.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nvium_dist.hf.output_dir import check_output_dir, install_dir, new_tmp_dir
+from nvium_dist.hf.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 from nvium_dist.hf.weights import backbone_to_llama
 
-MARKER_FILE = "nvium_conversion.json"
 TOOL = "convert_to_hf.py"
 
 
@@ -32,14 +31,6 @@ class Conversion:
     kind: str  # "llama" or "nvium"
     hf_state: dict[str, torch.Tensor]
     hf_config: object  # LlamaConfig or NviumConfig
-
-
-def is_own_output(path: Path) -> bool:
-    marker = path / MARKER_FILE
-    try:
-        return json.loads(marker.read_text()).get("tool") == TOOL
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
 
 
 def convert_state(model_config, state: dict[str, torch.Tensor], special_ids: dict[str, int | None]) -> Conversion:
@@ -133,7 +124,7 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
     from nvium_dist.hf.tokenizer import TokenizerConversionError, write_hf_tokenizer
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    check_output_dir(out_dir, is_own_output, force, TOOL)
+    check_output_dir(out_dir, lambda path: written_by(path, TOOL), force, TOOL)
     export = load_export(export_dir)
     special_ids = special_token_ids(export)
     conversion = convert_state(export.model_config, {k: v.float() for k, v in export.state.items()}, special_ids)
@@ -151,8 +142,7 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
         else:
             summary["notes"].append(f"the export's tokenizer is {export.tokenizer_type!r}: no tokenizer files "
                                     "written (pass token ids)")
-        (tmp / MARKER_FILE).write_text(json.dumps({"tool": TOOL, "source": summary["source"],
-                                                   "class": summary["class"]}, indent=2) + "\n")
+        write_marker(tmp, TOOL, source=summary["source"], model_class=summary["class"])
         if check:
             summary["self_check_max_abs_diff"] = self_check(export_dir, tmp, conversion.kind, 32, tolerance)
         install_dir(tmp, out_dir)

@@ -1,0 +1,281 @@
+"""transformers directories -> nvium.
+
+* A `LlamaForCausalLM` directory -> a training run directory to continue pretraining from: the backbone
+  (embedding, layers, final norm, output matrix) is copied; exits, adapters and routers are freshly
+  initialised exactly as a new run with the same seed would make them, and every exit's norm starts as a
+  copy of the final norm. The trainer resumes it like a resharded checkpoint (weights, fresh optimizer).
+* The paper's released N-vium checkpoints (its reference code's NviumModel state dict: a LLaMA under
+  `model.*` / `lm_head`, plus `early_norms`, `early_adapters`, `final_adapter`, `router_layers`,
+  `router_final_norms`, `router_heads`, and `early_lm_heads` tied to `lm_head`) -> an nvium export, so they
+  decode with nvium's exact deferred decoder.
+
+Everything is read from safetensors (no unpickling); nothing is fetched from a hub.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from nvium_dist.checkpoint_io import CheckpointError, check_state_matches
+from nvium_dist.config import ConfigError, ModelConfig, NviumConfig
+from nvium_dist.hf.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
+from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_state, rope_theta
+
+TOOL = "convert_from_hf.py"
+SAMPLE_TOKENS = 32
+
+
+def parse_exits(spec: str, num_layers: int) -> list[int]:
+    """'quadrivium' (L/4, L/2, 3L/4), 'none' (dense) or a comma list of layer counts."""
+    if spec == "none":
+        return []
+    if spec == "quadrivium":
+        return sorted({round(num_layers * k / 4) for k in (1, 2, 3)} - {0, num_layers})
+    try:
+        return [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--exits {spec!r}: give 'quadrivium', 'none' or layer counts like 6,12,18") from None
+
+
+def llama_model_config(hf_config: dict, exits: list[int], seq_length: int | None, base: ModelConfig) -> ModelConfig:
+    """nvium's ModelConfig for a transformers LLaMA config; refuses what nvium's model cannot represent."""
+    def field(name):
+        if name not in hf_config:
+            raise CheckpointError(f"the transformers config has no {name!r}; is this a LLaMA model?")
+        return hf_config[name]
+
+    heads = field("num_attention_heads")
+    unsupported = {
+        "num_key_value_heads": (hf_config.get("num_key_value_heads") or heads) != heads,
+        "hidden_act": hf_config.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(hf_config.get("attention_bias")),
+        "mlp_bias": bool(hf_config.get("mlp_bias")),
+        "head_dim": (hf_config.get("head_dim") or field("hidden_size") // heads) != field("hidden_size") // heads,
+    }
+    bad = [name for name, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise CheckpointError(f"the model uses {', '.join(f'{n}={hf_config.get(n)!r}' for n in bad)}: nvium's model "
+                              "has full multi-head attention, SiLU MLPs, no biases and head_dim = hidden / heads")
+    values = dict(asdict(base), vocab_size=field("vocab_size"), hidden_size=field("hidden_size"),
+                  num_layers=field("num_hidden_layers"), num_heads=heads, ffn_hidden_size=field("intermediate_size"),
+                  exits=exits, seq_length=seq_length or field("max_position_embeddings"),
+                  rope_theta=rope_theta(hf_config), norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+                  init_std=float(hf_config.get("initializer_range", base.init_std)))
+    config = ModelConfig(**values)
+    config.validate()
+    return config
+
+
+def llama_weights(hf_config: dict, hf_state: dict[str, torch.Tensor], model_config: ModelConfig
+                  ) -> dict[str, torch.Tensor]:
+    """Backbone, output matrix and final norm under nvium names (fp32)."""
+    state = {k: v.float() for k, v in hf_state.items()}
+    out = backbone_from_llama(state, model_config.num_layers, model_config.num_heads)
+    if "lm_head.weight" in state:
+        out["output.weight"] = state["lm_head.weight"]
+    elif hf_config.get("tie_word_embeddings", False):
+        out["output.weight"] = state["model.embed_tokens.weight"].clone()  # nvium unties them
+    else:
+        raise CheckpointError("the weights have no lm_head.weight and the config does not tie it to the embedding")
+    out[f"heads.{model_config.num_heads_total - 1}.norm.weight"] = state["model.norm.weight"]
+    return out
+
+
+def fresh_state(model_config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The full state a new training run with this seed starts from."""
+    from nvium_dist.model import NviumModel
+    from nvium_dist.tp_layout import gather_full_state_dict
+
+    return gather_full_state_dict(NviumModel(model_config, seed=seed))
+
+
+def sample_outputs(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sample-check batch export_checkpoint.py verifies a checkpoint's weights against."""
+    from nvium_dist.model import NviumModel
+    from nvium_dist.tp_layout import load_full_state_dict
+
+    model = NviumModel(model_config, initialise=False)
+    load_full_state_dict(model, state)
+    generator = torch.Generator().manual_seed(0)
+    length = min(SAMPLE_TOKENS, model_config.seq_length)
+    tokens = torch.randint(0, model_config.vocab_size, (2, length), generator=generator)
+    labels = torch.randint(0, model_config.vocab_size, (2, length), generator=generator)
+    with torch.no_grad():
+        terms = model.eval()(tokens, labels)
+    return {"tokens": tokens, "labels": labels, "log_p_heads": terms.log_p_heads, "log_p_mix": terms.log_p_mix}
+
+
+def read_llama(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    hf_config = read_hf_config(hf_dir)
+    kind = hf_config.get("model_type")
+    if kind != "llama":
+        raise CheckpointError(f"{hf_dir} holds a {kind!r} model; convert_from_hf reads LLaMA models (model_type llama)")
+    return hf_config, read_hf_state(hf_dir)
+
+
+def llama_to_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, config: NviumConfig, exits: str,
+                     seq_length: int | None = None, force: bool = False) -> dict:
+    """Writes RUN_DIR/checkpoints/step_00000000 (+ latest), RUN_DIR/config.yaml (the config to train with) and
+    RUN_DIR/data/tokenizer.model when the directory has a SentencePiece model. `config` supplies the
+    parallel/data/training sections and the model settings transformers does not store."""
+    import yaml
+
+    from nvium_dist.checkpoint_io import write_weights_only_checkpoint
+    from nvium_dist.inference.generator import ensure_process_group
+
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    check_output_dir(run_dir, lambda path: written_by(path, TOOL), force, TOOL)
+    hf_config, hf_state = read_llama(hf_dir)
+    if any(name.startswith("early_norms.") for name in hf_state):
+        raise CheckpointError(f"{hf_dir} is an N-vium checkpoint of the paper's code, not a plain LLaMA: convert it to "
+                              "an export with --paper")
+    num_layers = int(hf_config.get("num_hidden_layers", 0))
+    config.model = llama_model_config(hf_config, parse_exits(exits, num_layers), seq_length, config.model)
+    config.training.run_dir = str(run_dir)
+    tokenizer = hf_dir / "tokenizer.model"
+    if tokenizer.is_file() and not config.data.tokenizer_model:
+        config.data.tokenizer_model = str(run_dir / "data" / "tokenizer.model")
+    config.validate()
+    ensure_process_group("cpu")
+    state = fresh_state(config.model, config.training.seed)
+    copied = llama_weights(hf_config, hf_state, config.model)
+    final_norm = copied[f"heads.{config.model.num_heads_total - 1}.norm.weight"]
+    for k in range(config.model.num_heads_total - 1):
+        copied[f"heads.{k}.norm.weight"] = final_norm.clone()
+    state.update(copied)
+    check_state_matches(config.model, state, f"{hf_dir} converted")
+    trainer_state = {"step": 0, "consumed_samples": 0, "controller": {"beta": config.training.beta, "history": []},
+                     "converted_from": str(hf_dir.resolve())}
+    tmp = new_tmp_dir(run_dir)
+    try:
+        step_dir = write_weights_only_checkpoint(tmp, config, state, sample_outputs(config.model, state), trainer_state)
+        if tokenizer.is_file():
+            (tmp / "data").mkdir()
+            shutil.copyfile(tokenizer, tmp / "data" / "tokenizer.model")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_marker(tmp, TOOL, source=str(hf_dir.resolve()))
+        install_dir(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fresh = sorted({name.split(".")[2] for name in state if name.startswith("heads.") and name not in copied})
+    return {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / step_dir.name),
+            "config": str(run_dir / "config.yaml"), "exits": config.model.exits,
+            "copied_parameters": len(copied), "fresh_parts": fresh,
+            "tokenizer": config.data.tokenizer_model or None}
+
+
+# -- the paper's released checkpoints --------------------------------------------------------------------
+
+def _pad(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """Zero-pads a matrix/vector up to `shape`: extra hidden units whose weights are zero contribute
+    nothing (SiLU(0) = GELU(0) = 0), so a narrower adapter or router becomes an exact wider one."""
+    if any(have > want for have, want in zip(tensor.shape, shape)):
+        raise CheckpointError(f"{what} has shape {tuple(tensor.shape)}, wider than nvium's {shape}")
+    out = tensor.new_zeros(shape)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return out
+
+
+def router_width_config(model_config: ModelConfig, width: int) -> ModelConfig:
+    """The config whose router width is the smallest one nvium can represent that is >= `width`."""
+    d = model_config.hidden_size
+    candidates = []
+    for ratio in (width / d, (width - 0.5) / d, (8 * math.ceil(width / 8) - 4) / d):
+        trial = ModelConfig(**dict(asdict(model_config), router_hidden_ratio=ratio))
+        if trial.router_hidden_size >= width:
+            candidates.append(trial)
+    if not candidates:
+        raise CheckpointError(f"no router_hidden_ratio gives a router of width >= {width} for hidden size {d}")
+    return min(candidates, key=lambda c: c.router_hidden_size)
+
+
+def reference_weights(hf_config: dict, state: dict[str, torch.Tensor], model_config: ModelConfig,
+                      router_temperature: float) -> dict[str, torch.Tensor]:
+    """The reference NviumModel state dict under nvium names (fp32), narrower parts zero-padded."""
+    d, num_exits = model_config.hidden_size, len(model_config.exits)
+    out = llama_weights(hf_config, state, model_config)
+    lm_head = out["output.weight"]
+    for k in range(num_exits):
+        early_head = state.get(f"early_lm_heads.{k}.weight")
+        if early_head is not None and not torch.equal(early_head.float(), lm_head):
+            raise CheckpointError(f"early_lm_heads.{k} is not tied to lm_head; nvium's heads share one output matrix")
+    width = model_config.router_hidden_size
+
+    def adapter(prefix: str, target: str):
+        if f"{prefix}.0.weight" in state:  # Linear(d, a) -> SiLU -> Linear(a, d)
+            out[f"{target}.w1.weight"] = _pad(state[f"{prefix}.0.weight"].float(), (d, d), f"{prefix}.0")
+            out[f"{target}.w2.weight"] = _pad(state[f"{prefix}.2.weight"].float(), (d, d), f"{prefix}.2")
+        else:  # the adapter was disabled: a zero adapter is the identity
+            out[f"{target}.w1.weight"], out[f"{target}.w2.weight"] = torch.zeros(d, d), torch.zeros(d, d)
+
+    for k in range(num_exits):
+        head = f"heads.{k}"
+        out[f"{head}.norm.weight"] = state[f"early_norms.{k}.weight"].float()
+        adapter(f"early_adapters.{k}", f"{head}.adapter")
+        mlp = f"router_layers.{k}.layers.0"
+        if f"router_layers.{k}.layers.1.fc1.weight" in state:
+            raise CheckpointError(f"router {k} has more than one MLP block (simple_deep_mlp); nvium's router has one")
+        if state[f"{mlp}.fc2.weight"].shape[0] != d:
+            raise CheckpointError(f"router {k} outputs {state[f'{mlp}.fc2.weight'].shape[0]} features; nvium's router "
+                                  f"maps back to the hidden size {d}")
+        out[f"{head}.router.fc1.weight"] = _pad(state[f"{mlp}.fc1.weight"].float(), (width, d), f"{mlp}.fc1")
+        out[f"{head}.router.fc1.bias"] = _pad(state[f"{mlp}.fc1.bias"].float(), (width,), f"{mlp}.fc1")
+        out[f"{head}.router.fc2.weight"] = _pad(state[f"{mlp}.fc2.weight"].float(), (d, width), f"{mlp}.fc2")
+        out[f"{head}.router.fc2.bias"] = state[f"{mlp}.fc2.bias"].float()
+        out[f"{head}.router.norm.weight"] = state[f"router_final_norms.{k}.weight"].float()
+        # softmax(logits / T): dividing the last layer by T is the same
+        out[f"{head}.router.logits.weight"] = state[f"router_heads.{k}.weight"].float() / router_temperature
+        out[f"{head}.router.logits.bias"] = state[f"router_heads.{k}.bias"].float() / router_temperature
+    adapter("final_adapter", f"heads.{num_exits}.adapter")
+    return out
+
+
+def reference_to_export(hf_dir: str | os.PathLike, export_dir: str | os.PathLike, exits: str | None = None,
+                        router_temperature: float = 1.0, seq_length: int | None = None, force: bool = False) -> dict:
+    """The paper's N-vium checkpoint directory -> an nvium export (config.json, model.safetensors, tokenizer)."""
+    from nvium_dist.checkpoint_io import EXPORT_FORMAT, save_export
+
+    hf_dir, export_dir = Path(hf_dir), Path(export_dir)
+
+    def own_export(path: Path) -> bool:
+        import json
+
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return raw.get("format") == EXPORT_FORMAT and raw.get("metadata", {}).get("converted_by") == TOOL
+
+    check_output_dir(export_dir, own_export, force, TOOL)
+    hf_config, state = read_llama(hf_dir)
+    num_exits = len({name.split(".")[1] for name in state if name.startswith("early_norms.")})
+    if num_exits == 0:
+        raise CheckpointError(f"{hf_dir} has no early_norms.*: it is not an N-vium checkpoint of the paper's code "
+                              "(a plain LLaMA converts to a run directory without --paper)")
+    if exits is not None:
+        layer_exits = parse_exits(exits, hf_config["num_hidden_layers"])
+    elif hf_config.get("early_layer_idx") is not None:
+        given = hf_config["early_layer_idx"]
+        layer_exits = sorted(given if isinstance(given, list) else [given])
+    else:
+        raise CheckpointError(f"{hf_dir}/config.json does not record the exit layers (early_layer_idx); pass "
+                              f"--exits with the {num_exits} layer counts of the run's config, e.g. 6,12,18")
+    if len(layer_exits) != num_exits:
+        raise CheckpointError(f"--exits {layer_exits} names {len(layer_exits)} exits but the weights have {num_exits}")
+    if not router_temperature > 0:
+        raise ConfigError(f"--router-temperature must be positive, got {router_temperature}")
+    model_config = llama_model_config(hf_config, layer_exits, seq_length, ModelConfig())
+    model_config = router_width_config(model_config, state["router_layers.0.layers.0.fc1.weight"].shape[0])
+    full_state = reference_weights(hf_config, state, model_config, router_temperature)
+    tokenizer = hf_dir / "tokenizer.model"
+    metadata = {"converted_by": TOOL, "source": str(hf_dir.resolve()), "router_temperature": router_temperature}
+    save_export(export_dir, model_config, full_state, str(tokenizer) if tokenizer.is_file() else None, metadata)
+    return {"export": str(export_dir), "exits": layer_exits, "router_hidden_size": model_config.router_hidden_size,
+            "parameters": sum(t.numel() for t in full_state.values()),
+            "tokenizer": str(tokenizer) if tokenizer.is_file() else None}

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face transformers directory to nvium.
+
+A LLaMA (LlamaForCausalLM) -> a run directory to continue pretraining from:
+
+    python tools/convert_from_hf.py hf/llama-1b runs/llama-nvium --exits quadrivium --config pretrain/configs/tiny.yaml \\
+        --set data.train_data=[data/bin/corpus_text_document]
+    torchrun --nproc-per-node 2 pretrain/pretrain_nvium.py --config runs/llama-nvium/config.yaml
+
+  The backbone (embedding, layers, final norm, lm_head) is copied; exits, adapters and routers are initialised
+  as a fresh run with the config's seed would make them (--exits: 'quadrivium' = L/4, L/2, 3L/4; 'none' = a dense
+  model; or layer counts 6,12,18). It writes RUN_DIR/checkpoints/step_00000000 (+ latest), RUN_DIR/config.yaml
+  (the config to train with: --config and --set supply parallel/data/training) and RUN_DIR/data/tokenizer.model
+  when the directory has a SentencePiece model. The trainer resumes it at step 0 with a fresh optimizer.
+
+The paper's released N-vium checkpoints (its reference code's NviumModel) -> an nvium export:
+
+    python tools/convert_from_hf.py hf/paper-nvium exports/paper-nvium --paper --exits 6,12,18
+    python tools/generate.py --model exports/paper-nvium --prompt "The" --show-exits
+
+  --exits gives the run's early_layer_idx when config.json does not record it; --router-temperature its
+  router_temp. Early lm heads must be tied to lm_head (the paper's setting); narrower adapters or routers are
+  zero-padded, which changes no output.
+
+Only safetensors weights are read (pickled .bin files are refused); nothing is downloaded. OUT must be absent,
+empty or an earlier output of this tool (--force replaces anything).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_dir", help="transformers model directory (config.json + model.safetensors)")
+    p.add_argument("output", help="run directory (LLaMA) or export directory (--paper)")
+    p.add_argument("--paper", action="store_true", help="the input is an N-vium checkpoint of the paper's code")
+    p.add_argument("--exits", default=None,
+                   help="'quadrivium' (default for a LLaMA), 'none', or layer counts like 6,12,18")
+    p.add_argument("--config", default=None, help="YAML config for the parallel/data/training sections (LLaMA)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (LLaMA)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="context length of the nvium model (default: max_position_embeddings)")
+    p.add_argument("--router-temperature", type=float, default=1.0, help="--paper: the run's router_temp")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT even if this tool did not write it")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nvium_dist.checkpoint_io import CheckpointError
+    from nvium_dist.config import ConfigError, load_config
+    from nvium_dist.hf.from_hf import llama_to_run_dir, reference_to_export
+    from nvium_dist.hf.output_dir import OutputDirError
+
+    try:
+        if args.seq_length is not None and args.seq_length <= 0:
+            raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
+        if args.paper:
+            if args.config or args.set:
+                raise ConfigError("--config/--set configure training; an export (--paper) has no training section")
+            summary = reference_to_export(args.hf_dir, args.output, args.exits, args.router_temperature,
+                                          args.seq_length, args.force)
+        else:
+            config = load_config(args.config, args.set)
+            summary = llama_to_run_dir(args.hf_dir, args.output, config, args.exits or "quadrivium",
+                                       args.seq_length, args.force)
+    except (CheckpointError, ConfigError, OutputDirError) as err:
+        print(f"convert_from_hf.py: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
