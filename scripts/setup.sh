@@ -18,4 +18,6 @@ echo "[setup] installing torch (CPU wheel) first, then the rest"
 quiet pip install -q torch==2.13.0
 DS_BUILD_OPS=0 quiet pip install -q -r requirements.txt
 quiet pip install -q --no-deps -e .
+# lets the plain `lm_eval --model nvium ...` command find nvium's model type (lm-eval has no plugin entry points)
+python -m nvium_dist.evaluation.lm_eval_hook install >/dev/null
 echo "[setup] done: $(python -c 'import torch, megatron.core, deepspeed; print("torch", torch.__version__, "megatron-core", megatron.core.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1)"

@@ -74,6 +74,10 @@ def direct_choice_scores(export):
     return scores
 
 
+def expected_accuracy(scores):
+    return sum(max(range(3), key=row.__getitem__) == answer for row, (_, _, answer) in zip(scores, QUESTIONS)) / len(QUESTIONS)
+
+
 def test_multiple_choice_task_through_lm_eval(export, task_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -84,8 +88,7 @@ def test_multiple_choice_task_through_lm_eval(export, task_dir):
                                       task_manager=TaskManager(include_path=str(task_dir)), batch_size=4,
                                       log_samples=True)
     scores = direct_choice_scores(export)
-    expected_acc = sum(max(range(3), key=row.__getitem__) == answer
-                       for row, (_, _, answer) in zip(scores, QUESTIONS)) / len(QUESTIONS)
+    expected_acc = expected_accuracy(scores)
     assert results["results"][TASK]["acc,none"] == pytest.approx(expected_acc, abs=1e-9)
     assert 0 < expected_acc < 1, "the toy task must separate right from wrong for the comparison to bite"
     for sample in results["samples"][TASK]:
@@ -108,9 +111,7 @@ def test_lm_eval_command_finds_the_nvium_model(export, task_dir, tmp_path):
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 0, result.stderr[-3000:]
     (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
-    scores = direct_choice_scores(export)
-    expected_acc = sum(max(range(3), key=row.__getitem__) == answer
-                       for row, (_, _, answer) in zip(scores, QUESTIONS)) / len(QUESTIONS)
+    expected_acc = expected_accuracy(direct_choice_scores(export))
     assert json.loads(results_file.read_text())["results"][TASK]["acc,none"] == pytest.approx(expected_acc)
 
 
@@ -161,3 +162,18 @@ def test_generate_until_uses_the_exact_sampler_and_greedy(lm):
     for text, tokens in zip(greedy, full.tokens):
         whole = lm.tok_decode(tokens)
         assert text == whole.split("e")[0] and "e" not in text
+
+
+def test_evaluate_tool_runs_lm_eval_tasks(export, task_dir):
+    def evaluate(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", str(export), *args],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    result = evaluate("--lm-eval", TASK, "--include-path", str(task_dir), "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected_acc = expected_accuracy(direct_choice_scores(export))
+    assert json.loads(result.stdout)["results"][TASK]["acc,none"] == pytest.approx(expected_acc)
+    unknown = evaluate("--lm-eval", "no_such_task_anywhere")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip().splitlines()[-1].startswith("error: lm-eval:")

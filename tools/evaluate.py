@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Evaluate an export on a Megatron .bin/.idx dataset: mixture and per-head perplexity, exit usage, depth.
+"""Evaluate an export on a Megatron .bin/.idx dataset (mixture and per-head perplexity, exit usage, depth)
+or on lm-evaluation-harness tasks.
 
     python tools/evaluate.py --model exports/tiny --data runs/tiny/data/shakespeare_text_document
+    python tools/evaluate.py --model exports/tiny --lm-eval hellaswag,arc_easy --num-fewshot 0
+    python tools/evaluate.py --model exports/tiny --lm-eval my_task --include-path tasks/   # your YAML tasks
 
 Documents are concatenated and cut into non-overlapping windows of seq_length + 1 tokens (the first
 --max-windows of them). Prints one JSON object: mixture perplexity (exp of mean -log p_mix), each
 head's perplexity, the mean mixture weights pi_k (exit usage), the expected exit depth in layers and
-the ideal deferred-decoding speedup num_layers / expected depth.
+the ideal deferred-decoding speedup num_layers / expected depth. --lm-eval instead runs the named tasks through
+lm-eval's `nvium` model type (nvium_dist/evaluation/lm_eval_model.py: log p_mix scores, exact sampling) and
+prints lm-eval's per-task results (tasks whose data is not in the local Hugging Face cache need a network).
 """
 from __future__ import annotations
 
@@ -18,14 +23,42 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export directory")
-    p.add_argument("--data", required=True, help="dataset prefix PREFIX of PREFIX.bin / PREFIX.idx")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="dataset prefix PREFIX of PREFIX.bin / PREFIX.idx")
+    source.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
     p.add_argument("--seq-length", type=int, default=0, help="window length (default: the model's seq_length)")
     p.add_argument("--max-windows", type=int, default=64, help="evaluate at most this many windows")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--include-path", default=None, help="--lm-eval: a directory of your own task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples per task")
+    p.add_argument("--limit", type=float, default=None, help="--lm-eval: documents per task (or a fraction)")
+    p.add_argument("--seed", type=int, default=1234, help="--lm-eval: sampling seed of generate_until")
     return p.parse_args(argv)
+
+
+def lm_eval_main(args) -> int:
+    """lm-eval's simple_evaluate with the `nvium` model type; prints its per-task results as JSON."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from nvium_dist.checkpoint_io import CheckpointError
+    from nvium_dist.evaluation import lm_eval_model  # noqa: F401 - registers the `nvium` model type
+
+    tasks = [task for task in args.lm_eval.split(",") if task]
+    try:
+        results = lm_eval.simple_evaluate(
+            model="nvium", model_args={"export": args.model, "device": args.device, "seed": args.seed},
+            tasks=tasks, batch_size=args.batch_size, num_fewshot=args.num_fewshot, limit=args.limit,
+            task_manager=TaskManager(include_path=args.include_path))
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as err:  # no export, unknown task, no data
+        print(f"error: lm-eval: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, "tasks": tasks, "results": results["results"],
+                      "num_fewshot": results.get("n-shot", {})}, indent=2, default=str))
+    return 0
 
 
 def open_dataset(prefix: str, vocab_size: int):
@@ -58,6 +91,8 @@ def windows(dataset, length: int, limit: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.lm_eval is not None:
+        return lm_eval_main(args)
     import math
     import os
 
