@@ -44,6 +44,8 @@ def open_dataset(name: str, split: str, streaming: bool, columns: list[str]):
                 if split not in dataset:
                     raise HFSourceError(f"{name} has splits {sorted(dataset)}, not {split!r}; pass --hf-split")
                 dataset = dataset[split]
+            elif dataset.split is not None and str(dataset.split) != split:
+                raise HFSourceError(f"{name} holds the {dataset.split!r} split, not {split!r}; pass --hf-split")
         else:
             files = _data_files(name)
             if files:

@@ -35,11 +35,14 @@ tqdm are imported in the parent when writing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import zlib
 from collections import deque
@@ -390,22 +393,42 @@ def _import_builder():
     return IndexedDatasetBuilder
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Starting the worker pool must not be cut half-way: a spawned child whose parent stops while sending
+    it its start-up data dies with a traceback. SIGINT/SIGTERM that arrive meanwhile are re-raised after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {sig: signal.signal(sig, lambda number, _frame: pending.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in pending:
+            signal.raise_signal(number)
+
+
 def _run_partition(tasks, names: list[str], prefixes, fmt: DocumentFormat, workers, strict, stats, bar):
     """Tokenise `tasks` into builders at prefixes[key] = (bin path, idx path); `names` are the inputs'
     names for skip positions."""
     IndexedDatasetBuilder = _import_builder()
     keys = list(fmt.keys)
     builders = {k: IndexedDatasetBuilder(prefixes[k][0], dtype=np.dtype(fmt.dtype).type) for k in keys}
-    if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(fmt,))
-        results = ordered_imap(pool, _process_task, tasks, window=4 * workers)
-    else:
-        pool = None
-        _init_worker(fmt)
-        results = map(_process_task, tasks)
+    pool = None
     try:
+        if workers > 1:
+            import multiprocessing as mp
+
+            with _signals_deferred():
+                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(fmt,))
+            results = ordered_imap(pool, _process_task, tasks, window=4 * workers)
+        else:
+            _init_worker(fmt)
+            results = map(_process_task, tasks)
         for n_lines, per_key, skipped in results:
             stats.lines += n_lines
             for reason, fi, line, key in skipped:
