@@ -75,7 +75,8 @@ def direct_choice_scores(export):
 
 
 def expected_accuracy(scores):
-    return sum(max(range(3), key=row.__getitem__) == answer for row, (_, _, answer) in zip(scores, QUESTIONS)) / len(QUESTIONS)
+    right = sum(max(range(3), key=row.__getitem__) == answer for row, (_, _, answer) in zip(scores, QUESTIONS))
+    return right / len(QUESTIONS)
 
 
 def test_multiple_choice_task_through_lm_eval(export, task_dir):
@@ -103,7 +104,8 @@ def test_lm_eval_command_finds_the_nvium_model(export, task_dir, tmp_path):
     from nvium_dist.evaluation.lm_eval_hook import PTH_FILE
 
     assert (Path(sysconfig.get_paths()["purelib"]) / PTH_FILE).is_file(), \
-        "the lm_eval site hook is not installed: run scripts/setup.sh (python -m nvium_dist.evaluation.lm_eval_hook install)"
+        "the lm_eval site hook is not installed: run scripts/setup.sh " \
+        "(python -m nvium_dist.evaluation.lm_eval_hook install)"
     command = [str(Path(sys.executable).with_name("lm_eval")), "--model", "nvium", "--model_args",
                f"export={export}", "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
                "--output_path", str(tmp_path / "out")]

@@ -3,8 +3,8 @@
 
 A LLaMA (LlamaForCausalLM) -> a run directory to continue pretraining from:
 
-    python tools/convert_from_hf.py hf/llama-1b runs/llama-nvium --exits quadrivium --config pretrain/configs/tiny.yaml \\
-        --set data.train_data=[data/bin/corpus_text_document]
+    python tools/convert_from_hf.py hf/llama-1b runs/llama-nvium --exits quadrivium \\
+        --config pretrain/configs/tiny.yaml --set data.train_data=[data/bin/corpus_text_document]
     torchrun --nproc-per-node 2 pretrain/pretrain_nvium.py --config runs/llama-nvium/config.yaml
 
   The backbone (embedding, layers, final norm, lm_head) is copied; exits, adapters and routers are initialised

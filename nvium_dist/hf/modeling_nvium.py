@@ -11,6 +11,9 @@ early heads add a router MLP on the normed state giving [continue, exit] logits.
 next to this file: top_k=0, top_p=1, temperature=1) and anything that scores logits scores the mixture.
 The per-head log-softmaxes, the router exit probabilities and the mixture weights come with the output.
 Deferred (early-exit) decoding that runs fewer layers lives in nvium's own runtime (nvium_dist.inference).
+
+The layers restate nvium_dist/model.py in plain torch (this file must stand alone wherever it is copied);
+tests/test_hf_export.py compares the logits, per-head outputs and mixture with nvium's to 1e-5.
 """
 from __future__ import annotations
 

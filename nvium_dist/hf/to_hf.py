@@ -129,7 +129,8 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
     special_ids = special_token_ids(export)
     conversion = convert_state(export.model_config, {k: v.float() for k, v in export.state.items()}, special_ids)
     generation_config = sampling_generation_config(special_ids, export.model_config.seq_length)
-    summary = {"output": str(out_dir), "class": conversion.hf_config.architectures[0], "source": str(export_dir.resolve()),
+    summary = {"output": str(out_dir), "class": conversion.hf_config.architectures[0],
+               "source": str(export_dir.resolve()),
                "exits": list(export.model_config.exits), "tokenizer": None, "notes": []}
     tmp = new_tmp_dir(out_dir)
     try:

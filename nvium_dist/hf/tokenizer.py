@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROBES = ["Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "ünïcödé 日本語 🙂", "1234567 digits",
-          " ", "a  b   c", "</s> <s> <pad> are text", "trailing  ", "▁already▁marked▁", ""]
+PROBES = ["Hello world", "  two leading spaces", "tabs\tand\nnewlines\n\n", "ünïcödé 日本語 🙂",
+          "1234567 digits", " ", "a  b   c", "</s> <s> <pad> are text", "trailing  ", "▁already▁marked▁", ""]
 
 
 class TokenizerConversionError(ValueError):
@@ -47,8 +47,9 @@ def write_hf_tokenizer(spm_path: str | os.PathLike, out_dir: str | os.PathLike, 
                         byte_fallback=proto.trainer_spec.byte_fallback)
     else:
         parts = extractor.extract(BPE)
-        model = BPE(vocab=parts["vocab"], merges=parts["merges"], unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-                    fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback)
+        model = BPE(vocab=parts["vocab"], merges=parts["merges"], fuse_unk=True,
+                    unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
+                    byte_fallback=proto.trainer_spec.byte_fallback)
     tokenizer = Tokenizer(model)
     steps = [normalizers.Prepend("▁")] if normalizer.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
