@@ -121,6 +121,14 @@ def test_llama_import_refusals(tmp_path):
     gqa.save_pretrained(tmp_path / "gqa")
     result = run_cli(tmp_path / "gqa", tmp_path / "out")
     assert result.returncode == 2 and "num_key_value_heads=2" in result.stderr and "Traceback" not in result.stderr
+    gqa.config.num_key_value_heads = 4
+    gqa.config.save_pretrained(tmp_path / "partial")
+    from safetensors.torch import save_file
+
+    weights = {k: v for k, v in tiny_llama(vocab=64, layers=2).state_dict().items() if "layers.1.mlp.up" not in k}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "partial" / "model.safetensors"))
+    result = run_cli(tmp_path / "partial", tmp_path / "out", "--exits", "1")
+    assert result.returncode == 2 and "model.layers.1.mlp.up_proj.weight" in result.stderr, result.stderr
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not read")

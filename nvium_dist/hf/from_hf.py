@@ -13,6 +13,7 @@ Everything is read from safetensors (no unpickling); nothing is fetched from a h
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -69,6 +70,16 @@ def llama_model_config(hf_config: dict, exits: list[int], seq_length: int | None
     config = ModelConfig(**values)
     config.validate()
     return config
+
+
+@contextlib.contextmanager
+def missing_tensors_named():
+    """A KeyError while reading a state dict becomes a CheckpointError naming the tensor."""
+    try:
+        yield
+    except KeyError as error:
+        raise CheckpointError(f"the weights have no tensor {error.args[0]!r}; the directory does not hold the "
+                              "model its config.json describes") from None
 
 
 def llama_weights(hf_config: dict, hf_state: dict[str, torch.Tensor], model_config: ModelConfig
@@ -143,7 +154,8 @@ def llama_to_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
     config.validate()
     ensure_process_group("cpu")
     state = fresh_state(config.model, config.training.seed)
-    copied = llama_weights(hf_config, hf_state, config.model)
+    with missing_tensors_named():
+        copied = llama_weights(hf_config, hf_state, config.model)
     final_norm = copied[f"heads.{config.model.num_heads_total - 1}.norm.weight"]
     for k in range(config.model.num_heads_total - 1):
         copied[f"heads.{k}.norm.weight"] = final_norm.clone()
@@ -271,8 +283,9 @@ def reference_to_export(hf_dir: str | os.PathLike, export_dir: str | os.PathLike
     if not router_temperature > 0:
         raise ConfigError(f"--router-temperature must be positive, got {router_temperature}")
     model_config = llama_model_config(hf_config, layer_exits, seq_length, ModelConfig())
-    model_config = router_width_config(model_config, state["router_layers.0.layers.0.fc1.weight"].shape[0])
-    full_state = reference_weights(hf_config, state, model_config, router_temperature)
+    with missing_tensors_named():
+        model_config = router_width_config(model_config, state["router_layers.0.layers.0.fc1.weight"].shape[0])
+        full_state = reference_weights(hf_config, state, model_config, router_temperature)
     tokenizer = hf_dir / "tokenizer.model"
     metadata = {"converted_by": TOOL, "source": str(hf_dir.resolve()), "router_temperature": router_temperature}
     save_export(export_dir, model_config, full_state, str(tokenizer) if tokenizer.is_file() else None, metadata)
