@@ -216,11 +216,16 @@ def test_cli_output_dir_rules(tmp_path, nvium_pair):
     assert result.returncode == 2 and "not an earlier output" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert (foreign / "notes.txt").read_text() == "mine"
+    from nvium_dist.hf.output_dir import OutputDirError
+    from nvium_dist.hf.to_hf import convert_export
+
     out = tmp_path / "out"
-    assert run_cli(export, out, "--no-check").returncode == 0
-    assert run_cli(export, out, "--no-check").returncode == 0, "re-running over its own output is allowed"
-    assert run_cli(export, foreign, "--no-check", "--force").returncode == 0
-    assert not (foreign / "notes.txt").exists()
+    convert_export(export, out, check=False)
+    convert_export(export, out, check=False)  # re-running over its own output is allowed
+    with pytest.raises(OutputDirError):
+        convert_export(export, tmp_path / "foreign", check=False)
+    convert_export(export, foreign, check=False, force=True)
+    assert not (foreign / "notes.txt").exists() and (foreign / "config.json").is_file()
     missing = run_cli(tmp_path / "nope", tmp_path / "x")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
