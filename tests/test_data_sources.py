@@ -178,6 +178,15 @@ def test_hostile_inputs(corpus, tmp_path):  # noqa: F811
     assert not list(tmp_path.glob("out_*"))
     allowed = preprocess([str(tmp_path / "wrongkey.jsonl")], str(tmp_path / "allowed"), model, progress=False,
                          allow_empty=True)["text"]
+    # its own earlier output is replaced; files it did not write are not, unless forced
+    preprocess([str(tmp_path / "wrongkey.jsonl")], str(tmp_path / "allowed"), model, progress=False, allow_empty=True)
+    (tmp_path / "foreign_text_document.bin").write_bytes(b"someone else's")
+    with pytest.raises(PreprocessError, match="not written by preprocess_data.py"):
+        preprocess([str(tmp_path / "wrongkey.jsonl")], str(tmp_path / "foreign"), model, progress=False,
+                   allow_empty=True)
+    assert (tmp_path / "foreign_text_document.bin").read_bytes() == b"someone else's"
+    preprocess([str(tmp_path / "wrongkey.jsonl")], str(tmp_path / "foreign"), model, progress=False,
+               allow_empty=True, force=True)
     assert allowed["documents"] == 0 and os.path.isfile(allowed["idx"]) and os.path.getsize(allowed["bin"]) == 0
 
     # a directory holding a tokenizer model and a README next to the corpus reads only the corpus

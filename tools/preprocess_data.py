@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--strict", action="store_true",
                    help="fail on the first malformed line / missing key / empty document instead of skipping it")
     p.add_argument("--allow-empty", action="store_true", help="write a dataset even when no document survives")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT_<key>_document.bin/.idx that this tool did not write "
+                        "(its own earlier output is replaced without it)")
     p.add_argument("--dtype", choices=["auto", "uint16", "int32"], default="auto",
                    help="token dtype (auto: uint16 if vocab < 65500 else int32)")
     p.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
             dtype=args.dtype, progress=not args.no_progress, max_document_bytes=args.max_document_bytes,
             hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
             input_ids_key=args.input_ids_key, vocab_size=args.vocab_size, eod_id=args.eod_id,
-            allow_empty=args.allow_empty,
+            allow_empty=args.allow_empty, force=args.force,
         )
     except (PreprocessError, DatasetFormatError, FileNotFoundError, ValueError) as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)

@@ -509,6 +509,20 @@ def _document_format(tokenizer_model, keys, append_eod, dtype, max_document_byte
     return fmt, made_with
 
 
+def _check_replaceable(final: str) -> None:
+    """An existing FINAL.bin/.idx is replaced only when its summary says this tool wrote it."""
+    if not (os.path.exists(final + ".bin") or os.path.exists(final + ".idx")):
+        return
+    try:
+        with open(final + ".summary.json") as f:
+            ours = "lines_read" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise PreprocessError(f"{final}.bin/.idx exist and were not written by preprocess_data.py; choose another "
+                              "--output-prefix or pass --force to replace them")
+
+
 def preprocess(
     inputs: list[str] | str | None,
     output_prefix: str,
@@ -529,6 +543,7 @@ def preprocess(
     vocab_size: int | None = None,
     eod_id: int | None = None,
     allow_empty: bool = False,
+    force: bool = False,
 ) -> dict:
     """Tokenise `inputs` (files, directories, globs) or the `hf_split` split of `hf_dataset` into
     ``OUT_<key>_document.bin/.idx``; write and return the summary(ies).
@@ -536,7 +551,8 @@ def preprocess(
     `input_ids_key`: the records hold pre-tokenized id lists under that key (no tokenizer needed; ids are
     checked against `vocab_size`, or the tokenizer's). Returns {key: summary dict}; each summary is also
     written to ``OUT_<key>_document.summary.json``. Raises PreprocessError when nothing would be written,
-    unless `allow_empty`.
+    unless `allow_empty`, and when OUT_<key>_document.bin/.idx exist without a summary of this tool, unless
+    `force`.
     """
     _import_builder()  # megatron-core import (~5 s) is not part of the measured time
     t0 = time.time()
@@ -574,6 +590,9 @@ def preprocess(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     finals = {k: output_name(output_prefix, k) for k in keys}
+    if not force:
+        for final in finals.values():
+            _check_replaceable(final)
     options = dict(asdict(fmt), tokenizer_sha256=made_with["sha256"])
     stats = _Stats(keys)
     bar = None
