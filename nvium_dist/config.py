@@ -136,6 +136,10 @@ class ParallelConfig:
             raise ConfigError("CPU offload needs ZeRO: set parallel.zero_stage to 1, 2 or 3 (offload_params needs 3)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+        if self.torch_dtype_name == "bfloat16" and self.zero_stage == 0:
+            raise ConfigError(
+                "bf16 training needs parallel.zero_stage >= 1: DeepSpeed keeps fp32 master weights and accumulates "
+                "gradients in fp32 only under ZeRO (stage 1 is its BF16 optimizer); set parallel.zero_stage=1")
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_parallel * self.pipeline_parallel
@@ -166,6 +170,10 @@ class BetaControllerConfig:
     max_step: float = 0.5
     beta_min: float = 0.0
     beta_max: float = 10.0
+    # The baseline's nearest evaluation may be at most this many steps away; 0 means eval_interval.
+    max_baseline_lag: int = 0
+    # true: a missing or stale baseline stops training with an error instead of a warning at each evaluation.
+    strict: bool = False
 
 
 @dataclass
@@ -193,6 +201,11 @@ class TrainingConfig:
     eval_iters: int = 10
     save_interval: int = 100
     keep_checkpoints: int = 3
+    # Memory for compute (neither changes a number): each transformer block keeps only its input and is
+    # recomputed in backward; the vocab loss runs loss_chunk_tokens tokens at a time, recomputed in backward
+    # (0: all tokens of a micro-batch at once, every head's logits kept until backward).
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 0
     wandb_project: str = ""  # empty: wandb off; otherwise offline unless WANDB_MODE says otherwise
     tensorboard: bool = False
     beta_controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)
@@ -202,6 +215,8 @@ class TrainingConfig:
             raise ConfigError(f"training.lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
         if self.train_iters <= 0 or self.micro_batch_size <= 0:
             raise ConfigError("training.train_iters and training.micro_batch_size must be positive")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"training.loss_chunk_tokens must be >= 0 (0: no chunking), got {self.loss_chunk_tokens}")
 
 
 @dataclass

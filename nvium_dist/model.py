@@ -7,9 +7,15 @@ exits) a router giving [continue, exit] logits. Segments and heads are callable 
 decoder and pipeline stages can run them one at a time; the mixture math lives in `mixture.py`.
 
 Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product_attention`.
+
+Memory switches for training (both off by default, neither changes a number): per-block activation
+checkpointing (`activation_checkpointing`: a block keeps only its input and is recomputed in backward)
+and the chunked vocab loss (`loss_chunk_tokens`: log p_k(label) is computed that many tokens at a time and
+each chunk's vocab logits are recomputed in backward, so at most one chunk of one head's softmax is alive).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Protocol
@@ -17,6 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nvium_dist.config import ModelConfig
 from nvium_dist.mixture import MixtureTerms, mixture_terms
@@ -59,16 +66,31 @@ class ParameterInit:
         return lambda weight: nn.init.normal_(weight, mean=0.0, std=std, generator=self.generator(name))
 
 
+@functools.cache
+def apex_rms_norm():
+    """NVIDIA apex's fused RMSNorm function when apex and its compiled CUDA extension are installed, else
+    None (the PyPI package named `apex` is unrelated and has no `apex.normalization`)."""
+    try:
+        import fused_layer_norm_cuda  # noqa: F401 - apex's extension; without it apex's function cannot run
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except ImportError:
+        return None
+    return fused_rms_norm_affine
+
+
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32. On CUDA apex's fused kernel when installed, else torch's
+    `F.rms_norm` (a fused kernel on CUDA; on CPU the same fp32 arithmetic as the textbook formula)."""
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        if x.is_cuda and apex_rms_norm() is not None:
+            return apex_rms_norm()(x, self.weight, self.weight.shape, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -252,6 +274,28 @@ def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -vocab_parallel_cross_entropy(logits.float(), labels)
 
 
+def output_label_log_probs(output, padding_mask: torch.Tensor | None, adapted: torch.Tensor, labels: torch.Tensor,
+                           chunk_tokens: int = 0) -> torch.Tensor:
+    """log p(label) [...] of the output matrix applied to `adapted` [..., d].
+
+    `chunk_tokens` > 0: the tokens go through in chunks of that many, and while gradients are recorded
+    each chunk is checkpointed: its vocab logits and softmax are freed right after its forward and
+    recomputed in backward, so at most one chunk of one head's softmax is alive at any time (same
+    numbers; the cost is one more output-matrix matmul per head in backward). 0: all tokens at once,
+    the logits kept for backward.
+    """
+    def chunk(states, chunk_labels):
+        return label_log_probs(vocab_logits(output, padding_mask, states), chunk_labels)
+
+    if chunk_tokens <= 0:
+        return chunk(adapted, labels)
+    recompute = torch.is_grad_enabled()
+    pieces = [checkpoint(chunk, states, chunk_labels, use_reentrant=False) if recompute else chunk(states, chunk_labels)
+              for states, chunk_labels in zip(adapted.reshape(-1, adapted.shape[-1]).split(chunk_tokens),
+                                              labels.reshape(-1).split(chunk_tokens))]
+    return torch.cat(pieces).reshape(labels.shape)
+
+
 class ModelParts:
     """Builds the model's modules one by one, named as in NviumModel, so pipeline stages can build
     only the layers and heads they own."""
@@ -310,15 +354,20 @@ class ModelParts:
 
 class NviumModel(nn.Module):
     def __init__(self, config: ModelConfig, tensor_parallel: int = 1, dtype: torch.dtype = torch.float32,
-                 initialise: bool = True, seed: int = 0):
+                 initialise: bool = True, seed: int = 0, activation_checkpointing: bool = False,
+                 loss_chunk_tokens: int = 0):
         """Builds the TP shard of this rank (parallel_state must be initialised when tensor_parallel > 1).
 
         Weights depend only on (seed, parameter name), never on the layout. `initialise=False` skips
         initialisation, for building on the meta device or right before loading weights.
+        `activation_checkpointing` and `loss_chunk_tokens` trade compute for activation memory in
+        training (see the module docstring); they change no number.
         """
         super().__init__()
         parts = ModelParts(config, tensor_parallel, dtype, initialise, seed)
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.padded_vocab_size = parts.padded_vocab_size
         self.embedding = parts.embedding()
         self.layers = nn.ModuleList(parts.block(i) for i in range(config.num_layers))
@@ -334,10 +383,17 @@ class NviumModel(nn.Module):
 
     def run_segment(self, segment: int, hidden: torch.Tensor, positions: torch.Tensor,
                     caches: list[KVCacheLayer] | None = None) -> torch.Tensor:
-        """Runs the layers between head `segment - 1` and head `segment`; `caches` is indexed by layer."""
+        """Runs the layers between head `segment - 1` and head `segment`; `caches` is indexed by layer.
+
+        With activation checkpointing (training: no caches, gradients on) each block keeps only its input
+        and runs again in backward."""
         start, end = self.config.segment_ranges[segment]
+        recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
         for layer in range(start, end):
-            hidden = self.layers[layer](hidden, positions, caches[layer] if caches is not None else None)
+            if recompute:
+                hidden = checkpoint(self.layers[layer], hidden, positions, use_reentrant=False)
+            else:
+                hidden = self.layers[layer](hidden, positions, caches[layer] if caches is not None else None)
         return hidden
 
     def head_router(self, head: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -355,9 +411,12 @@ class NviumModel(nn.Module):
         return self.head_vocab_logits(head, normed), router_logits
 
     def head_label_log_probs(self, head: int, hidden: torch.Tensor, labels: torch.Tensor):
-        """-> (log p_head(label) [b, s] through vocab-parallel cross entropy, router logits or None)."""
-        logits, router_logits = self.head_logits(head, hidden)
-        return label_log_probs(logits, labels), router_logits
+        """-> (log p_head(label) [b, s] through vocab-parallel cross entropy, router logits or None);
+        `loss_chunk_tokens` at a time when set."""
+        normed, router_logits = self.head_router(head, hidden)
+        adapted = self.heads[head].adapt(normed)
+        return output_label_log_probs(self.output, self.padding_mask, adapted, labels,
+                                      self.loss_chunk_tokens), router_logits
 
     @staticmethod
     def default_positions(tokens: torch.Tensor) -> torch.Tensor:

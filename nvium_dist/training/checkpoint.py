@@ -25,6 +25,7 @@ import torch.distributed as dist
 from nvium_dist.checkpoint_io import (LATEST_FILE, atomic_write_json, read_checkpoint, step_dir_name, update_latest,
                                       write_model_files)
 from nvium_dist.config import NviumConfig
+from nvium_dist.tp_layout import shard_named
 
 DEEPSPEED_TAG = "state"
 
@@ -135,6 +136,35 @@ def check_same_model(checkpoint_config: NviumConfig, config: NviumConfig, path: 
         raise CheckpointMismatchError(
             f"{path} holds a different model than the config:\n{lines}\n"
             "use the checkpoint's model settings, or a fresh training.run_dir")
+
+
+def fp32_master_weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 master copy of each of this rank's (TP-local) parameters, whole.
+
+    DeepSpeed's ZeRO 1/2/3 and BF16 optimizers keep the masters partitioned over the data-parallel ranks,
+    so this is a collective over that group: every rank calls it. A parameter without a separate master
+    (fp32 without ZeRO) is its own master.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in params.items():
+        master = safe_get_full_fp32_param(param)
+        masters[name] = (master if master is not None else param.detach()).float()
+    return masters
+
+
+def load_fp32_master_weights(params: dict[str, torch.Tensor], dims: dict[str, int | None],
+                             full_state: dict[str, torch.Tensor], tp_rank: int, tp_size: int, vocab_size: int) -> None:
+    """Sets the optimizer's fp32 masters of this rank's parameters from a full (layout-independent) state,
+    so a weights-only resume of a bf16 run keeps the checkpoint's fp32 precision."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}  # ZeRO-3: full shape
+    shards = shard_named({name: torch.empty(shape) for name, shape in shapes.items()}, dims, full_state,
+                         tp_rank, tp_size, vocab_size)
+    for name, param in params.items():
+        safe_set_full_fp32_param(param, shards[name].to(param.device, torch.float32))
 
 
 def load_deepspeed_state(engine, path: Path, rank: int) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from nvium_dist.config import ModelConfig
 from nvium_dist.mixture import evaluation_sums, mixture_terms, nvium_loss
-from nvium_dist.model import ModelParts, label_log_probs, vocab_logits
+from nvium_dist.model import ModelParts, output_label_log_probs
 
 
 def _parts(config: ModelConfig, tensor_parallel: int, seed: int) -> ModelParts:
@@ -87,9 +87,10 @@ class PipeHeadPrep(nn.Module):
 class PipeOutput(nn.Module):
     """The shared output matrix; one instance per stage that needs it, tied across stages."""
 
-    def __init__(self, config: ModelConfig, tensor_parallel: int, seed: int):
+    def __init__(self, config: ModelConfig, tensor_parallel: int, seed: int, loss_chunk_tokens: int):
         super().__init__()
         parts = _parts(config, tensor_parallel, seed)
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.output = parts.output()
         self.register_buffer("padding_mask", parts.padding_mask(), persistent=False)
 
@@ -102,7 +103,8 @@ def head_output(index: int, module: PipeOutput, carried):
     hidden, labels, log_p_heads, *rest = carried
     *routers, adapted = rest
     filled = log_p_heads.clone()
-    filled[:, :, index] = label_log_probs(vocab_logits(module.output, module.padding_mask, adapted), labels)
+    filled[:, :, index] = output_label_log_probs(module.output, module.padding_mask, adapted, labels,
+                                                 module.loss_chunk_tokens)
     return (hidden, labels, filled, *routers)
 
 
@@ -139,7 +141,10 @@ class PipelineLoss:
         return losses.loss
 
 
-def build_pipeline_module(config: ModelConfig, info, seed: int, loss: PipelineLoss):
+def build_pipeline_module(config: ModelConfig, info, seed: int, loss: PipelineLoss,
+                          activation_checkpointing: bool = False, loss_chunk_tokens: int = 0):
+    """`activation_checkpointing`: DeepSpeed checkpoints every transformer block (interval 1, PipeBlock
+    only), the pipeline's counterpart of NviumModel's per-block checkpointing."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -151,10 +156,12 @@ def build_pipeline_module(config: ModelConfig, info, seed: int, loss: PipelineLo
         if index in head_after:
             head = head_after[index]
             specs.append(LayerSpec(PipeHeadPrep, config, tp, seed, head))
-            specs.append(TiedLayerSpec("output", PipeOutput, config, tp, seed,
+            specs.append(TiedLayerSpec("output", PipeOutput, config, tp, seed, loss_chunk_tokens,
                                        forward_fn=functools.partial(head_output, head), tied_weight_attr=["output.weight"]))
     topology = PipeModelDataParallelTopology(num_pp=info.pp_size, num_mp=tp, num_dp=info.dp_size)
-    return PipelineModule(layers=specs, topology=topology, loss_fn=loss, partition_method="type:PipeBlock")
+    return PipelineModule(layers=specs, topology=topology, loss_fn=loss, partition_method="type:PipeBlock",
+                          activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                          checkpointable_layers=[PipeBlock.__name__])
 
 
 def pipeline_named_parameters(pipe_module) -> tuple[dict[str, nn.Parameter], dict[str, int | None]]:

@@ -1,8 +1,10 @@
-"""AdamW parameter groups and learning-rate schedules (warmup + cosine, warmup-stable-decay)."""
+"""The AdamW optimizer, its parameter groups, and learning-rate schedules (warmup + cosine, warmup-stable-decay)."""
 from __future__ import annotations
 
 import math
+import warnings
 
+import torch
 from torch import nn
 
 from nvium_dist.config import TrainingConfig
@@ -16,6 +18,23 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if param.ndim < 2 or "embedding" in name else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, training: TrainingConfig, device: str, offload: bool) -> torch.optim.Optimizer:
+    """AdamW. On GPU DeepSpeed's FusedAdam (one multi-tensor CUDA kernel for all parameters) when its op
+    builds, else torch's fused AdamW; on CPU, and for an optimizer offloaded to CPU, torch's AdamW."""
+    groups = adamw_param_groups(model, training.weight_decay)
+    settings = dict(lr=training.lr, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
+    if device != "cuda" or offload:
+        return torch.optim.AdamW(groups, **settings)
+    try:
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **settings)
+    except Exception as error:  # noqa: BLE001 - the op is JIT-built (nvcc, ninja); any failure falls back
+        warnings.warn(f"DeepSpeed's FusedAdam could not be built ({type(error).__name__}: {error}); "
+                      "using torch.optim.AdamW(fused=True)")
+        return torch.optim.AdamW(groups, fused=True, **settings)
 
 
 def lr_multiplier(step: int, training: TrainingConfig) -> float:

@@ -20,7 +20,7 @@ from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_ra
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BetaController
 from nvium_dist.training.metrics import MetricsLogger
-from nvium_dist.training.schedule import adamw_param_groups, lr_multiplier
+from nvium_dist.training.schedule import build_optimizer, lr_multiplier
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 SAMPLE_ROWS = 2
@@ -72,7 +72,8 @@ class Trainer:
         t = config.training
         self.grad_accumulation = t.global_batch_size // (t.micro_batch_size * self.info.dp_size)
         self.warmup_steps = router_warmup_steps(t.train_iters, t.router_warmup_steps, t.router_warmup_fraction)
-        self.controller = BetaController(t.beta_controller, beta=t.beta)
+        self.controller = BetaController(t.beta_controller, beta=t.beta,
+                                         max_lag=t.beta_controller.max_baseline_lag or t.eval_interval)
         self.pipelined = config.parallel.pipeline_parallel > 1
         self.is_last_stage = self.info.pp_rank == self.info.pp_size - 1
         self.step = 0
@@ -126,23 +127,33 @@ class Trainer:
 
     def _build_model(self, resume: dict | None):
         from nvium_dist.model import NviumModel
-        from nvium_dist.tp_layout import load_full_state_dict
+        from nvium_dist.tp_layout import load_named
 
-        c = self.config
+        c, t = self.config, self.config.training
         if self.pipelined:
-            from nvium_dist.tp_layout import load_named
-            from nvium_dist.training.pipeline import PipelineLoss, build_pipeline_module, pipeline_named_parameters
+            from nvium_dist.training.pipeline import PipelineLoss, build_pipeline_module
 
             self.pipeline_loss = PipelineLoss(c.model)
-            model = build_pipeline_module(c.model, self.info, c.training.seed, self.pipeline_loss)
-            if resume is not None and not resume["same_layout"]:
-                load_named(*pipeline_named_parameters(model), resume["full_state"], self.info.tp_rank,
-                           self.info.tp_size, c.model.vocab_size)
+            model = build_pipeline_module(c.model, self.info, t.seed, self.pipeline_loss,
+                                          t.activation_checkpointing, t.loss_chunk_tokens)
         else:
-            model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=c.training.seed)
-            if resume is not None and not resume["same_layout"]:
-                load_full_state_dict(model, resume["full_state"], self.info.tp_rank, self.info.tp_size)
+            model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=t.seed,
+                               activation_checkpointing=t.activation_checkpointing,
+                               loss_chunk_tokens=t.loss_chunk_tokens)
+        if resume is not None and not resume["same_layout"]:
+            load_named(*self._named_parameters(model), resume["full_state"], self.info.tp_rank, self.info.tp_size,
+                       c.model.vocab_size)
         return model.to(self.info.device)
+
+    def _named_parameters(self, module) -> tuple[dict, dict]:
+        """(parameters by NviumModel name, their TP split dims) of this rank's module or pipeline stage."""
+        from nvium_dist.tp_layout import partition_dims
+
+        if self.pipelined:
+            from nvium_dist.training.pipeline import pipeline_named_parameters
+
+            return pipeline_named_parameters(module)
+        return dict(module.named_parameters()), partition_dims(module)
 
     def _deepspeed_config(self) -> dict:
         p, t = self.config.parallel, self.config.training
@@ -157,6 +168,9 @@ class Trainer:
             "gradient_clipping": t.clip_grad,
             "zero_optimization": zero,
             "bf16": {"enabled": p.torch_dtype_name == "bfloat16"},
+            # bf16 weights and activations, but gradients accumulate (over micro-batches and in the
+            # data-parallel reduction) in fp32 next to the optimizer's fp32 master weights
+            "data_types": {"grad_accum_dtype": "fp32"},
             "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
@@ -166,9 +180,8 @@ class Trainer:
     def _build_engine(self, model, lr_offset: int):
         import deepspeed
 
-        t = self.config.training
-        optimizer = torch.optim.AdamW(adamw_param_groups(model, t.weight_decay), lr=t.lr,
-                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        t, p = self.config.training, self.config.parallel
+        optimizer = build_optimizer(model, t, p.device, p.offload_optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s + lr_offset, t))
         # a PipelineModule brings its own topology, which DeepSpeed uses as mpu
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -284,26 +297,17 @@ class Trainer:
     # -- checkpoint pieces ------------------------------------------------------------------------------
 
     def _full_state(self):
+        """The optimizer's fp32 master weights gathered into full tensors (not the bf16 module weights)."""
         from megatron.core import parallel_state
 
-        from nvium_dist.tp_layout import gather_full_state_dict
+        from nvium_dist.tp_layout import gather_named
 
-        module = self.engine.module
+        params, dims = self._named_parameters(self.engine.module)
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        full = gather_named(ckpt.fp32_master_weights(params), dims, self.config.model.vocab_size, tp_group)
         if self.pipelined:
-            from nvium_dist.tp_layout import gather_named
-            from nvium_dist.training.pipeline import pipeline_named_parameters
-
-            stage = gather_named(*pipeline_named_parameters(module), self.config.model.vocab_size, tp_group)
-            return self._gather_to_rank0(stage if self.info.dp_rank == 0 and self.info.tp_rank == 0 else {},
+            return self._gather_to_rank0(full if self.info.dp_rank == 0 and self.info.tp_rank == 0 else {},
                                          merge=True)
-        if self.config.parallel.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                full = gather_full_state_dict(module, tp_group)
-        else:
-            full = gather_full_state_dict(module, tp_group)
         return full if self.info.rank == 0 else None
 
     @torch.no_grad()
@@ -389,6 +393,9 @@ class Trainer:
         if resume is not None:
             if resume["same_layout"]:
                 ckpt.load_deepspeed_state(self.engine, resume["path"], self.info.rank)
+            else:  # the engine made its masters from the (bf16) module weights: restore the checkpoint's fp32 ones
+                ckpt.load_fp32_master_weights(*self._named_parameters(self.engine.module), resume["full_state"],
+                                              self.info.tp_rank, self.info.tp_size, c.model.vocab_size)
             state = resume["trainer_state"]
             self.consumed_samples = int(state["consumed_samples"])
             self.controller.load_state(state["controller"])
@@ -437,9 +444,19 @@ class Trainer:
 
     def _evaluate_and_control(self) -> None:
         result = self.evaluate()
-        if self.config.model.exits and self.config.training.beta_controller.enabled:
-            self.controller.update(self.step, result["eval_ce"])
-        record = {"step": self.step, **result, "beta": self.controller.beta}
+        record = {"step": self.step, **result}
+        control = self.config.training.beta_controller
+        if self.config.model.exits and control.enabled:
+            problem = self.controller.update_from_rank0(self.step, result["eval_ce"], self.info.rank)
+            if problem is not None:
+                if control.strict:
+                    raise RuntimeError(f"beta controller at step {self.step}: {problem} "
+                                       "(training.beta_controller.strict is true)")
+                record["beta_controller_warning"] = problem
+                if self.is_logger:
+                    print(f"[beta] WARNING step {self.step}: {problem}; beta stays at {self.controller.beta:.4f}",
+                          file=sys.stderr, flush=True)
+        record["beta"] = self.controller.beta
         self.metrics.log(record)
         self.metrics.message(
             f"[eval] step {self.step}: ce {result['eval_ce']:.4f} ppl {result['eval_ppl']:.2f} "
