@@ -30,12 +30,16 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from nvium_dist.training.beta_controller import BaselineUnavailable
     from nvium_dist.training.trainer import Trainer
 
     try:
         return Trainer(config).train()
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except BaselineUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

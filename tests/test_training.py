@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed_runner import run_distributed
 from nvium_dist.config import BetaControllerConfig
-from nvium_dist.training.beta_controller import BetaController
+from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
 from nvium_dist.training.checkpoint import find_resumable
 from trainer_fixtures import ROOT, build_small_corpus, read_metrics, small_overrides, train_in_process
 
 TOLERANCE = 1e-5
+# chunks of 100 tokens: a micro-batch of 4 x 64 tokens runs as 100 + 100 + 56
+MEMORY_SAVERS = {"training.activation_checkpointing": "true", "training.loss_chunk_tokens": 100}
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +68,20 @@ def test_reference_run_is_complete(reference):
     pytest.param({"parallel.zero_stage": 3}, id="dp2-zero3"),
     pytest.param({"parallel.tensor_parallel": 2, "parallel.zero_stage": 3}, id="tp2-zero3", marks=pytest.mark.slow),
     pytest.param({"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1}, id="pp2-zero1"),
+    pytest.param({"parallel.zero_stage": 3, **MEMORY_SAVERS}, id="dp2-zero3-checkpointed-chunked"),
 ])
 def test_layouts_match_single_process(layout, corpus, reference, tmp_path):
     records, evals = train(2, corpus, tmp_path, **layout)
     assert_same_losses(records, reference[0], str(layout))
+    assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+
+
+def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
+    """Tensor and pipeline parallelism together (4 processes), with per-block activation checkpointing
+    (DeepSpeed's, under PP) and the chunked vocab loss, against one process."""
+    records, evals = train(4, corpus, tmp_path, **{"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
+                                                   "parallel.zero_stage": 1, **MEMORY_SAVERS})
+    assert_same_losses(records, reference[0], "TP=2 x PP=2")
     assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
 
 
@@ -94,8 +107,56 @@ def test_beta_controller_moves_with_the_gap(tmp_path):
     assert controller.update(100, eval_ce=1.0) == pytest.approx(1.82)  # step capped at max_step
     controller.beta = 9.9
     assert controller.update(100, eval_ce=1.0) == pytest.approx(10.0)  # capped at beta_max
+
+
+def test_beta_controller_refuses_missing_or_stale_baselines(tmp_path):
     missing = BetaController(BetaControllerConfig(baseline_metrics=str(tmp_path / "none.jsonl")), beta=0.3)
-    assert missing.update(5, 1.0) == 0.3
+    with pytest.raises(BaselineUnavailable, match="none.jsonl' does not exist"):
+        missing.update(5, 1.0)
+    baseline = tmp_path / "dense_metrics.jsonl"
+    baseline.write_text(json.dumps({"step": 100, "loss": 3.0}) + "\n")
+    growing = BetaController(BetaControllerConfig(baseline_metrics=str(baseline)), beta=0.3, max_lag=100)
+    with pytest.raises(BaselineUnavailable, match="no evaluation yet"):
+        growing.update(100, 1.0)
+    baseline.write_text(json.dumps({"step": 100, "eval_ce": 3.0}) + "\n")
+    assert growing.update(200, 2.0) == pytest.approx(0.8)  # 100 steps away: still fresh enough
+    with pytest.raises(BaselineUnavailable, match="stale: its evaluation nearest to step 201 is at step 100"):
+        growing.update(201, 2.0)
+    assert growing.beta == pytest.approx(0.8) and len(growing.history) == 1
+
+
+def _controller_worker(rank, world_size, paths):
+    from nvium_dist.parallel import init_distributed
+    from nvium_dist.config import ParallelConfig
+
+    init_distributed(ParallelConfig())
+    controller = BetaController(BetaControllerConfig(baseline_metrics=paths[rank]), beta=1.0)
+    problem = controller.update_from_rank0(100, 2.0, rank)
+    return controller.beta, controller.history, problem
+
+
+def test_beta_controller_decides_on_rank0_only(tmp_path):
+    """Each rank sees a different baseline file (as while the dense run appends to it): every rank ends with
+    rank 0's decision, including rank 0's 'missing' verdict."""
+    ahead, behind = tmp_path / "ahead.jsonl", tmp_path / "behind.jsonl"
+    ahead.write_text(json.dumps({"step": 100, "eval_ce": 2.05}) + "\n")
+    behind.write_text(json.dumps({"step": 100, "eval_ce": 1.9}) + "\n")
+    results = run_distributed(_controller_worker, 2, [str(ahead), str(behind)])
+    assert [r[0] for r in results] == [pytest.approx(1.4)] * 2 and results[0][1] == results[1][1]
+    assert results[1][2] is None
+    results = run_distributed(_controller_worker, 2, [str(tmp_path / "missing.jsonl"), str(behind)])
+    assert [r[0] for r in results] == [1.0, 1.0]
+    assert all("missing.jsonl' does not exist" in r[2] for r in results)
+
+
+def test_missing_baseline_warns_at_every_evaluation_or_fails_when_strict(corpus, tmp_path):
+    extra = {"training.train_iters": 2, "training.eval_interval": 1, "training.beta_controller.enabled": "true",
+             "training.beta_controller.baseline_metrics": str(tmp_path / "dense" / "metrics.jsonl")}
+    _, evals = train(1, corpus, tmp_path / "warned", **extra)
+    assert [e["step"] for e in evals] == [1, 2]
+    assert all("metrics.jsonl' does not exist" in e["beta_controller_warning"] for e in evals)
+    with pytest.raises(RuntimeError, match=r"beta controller at step 1: .*does not exist.*strict is true"):
+        train(1, corpus, tmp_path / "strict", **extra, **{"training.beta_controller.strict": "true"})
 
 
 def _torchrun(overrides, nproc=2, **popen):
@@ -197,6 +258,40 @@ def test_reshard_tp2_to_tp1_then_resume(corpus, tmp_path):
     assert sorted(resumed) == [5, 6]  # started from the resharded step-4 weights
     # step 5's loss is computed before its update, from the step-4 weights alone
     assert abs(resumed[5]["loss"] - straight[5]["loss"]) < TOLERANCE
+
+
+def test_bf16_zero2_trains_resumes_exactly_and_exports(corpus, tmp_path):
+    """bf16 on 2 processes with ZeRO-2 (DeepSpeed runs bf16 on CPU too): checkpoints hold the fp32 masters,
+    a resume from step 3 repeats steps 4-6 exactly, and the export passes its bf16 self-check."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    extra = {"parallel.dtype": "bf16", "parallel.zero_stage": 2, "training.train_iters": 6,
+             "training.save_interval": 3, "training.eval_interval": 6, **MEMORY_SAVERS}
+    straight, _ = train(2, corpus, tmp_path / "straight", **extra)
+    assert straight[6]["loss"] < straight[1]["loss"]
+    step3 = tmp_path / "straight" / "checkpoints" / "step_00000003"
+    masters = load_file(step3 / "model.safetensors")
+    assert {t.dtype for t in masters.values()} == {torch.float32}
+    # fp32 masters, not the bf16 module weights upcast: most values are not representable in bf16
+    off_grid = sum((t != t.bfloat16().float()).sum().item() for t in masters.values())
+    assert off_grid > 0.5 * sum(t.numel() for t in masters.values())
+
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(step3, resumed_dir / step3.name)
+    (resumed_dir / "latest").write_text(step3.name + "\n")
+    resumed, _ = train(2, corpus, tmp_path / "resumed", **extra)
+    assert sorted(resumed) == [4, 5, 6]  # started at the checkpoint's step
+    assert [resumed[s]["loss"] for s in (4, 5, 6)] == [straight[s]["loss"] for s in (4, 5, 6)]
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), "--checkpoint",
+                           tmp_path / "resumed", "--output", tmp_path / "export"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "in bfloat16 (tolerance 0.1)" in done.stdout
+    worst = float(done.stdout.split("log p_mix ")[1].split()[0].rstrip(","))
+    assert worst < 1e-3, done.stdout
 
 
 def test_lr_schedules():

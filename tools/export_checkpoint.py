@@ -8,13 +8,18 @@
 An export holds config.json, model.safetensors (full weights) and tokenizer.model. Resharding writes
 OUTPUT/checkpoints/step_X/ (+ latest) for another tensor/pipeline-parallel layout, without DeepSpeed state:
 the trainer resumes from it with fresh optimizer state. Both check themselves: the written model's
-log-probabilities on the checkpoint's sample batch are compared with those the training model computed.
+log-probabilities on the checkpoint's sample batch, computed in the dtype the run trained in, are compared
+with those the training model computed (tolerance by that dtype: 1e-4 for fp32, 0.1 for bf16, where CPU and
+GPU kernels round differently).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+# max |difference| of the self-check's log-probabilities, by the dtype the run trained in
+SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1}
 
 
 def parse_args(argv=None):
@@ -27,15 +32,16 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer for the export: a SentencePiece .model path, 'bytes' or 'none' "
                              "(default: the checkpoint's data.tokenizer_model or RUN_DIR/data/tokenizer.model)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max allowed |difference| of the self-check log-probabilities (fp32 training: 1e-4; "
-                             "raise it for bf16-trained checkpoints, e.g. 5e-2)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max allowed |difference| of the self-check log-probabilities (default by the dtype "
+                             f"the run trained in: {SELF_CHECK_TOLERANCE})")
     parser.add_argument("--no-check", action="store_true", help="skip the self-check forward pass")
     return parser.parse_args(argv)
 
 
-def self_check(model_config, full_state, sample, tolerance: float, what: str) -> float:
-    """Forward of a fresh model loaded with `full_state` on the sample batch vs the training model's values."""
+def self_check(model_config, full_state, sample, tolerance: float, what: str, dtype_name: str) -> float:
+    """Forward of a fresh model loaded with `full_state` on the sample batch vs the training model's values,
+    in the dtype the training model ran in (the fp32 masters rounded as the trainer's module weights were)."""
     import torch
 
     from nvium_dist.inference.generator import ensure_process_group
@@ -43,20 +49,21 @@ def self_check(model_config, full_state, sample, tolerance: float, what: str) ->
     from nvium_dist.tp_layout import load_full_state_dict
 
     ensure_process_group("cpu")
-    model = NviumModel(model_config, tensor_parallel=1, initialise=False)
-    load_full_state_dict(model, {k: v.float() for k, v in full_state.items()})
-    model.float().eval()
+    dtype = getattr(torch, dtype_name)
+    model = NviumModel(model_config, tensor_parallel=1, dtype=dtype, initialise=False)
+    load_full_state_dict(model, {k: v.to(dtype) for k, v in full_state.items()})
+    model.eval()
     with torch.no_grad():
         terms = model(sample["tokens"].long(), sample["labels"].long())
     heads = (terms.log_p_heads - sample["log_p_heads"].float()).abs().max().item()
     mix = (terms.log_p_mix - sample["log_p_mix"].float()).abs().max().item()
     worst = max(heads, mix)
     print(f"self-check ({what}): max |diff| of log p_heads {heads:.3e}, log p_mix {mix:.3e} over "
-          f"{tuple(sample['tokens'].shape)} sample tokens (tolerance {tolerance:g})", flush=True)
+          f"{tuple(sample['tokens'].shape)} sample tokens in {dtype_name} (tolerance {tolerance:g})", flush=True)
     if not worst <= tolerance:
         raise SystemExit(f"error: the {what} does not reproduce the training model's log-probabilities "
-                         f"(max diff {worst:.3e} > {tolerance:g}). If the run trained in bf16, pass a larger "
-                         "--tolerance; otherwise the checkpoint's weights and sample do not belong together")
+                         f"(max diff {worst:.3e} > {tolerance:g}): the checkpoint's weights and sample do not "
+                         "belong together (--tolerance overrides the check)")
     return worst
 
 
@@ -78,6 +85,8 @@ def main(argv=None) -> int:
               flush=True)
         if sample is None:
             print("  warning: the checkpoint has no sample_check.safetensors; the self-check is skipped", flush=True)
+        dtype_name = config.parallel.torch_dtype_name
+        tolerance = args.tolerance if args.tolerance is not None else SELF_CHECK_TOLERANCE[dtype_name]
         if reshard:
             tp = args.tp if args.tp is not None else config.parallel.tensor_parallel
             pp = args.pp if args.pp is not None else config.parallel.pipeline_parallel
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
                   "state from these weights)", flush=True)
             if sample is not None and not args.no_check:
                 new_config, new_state, _, _ = read_checkpoint(args.output)
-                self_check(new_config.model, new_state, sample, args.tolerance, "resharded checkpoint")
+                self_check(new_config.model, new_state, sample, tolerance, "resharded checkpoint", dtype_name)
         else:
             tokenizer = args.tokenizer
             if tokenizer is None:
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
                   f"{', tokenizer.model' if tokenizer not in (None, 'bytes') else ''})", flush=True)
             if sample is not None and not args.no_check:
                 export = load_export(args.output)
-                self_check(export.model_config, export.state, sample, args.tolerance, "export")
+                self_check(export.model_config, export.state, sample, tolerance, "export", dtype_name)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -241,8 +241,6 @@ class Replication:
             return False
         run = self.dense_run if name == "dense" else self.nvium_run
         cmd = [sys.executable, str(TOOLS / "export_checkpoint.py"), "--checkpoint", str(run), "--output", str(out)]
-        if self.s["device"] == "cuda":
-            cmd += ["--tolerance", "5e-2"]
         run_logged(cmd, self.work / "logs" / f"export_{name}.log")
 
     def evaluate(self, name: str):

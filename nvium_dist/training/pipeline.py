@@ -16,6 +16,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nvium_dist.config import ModelConfig
 from nvium_dist.mixture import evaluation_sums, mixture_terms, nvium_loss
@@ -159,8 +160,11 @@ def build_pipeline_module(config: ModelConfig, info, seed: int, loss: PipelineLo
             specs.append(TiedLayerSpec("output", PipeOutput, config, tp, seed, loss_chunk_tokens,
                                        forward_fn=functools.partial(head_output, head), tied_weight_attr=["output.weight"]))
     topology = PipeModelDataParallelTopology(num_pp=info.pp_size, num_mp=tp, num_dp=info.dp_size)
+    # torch's non-reentrant checkpoint: DeepSpeed's own (reentrant) one frees its inputs after one backward,
+    # but the pipe engine runs backward once per grad-carrying tensor of the tuple
     return PipelineModule(layers=specs, topology=topology, loss_fn=loss, partition_method="type:PipeBlock",
                           activation_checkpoint_interval=1 if activation_checkpointing else 0,
+                          activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
                           checkpointable_layers=[PipeBlock.__name__])
 
 

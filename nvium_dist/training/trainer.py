@@ -18,7 +18,7 @@ from nvium_dist.config import NviumConfig
 from nvium_dist.mixture import evaluation_sums, nvium_loss, router_warmup_steps
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
-from nvium_dist.training.beta_controller import BetaController
+from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
 from nvium_dist.training.metrics import MetricsLogger
 from nvium_dist.training.schedule import build_optimizer, lr_multiplier
 
@@ -171,6 +171,9 @@ class Trainer:
             # bf16 weights and activations, but gradients accumulate (over micro-batches and in the
             # data-parallel reduction) in fp32 next to the optimizer's fp32 master weights
             "data_types": {"grad_accum_dtype": "fp32"},
+            # with TP > 1 DeepSpeed would split the stage-to-stage tuple over the TP ranks, which it supports
+            # only for a single grad-carrying tensor; ours carries the per-head terms with gradients too
+            "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
             "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
@@ -450,8 +453,8 @@ class Trainer:
             problem = self.controller.update_from_rank0(self.step, result["eval_ce"], self.info.rank)
             if problem is not None:
                 if control.strict:
-                    raise RuntimeError(f"beta controller at step {self.step}: {problem} "
-                                       "(training.beta_controller.strict is true)")
+                    raise BaselineUnavailable(f"beta controller at step {self.step}: {problem} "
+                                              "(training.beta_controller.strict is true)")
                 record["beta_controller_warning"] = problem
                 if self.is_logger:
                     print(f"[beta] WARNING step {self.step}: {problem}; beta stays at {self.controller.beta:.4f}",
