@@ -383,3 +383,17 @@ def test_zero_new_tokens(generator):
         sequence, row = out.sequences[i], out.rows[i]
         reference = full_forward_kv(generator, sequence)
         torch.testing.assert_close(cache.keys[5][row, :, :len(sequence)], reference[5][0], atol=1e-5, rtol=0)
+
+
+def test_pipeline_stage_devices(export_dir):
+    """One GPU per stage under NCCL, GPU index = stage rank = LOCAL_RANK; too few GPUs is a clear error
+    before any stage process starts."""
+    from nvium_dist.inference.pipeline import run_pipeline, stage_device
+
+    assert stage_device(1, 2, "cpu") == torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if gpus >= 2:
+        assert stage_device(1, 2, "cuda") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=f"pipeline_stages={gpus + 1} on CUDA needs {gpus + 1} GPUs but {gpus} are"):
+        run_pipeline(str(export_dir), gpus + 1, [[1, 2]], [4], seed=0, mode="deferred", eos_id=None,
+                     sequence_ids=[0], flush=False, device="cuda")

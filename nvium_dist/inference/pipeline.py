@@ -154,6 +154,18 @@ def _driver_loop(engine, model, stages: int, prompts, sequence_ids, max_new_toke
     return driver
 
 
+def stage_device(rank: int, stages: int, device: str) -> torch.device:
+    """Stage `rank`'s device: on CUDA GPU `rank` (its LOCAL_RANK, which init_distributed selects), since
+    NCCL cannot put two ranks on one GPU; else the CPU. Fewer visible GPUs than stages is an error."""
+    if device != "cuda":
+        return torch.device("cpu")
+    available = torch.cuda.device_count()
+    if stages > available:
+        raise ValueError(f"pipeline_stages={stages} on CUDA needs {stages} GPUs but {available} are visible (NCCL "
+                         f"cannot share a GPU between stages): use at most {available} stages, or device='cpu'")
+    return torch.device("cuda", rank)
+
+
 def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
     import torch.distributed as dist
 
@@ -166,7 +178,7 @@ def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
 
         device = job["device"]
         if device == "cuda":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(stage_device(rank, stages, device))
         export_config = _model_config(job["export_dir"])
         ranges = export_config.segment_ranges
         segments = stage_segments(len(ranges), [b - a for a, b in ranges], stages)[rank]
@@ -224,6 +236,7 @@ def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: list[int
 
     config = _model_config(export_dir)
     stage_segments(config.num_heads_total, [b - a for a, b in config.segment_ranges], stages)  # validates
+    stage_device(stages - 1, stages, device)  # validates: one GPU per stage
     ctx = forkserver_context(_PRELOAD)
     queue = ctx.Queue()
     port = free_port()

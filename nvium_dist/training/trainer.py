@@ -236,15 +236,14 @@ class Trainer:
         if self.pipelined:
             return self._train_step_pipelined(iterator)
         beta, in_warmup = self.controller.beta, self.step < self.warmup_steps
-        totals = torch.zeros(4, dtype=torch.float64)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.info.device)  # summed on device: no sync per micro-batch
         for _ in range(self.grad_accumulation):
             batch = self._micro_batch(iterator)
             terms = self.engine(batch["tokens"], batch["labels"])
             losses = nvium_loss(terms, batch["loss_mask"], beta, in_warmup)
             self.engine.backward(losses.loss)
             self.engine.step()
-            totals += torch.tensor([losses.loss.item(), losses.lm_loss.item(), losses.depth_loss.item(),
-                                    losses.warmup_loss.item()], dtype=torch.float64)
+            totals += torch.stack([losses.loss, losses.lm_loss, losses.depth_loss, losses.warmup_loss]).detach().double()
         totals /= self.grad_accumulation
         all_reduce(totals, group=self._dp_group())
         totals /= self.info.dp_size
