@@ -119,6 +119,10 @@ class ParallelConfig:
             return "bfloat16" if self.device == "cuda" else "float32"
         return {"fp32": "float32", "bf16": "bfloat16"}[self.dtype]
 
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.torch_dtype_name == "bfloat16" else 4
+
     def validate(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"parallel.device must be 'cpu' or 'cuda', got {self.device!r}")

@@ -1,5 +1,5 @@
 """Parameter accounting on the meta device (no weights allocated), the parameter-matched dense
-baseline, and DeepSpeed's per-GPU memory estimate for model states."""
+baseline, DeepSpeed's per-GPU memory estimate for model states, and an activation-memory estimate."""
 from __future__ import annotations
 
 import dataclasses
@@ -103,3 +103,143 @@ def model_report(config: ModelConfig) -> dict:
         report["matched_dense"] = {"ffn_hidden_size": width,
                                    "total_parameters": parameter_breakdown(dense_twin(config, width))["total"]}
     return report
+
+
+def _norm_bytes(d: int, p: int, fused: bool, input_counted: bool) -> int:
+    """Per-token bytes an RMSNorm keeps for backward, its output included (saved by the next matmul).
+    Fused kernels (CUDA) keep the input and a fp32 rstd; torch's CPU composite keeps fp32 copies of the
+    input (the input itself in fp32) and of x * rstd."""
+    if fused:
+        return (0 if input_counted else p * d) + 4 + p * d
+    fp32_input = 0 if (p == 4 and input_counted) else 4 * d
+    return fp32_input + 4 + 4 * d + p * d
+
+
+def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | None = None, *,
+                      tensor_parallel: int = 1, pipeline_parallel: int = 1, dtype_bytes: int = 2,
+                      fused_norm: bool = True, activation_checkpointing: bool = False,
+                      loss_chunk_tokens: int = 0) -> dict:
+    """Activation bytes of one training micro-batch on the busiest GPU, from a per-token count of what
+    each op keeps for backward (this model's ops, as torch and megatron-core save them).
+
+    saved: what lives from the forward into the backward; with per-block checkpointing a block keeps
+    only its input, with the chunked loss a head keeps no vocab-sized tensor. transient: the largest
+    extra during backward: one loss chunk's logits, softmax and their gradients, or one block recomputed
+    plus its gradient temporaries (at the last block, once the head behind it has freed its tensors). Under PP the busiest stage is the one with the most
+    micro-batches in flight (DeepSpeed's 1F1B schedule: stage s holds pp - s of them).
+    """
+    p, t = dtype_bytes, tensor_parallel
+    d, f, heads, rh = config.hidden_size, config.ffn_hidden_size, config.num_heads, config.router_hidden_size
+    vocab = config.padded_vocab_size(t) // t
+    tokens = micro_batch * (seq_length or config.seq_length)
+    fp32_norm_input = p == 4 or fused_norm  # a norm keeps its input itself (shared with the residual stream)
+    residual = p * d if fp32_norm_input else 0
+    full_block = (2 * (residual + _norm_bytes(d, p, fused_norm, input_counted=True))
+                  + 6 * p * d // t  # qkv, rotated q and k, attention output
+                  + 16 * config.head_dim + 4 * heads // t  # fp32 cos/sin of both rotary calls, softmax logsumexp
+                  + 4 * p * f // t)  # gate, up, SiLU(gate), product
+    block = p * d if activation_checkpointing else full_block
+
+    def head(index: int) -> int:
+        final = index == config.num_heads_total - 1
+        total = _norm_bytes(d, p, fused_norm, input_counted=not final)
+        if not final:  # router: fc1 and GELU outputs, its norm (input = fc2 output)
+            total += 2 * p * rh + _norm_bytes(d, p, fused_norm, input_counted=False)
+        if not final or config.has_final_adapter:  # adapter: W1 and SiLU outputs, the adapted state
+            total += 2 * p * d // t + p * d
+        if not loss_chunk_tokens:  # vocab_parallel_cross_entropy keeps the fp32 softmax (+ masks)
+            total += 4 * vocab + 9
+        return total
+
+    chunk = min(loss_chunk_tokens or tokens, tokens)
+    widened = 2 * p if p != 4 else 0  # a bf16 logits tensor and its fp32 copy, and back for the gradient
+    loss_transient = chunk * vocab * (8 + widened) if loss_chunk_tokens else tokens * vocab * widened // 2
+    block_transient = tokens * ((full_block - p * d if activation_checkpointing else 0) + p * (d + f // t))
+
+    stages = []
+    layers_per_stage = -(-config.num_layers // pipeline_parallel)
+    for stage in range(pipeline_parallel):
+        first, last = stage * layers_per_stage, min(config.num_layers, (stage + 1) * layers_per_stage)
+        stage_heads = [k for k, layer in enumerate(config.exit_layers) if first < layer <= last]
+        per_token = (last - first) * block + sum(head(k) for k in stage_heads) + 24 * len(stage_heads) + 8
+        in_flight = pipeline_parallel - stage
+        saved = per_token * tokens * in_flight
+        # backward reaches the stage's last block after the head right behind it has freed its tensors
+        behind = head(stage_heads[-1]) * tokens if stage_heads and config.exit_layers[stage_heads[-1]] == last else 0
+        transient = max(loss_transient, block_transient - behind, 0)
+        stages.append({"stage": stage, "layers": last - first, "heads": len(stage_heads),
+                       "micro_batches_in_flight": in_flight, "saved": saved, "transient": transient})
+    busiest = max(stages, key=lambda s: s["saved"] + s["transient"])
+    saved, transient = busiest["saved"], busiest["transient"]
+    peak = saved + transient
+    gib = 2**30
+    return {"micro_batch": micro_batch, "seq_length": seq_length or config.seq_length, "dtype_bytes": p,
+            "tensor_parallel": t, "pipeline_parallel": pipeline_parallel, "fused_norm": fused_norm,
+            "activation_checkpointing": activation_checkpointing, "loss_chunk_tokens": loss_chunk_tokens,
+            "busiest_stage": busiest["stage"], "saved_bytes": saved, "transient_bytes": transient,
+            "peak_bytes": peak, "peak_gib": round(peak / gib, 3)}
+
+
+class TensorMemoryTracker:
+    """Counts the bytes of tensor storages that ops create while active, until those storages are freed;
+    `peak` is the most alive at once. Deterministic on any device (it counts tensors, not allocator
+    blocks), so it measures activation memory exactly where allocator statistics are unavailable (CPU).
+    Views and in-place results share an input's storage and are not counted again."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        self._refs: dict[int, object] = {}
+
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        def storages(tree):
+            return [t.untyped_storage() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+        def freed(key: int, size: int) -> None:
+            tracker.live -= size
+            tracker._refs.pop(key, None)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {s.data_ptr() for s in storages((args, kwargs))}
+                for storage in storages(out):
+                    key, size = id(storage), storage.nbytes()
+                    if key in tracker._refs or not size or storage.data_ptr() in inputs:
+                        continue
+                    tracker.live += size
+                    tracker.peak = max(tracker.peak, tracker.live)
+                    tracker._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: freed(key, size))
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def measure_training_step(model, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Activation bytes of one forward + backward of the N-vium loss (gradients allocated beforehand by a
+    warm-up step, as in training): `saved` alive when the forward ends, `peak` the most at any time."""
+    from nvium_dist.mixture import nvium_loss
+
+    mask = torch.ones_like(labels, dtype=torch.float32)
+
+    def loss():
+        return nvium_loss(model(tokens, labels), mask, beta=0.15, in_router_warmup=False).loss
+
+    loss().backward()
+    with TensorMemoryTracker() as tracker:
+        value = loss()
+        saved = tracker.live
+        value.backward()
+        del value
+    return {"saved_bytes": saved, "peak_bytes": tracker.peak}

@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""Prints a model's parameter accounting as JSON, without allocating its weights (meta device).
+"""Prints a model's parameter accounting as JSON, without allocating its weights (meta device), and
+optionally the per-GPU memory estimate of a training setup: model states (DeepSpeed's estimators) plus
+activations of one micro-batch (a per-token count of what this model keeps for backward).
 
   python tools/model_info.py --config pretrain/configs/nvium-1.5b.yaml
   python tools/model_info.py --config pretrain/configs/nvium-1.5b.yaml --zero-stage 2 --gpus 4
+  python tools/model_info.py --config pretrain/configs/nvium-1.5b.yaml --zero-stage 2 --gpus 4 \\
+      --micro-batch 16 --activation-checkpointing
+
+Parallel sizes, dtype (bf16 on cuda), the loss chunk and activation checkpointing default to the config's.
 """
 import argparse
+import contextlib
 import json
 import sys
 
@@ -17,24 +24,51 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="GPUs per node for the memory estimate")
     parser.add_argument("--nodes", type=int, default=1, help="nodes for the memory estimate")
     parser.add_argument("--offload", action="store_true", help="estimate with ZeRO CPU offload")
+    parser.add_argument("--micro-batch", type=int, help="add an activation-memory estimate for this micro-batch size")
+    parser.add_argument("--seq-length", type=int, help="sequence length of the activation estimate (default: the model's)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="estimate with per-block activation checkpointing (default: training.activation_checkpointing)")
+    parser.add_argument("--loss-chunk-tokens", type=int,
+                        help="tokens per chunk of the vocab loss, 0 for none (default: training.loss_chunk_tokens)")
     args = parser.parse_args(argv)
 
     from nvium_dist.config import ConfigError, load_config
-    from nvium_dist.model_info import model_report, model_state_memory
 
     try:
         config = load_config(args.config, args.set)
+        for name in ("micro_batch", "seq_length", "loss_chunk_tokens", "gpus", "nodes"):
+            value = getattr(args, name)
+            if value is not None and value < (0 if name == "loss_chunk_tokens" else 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is for the JSON
+        report = estimate(args, config)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def estimate(args, config) -> dict:
+    from nvium_dist.model_info import activation_memory, model_report, model_state_memory
+
     report = model_report(config.model)
+    parallel, training = config.parallel, config.training
     if args.zero_stage is not None:
-        parallel = config.parallel
         report["memory_estimate"] = model_state_memory(
             report["total_parameters"], report["largest_module_parameters"], args.zero_stage, args.gpus,
             args.nodes, parallel.tensor_parallel * parallel.pipeline_parallel, args.offload)
-    print(json.dumps(report, indent=2))
-    return 0
+    if args.micro_batch is not None:
+        activations = activation_memory(
+            config.model, args.micro_batch, args.seq_length, tensor_parallel=parallel.tensor_parallel,
+            pipeline_parallel=parallel.pipeline_parallel, dtype_bytes=parallel.dtype_bytes,
+            fused_norm=parallel.device == "cuda",
+            activation_checkpointing=args.activation_checkpointing or training.activation_checkpointing,
+            loss_chunk_tokens=training.loss_chunk_tokens if args.loss_chunk_tokens is None else args.loss_chunk_tokens)
+        report["activation_estimate"] = activations
+        if "memory_estimate" in report:
+            report["per_gpu_total_gib"] = round(report["memory_estimate"]["per_gpu_gib"] + activations["peak_gib"], 3)
+    return report
 
 
 if __name__ == "__main__":

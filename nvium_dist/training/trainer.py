@@ -468,17 +468,24 @@ class Trainer:
     def _announce(self, model, resume) -> None:
         if not self.is_logger:
             return
-        from nvium_dist.model_info import model_report, model_state_memory
+        from nvium_dist.model_info import activation_memory, model_report, model_state_memory
 
-        c, info = self.config, self.info
+        c, t, info = self.config, self.config.training, self.info
         report = model_report(c.model)
         memory = model_state_memory(report["total_parameters"], report["largest_module_parameters"],
                                     c.parallel.zero_stage, info.world_size, 1, info.tp_size * info.pp_size,
                                     c.parallel.offload_optimizer)
+        activations = activation_memory(
+            c.model, t.micro_batch_size, tensor_parallel=info.tp_size, pipeline_parallel=info.pp_size,
+            dtype_bytes=c.parallel.dtype_bytes, fused_norm=info.device.type == "cuda",
+            activation_checkpointing=t.activation_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens)
         where = f"resumed from {resume['path']} at step {self.step}" if resume else "fresh start"
         print(f"[setup] {report['total_parameters']:,} parameters {report['parameters_by_part']}\n"
               f"[setup] world {info.world_size} = TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}, "
-              f"ZeRO-{c.parallel.zero_stage}, grad accumulation {self.grad_accumulation}, device {info.device}\n"
-              f"[setup] DeepSpeed model-state estimate per GPU: {memory['per_gpu_gib']} GiB "
-              f"(CPU {memory['cpu_gib']} GiB)\n[setup] run dir {self.run_dir.resolve()} ({where})", flush=True)
+              f"ZeRO-{c.parallel.zero_stage}, grad accumulation {self.grad_accumulation}, device {info.device}, "
+              f"{c.parallel.torch_dtype_name}, optimizer {type(self.engine.basic_optimizer).__name__}\n"
+              f"[setup] memory estimate per GPU: model states {memory['per_gpu_gib']} GiB (DeepSpeed; CPU "
+              f"{memory['cpu_gib']} GiB) + activations {activations['peak_gib']} GiB (activation checkpointing "
+              f"{'on' if t.activation_checkpointing else 'off'}, loss chunk {t.loss_chunk_tokens or 'off'})\n"
+              f"[setup] run dir {self.run_dir.resolve()} ({where})", flush=True)
 
