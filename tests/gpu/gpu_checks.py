@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""The prepared GPU checks (run by tests/gpu/run_gpu_checks.sh): one CUDA GPU, at most 8 minutes, one JSON
+summary at the end. `--cpu-smoke` runs every check on CPU at toy sizes, to catch Python errors without a GPU.
+
+  train       world-1 NCCL, bf16, ZeRO-2, activation checkpointing + chunked loss, 30 steps; the loss falls
+  resume      the step-15 checkpoint copied to a fresh run dir resumes at 15 and repeats steps 16-30
+  export      tools/export_checkpoint.py; its self-check (in bf16) passes
+  decode      deferred vs full decoding of the export on CUDA, fp32 (same tokens) and bf16 (reported)
+  chi_square  20,000 next-token draws on CUDA against p_mix (scipy's chi-square, p > 1e-3)
+  decode_speed  batch-1 tokens/s at d1536 x L48, random weights, router 1 biased to ~70% exits: deferred
+              vs full vs the dense twin (the paper's 1.58x setting)
+  memory      nvium-1.5b training-step activation peak per micro-batch size, checkpointing + chunked loss,
+              measured next to tools/model_info's estimate
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for runs, logs and summary.json")
+    p.add_argument("--cpu-smoke", action="store_true", help="every check on CPU at toy sizes (no GPU needed)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds; checks that would start later are skipped")
+    return p.parse_args(argv)
+
+
+class Checks:
+    def __init__(self, out: Path, smoke: bool):
+        self.out, self.smoke = out, smoke
+        self.device = "cpu" if smoke else "cuda"
+        self.run_dir = out / "run"
+        self.export_dir = out / "export"
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", WANDB_MODE="offline")
+        if smoke:
+            self.env["DS_ACCELERATOR"] = "cpu"
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def train_overrides(self, run_dir: Path, steps: int) -> list[str]:
+        sets = {"parallel.device": self.device, "parallel.dtype": "bf16", "parallel.zero_stage": 2,
+                "training.activation_checkpointing": "true", "training.loss_chunk_tokens": 256,
+                "training.train_iters": steps, "training.save_interval": steps // 2, "training.eval_interval": steps,
+                "training.eval_iters": 2, "training.log_interval": 1, "training.run_dir": str(run_dir),
+                # the bundled corpus and tokenizer are built once, under the first run's directory
+                "data.train_data": f"[{self.out / 'data' / 'shakespeare_train_text_document'}]",
+                "data.valid_data": f"[{self.out / 'data' / 'shakespeare_valid_text_document'}]",
+                "data.tokenizer_model": str(self.out / "data" / "tokenizer.model")}
+        if self.smoke:
+            sets.update({"model.num_layers": 4, "model.exits": "[1,2,3]", "model.seq_length": 64,
+                         "training.micro_batch_size": 4, "training.global_batch_size": 4})
+        return [f"{k}={v}" for k, v in sets.items()]
+
+    def build_data(self) -> None:
+        data = self.out / "data"
+        if (data / "READY").is_file():
+            return
+        tools = ROOT / "tools"
+
+        def tool(name, *args):
+            subprocess.run([sys.executable, str(tools / name), *map(str, args)], check=True, env=self.env,
+                           stdout=subprocess.DEVNULL)
+
+        tool("build_default_corpus.py", "--output-dir", data / "corpus")
+        tool("train_tokenizer.py", "--input", data / "corpus" / "train.jsonl", "--vocab-size", 2048,
+             "--output-prefix", data / "tokenizer", "--input-sentence-size", 20000 if self.smoke else 200000)
+        for split in ("train", "valid"):
+            tool("preprocess_data.py", "--input", data / "corpus" / f"{split}.jsonl", "--json-keys", "text",
+                 "--tokenizer-model", data / "tokenizer.model", "--output-prefix", data / f"shakespeare_{split}",
+                 "--append-eod", "--workers", 4)
+        (data / "READY").write_text("ok\n")
+
+    def torchrun(self, overrides: list[str], log: Path) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(ROOT / "pretrain/configs/tiny.yaml")]
+        cmd += [a for o in overrides for a in ("--set", o)]
+        done = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        log.write_text(done.stdout + done.stderr)
+        if done.returncode:
+            raise RuntimeError(f"trainer exited {done.returncode}; tail of {log}:\n" + (done.stdout + done.stderr)[-3000:])
+        return done.stdout + done.stderr
+
+    @staticmethod
+    def losses(run_dir: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r and "eval_ce" not in r}
+
+    def model(self, config, dtype):
+        """A randomly initialised model on the check's device, built without the slow per-parameter init."""
+        import torch
+
+        from nvium_dist.model import NviumModel
+
+        model = NviumModel(config, initialise=False).to(self.device, dtype)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, 0.02 if "router.logits" not in name else 0.4 / math.sqrt(config.hidden_size))
+        return model.eval()
+
+    # -- the checks ------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        self.build_data()
+        steps = 10 if self.smoke else 30
+        output = self.torchrun(self.train_overrides(self.run_dir, steps), self.out / "train.log")
+        losses = self.losses(self.run_dir)
+        values = [losses[s] for s in sorted(losses)]
+        head, tail = sum(values[:5]) / 5, sum(values[-5:]) / 5
+        setup = re.search(r"optimizer (\w+)", output)
+        memory = re.search(r"memory estimate per GPU: (.*)", output)
+        return {"ok": len(values) == steps and all(map(math.isfinite, values)) and tail < head,
+                "first_losses": values[:3], "last_losses": values[-3:], "mean_first5": head, "mean_last5": tail,
+                "optimizer": setup.group(1) if setup else None, "memory_line": memory.group(1) if memory else None}
+
+    def resume(self) -> dict:
+        steps = 10 if self.smoke else 30
+        middle = f"step_{steps // 2:08d}"
+        resumed = self.out / "resumed"
+        shutil.rmtree(resumed, ignore_errors=True)
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(self.run_dir / "checkpoints" / middle, resumed / "checkpoints" / middle)
+        (resumed / "checkpoints" / "latest").write_text(middle + "\n")
+        output = self.torchrun(self.train_overrides(resumed, steps), self.out / "resume.log")
+        straight, again = self.losses(self.run_dir), self.losses(resumed)
+        diffs = [abs(again[s] - straight[s]) for s in sorted(again)]
+        return {"ok": f"at step {steps // 2}" in output and sorted(again) == list(range(steps // 2 + 1, steps + 1))
+                and max(diffs) < 1e-2, "resumed_steps": [min(again), max(again)],
+                "max_loss_diff": max(diffs), "bitwise_equal": max(diffs) == 0.0}
+
+    def export(self) -> dict:
+        done = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), "--checkpoint",
+                               str(self.run_dir), "--output", str(self.export_dir)], env=self.env,
+                              capture_output=True, text=True, timeout=180)
+        (self.out / "export.log").write_text(done.stdout + done.stderr)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("self-check")), "")
+        return {"ok": done.returncode == 0 and bool(line), "self_check": line,
+                "error": None if done.returncode == 0 else (done.stdout + done.stderr)[-1500:]}
+
+    def decode(self) -> dict:
+        import torch
+
+        from nvium_dist.inference import NviumGenerator
+
+        result = {}
+        prompts = [[1, 5, 9, 14], [3, 4], [7, 100, 200, 33, 21, 8]]
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            generator = NviumGenerator.from_pretrained(self.export_dir, device=self.device, dtype=dtype)
+            deferred = generator.generate(prompts, 48, seed=7, mode="deferred")
+            full = generator.generate(prompts, 48, seed=7, mode="full")
+            mismatched = sum(a != b for x, y in zip(deferred.tokens, full.tokens) for a, b in zip(x, y))
+            result[name] = {"same_tokens": deferred.tokens == full.tokens, "mismatched_tokens": mismatched,
+                            "exit_histogram": deferred.exit_histogram()}
+        result["ok"] = result["fp32"]["same_tokens"]
+        return result
+
+    def chi_square(self) -> dict:
+        import torch
+        from scipy.stats import chisquare
+
+        from nvium_dist.inference import NviumGenerator
+
+        generator = NviumGenerator.from_pretrained(self.export_dir, device=self.device, dtype=torch.float32)
+        prefix, draws = [1, 40, 7, 300, 12], 20_000
+        out = generator.generate([prefix] * draws, 1, seed=2024, mode="deferred")
+        counts = torch.bincount(torch.tensor([t[0] for t in out.tokens]), minlength=generator.config.vocab_size)
+        expected = generator.mixture_logprobs(prefix)[-1].exp().double().cpu() * draws
+        big = expected >= 5  # pool the rare tokens into one cell
+        observed = torch.cat([counts[big], counts[~big].sum().view(1)]).double()
+        expected = torch.cat([expected[big], expected[~big].sum().view(1)])
+        p = float(chisquare(observed.numpy(), (expected * observed.sum() / expected.sum()).numpy()).pvalue)
+        return {"ok": p > 1e-3, "p_value": p, "draws": draws, "exit_histogram": out.exit_histogram()}
+
+    def decode_speed(self) -> dict:
+        import dataclasses
+
+        import torch
+
+        from nvium_dist.config import load_config
+        from nvium_dist.inference import NviumGenerator
+        from nvium_dist.inference.generator import Tokenizer
+        from nvium_dist.model_info import matched_dense_ffn
+
+        config = load_config(ROOT / "pretrain/configs/nvium-1.5b.yaml").model
+        if self.smoke:
+            config = dataclasses.replace(config, hidden_size=128, num_heads=4, num_layers=8, exits=[2, 4, 6],
+                                         ffn_hidden_size=256, vocab_size=2048)
+        dense = dataclasses.replace(config, exits=[], ffn_hidden_size=matched_dense_ffn(config))
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        prompts, new_tokens = [[11, 12, 13, 14, 15, 16, 17, 18]], 16 if self.smoke else 128
+        tokens_per_s, exits = {}, None
+        for name, model_config in (("nvium", config), ("dense", dense)):
+            model = self.model(model_config, torch.bfloat16 if self.device == "cuda" else torch.float32)
+            if model_config.exits:  # router 1: P(exit) ~ 0.7 (logit gap log(0.7/0.3)); later routers ~ 50/50
+                with torch.no_grad():
+                    model.heads[0].router.logits.bias.copy_(torch.tensor([0.0, math.log(0.7 / 0.3)]))
+            generator = NviumGenerator(model, Tokenizer("none", None), None, self.device)
+            modes = ("deferred", "full") if model_config.exits else ("full",)
+            best = {}
+            for repeat in range(3):
+                for mode in modes:
+                    sync()
+                    out = generator.generate(prompts, new_tokens, seed=repeat, mode=mode)
+                    sync()
+                    rate = out.num_tokens / out.seconds
+                    best[mode] = max(best.get(mode, 0.0), rate)
+                    if mode == "deferred":
+                        exits = out.exit_histogram()
+            for mode, rate in best.items():
+                tokens_per_s[f"{name}_{mode}"] = rate
+            del model, generator
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        total = sum(exits)
+        mean_layer = sum(c * layer for c, layer in zip(exits, config.exit_layers)) / total
+        return {"ok": tokens_per_s["nvium_deferred"] > tokens_per_s["nvium_full"], "tokens_per_s": tokens_per_s,
+                "deferred_vs_dense": tokens_per_s["nvium_deferred"] / tokens_per_s["dense_full"],
+                "deferred_vs_full": tokens_per_s["nvium_deferred"] / tokens_per_s["nvium_full"],
+                "exit_fractions": [c / total for c in exits], "ideal_speedup": config.num_layers / mean_layer,
+                "model": f"d{config.hidden_size} L{config.num_layers} exits {config.exits}"}
+
+    def memory(self) -> dict:
+        cmd = [sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--config",
+               str(ROOT / "pretrain/configs/nvium-1.5b.yaml"), "--device", self.device,
+               "--variants", "checkpointed+chunked", "--rounds", "1"]
+        if self.smoke:
+            cmd += ["--set", "model.hidden_size=128", "--set", "model.num_heads=4", "--set", "model.num_layers=4",
+                    "--set", "model.exits=[1,2,3]", "--set", "model.ffn_hidden_size=256", "--set",
+                    "model.vocab_size=2048", "--micro-batches", "1,2", "--seq-length", "128", "--set",
+                    "parallel.device=cpu"]
+        else:
+            cmd += ["--micro-batches", "1,2,4,8,16"]
+        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=ROOT, timeout=240)
+        (self.out / "memory.log").write_text(done.stderr)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        runs = json.loads(done.stdout)["runs"]
+        return {"ok": all(0.5 < r["estimate_over_measured"] < 1.5 for r in runs),
+                "per_micro_batch": {r["micro_batch"]: {k: r[k] for k in ("measured_peak_mib", "allocator_peak_mib",
+                                                                          "estimated_peak_mib", "seconds")}
+                                    for r in runs}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    checks = Checks(out, args.cpu_smoke)
+    import torch
+
+    summary = {"mode": "cpu-smoke" if args.cpu_smoke else "cuda", "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "checks": {}}
+    started = time.time()
+    needs = {"resume": "train", "export": "train", "decode": "export", "chi_square": "export"}
+    for name in ("train", "resume", "export", "decode", "chi_square", "decode_speed", "memory"):
+        if time.time() - started > args.budget:
+            summary["checks"][name] = {"ok": False, "skipped": f"time budget of {args.budget:.0f} s spent"}
+            continue
+        if name in needs and not summary["checks"][needs[name]]["ok"]:
+            summary["checks"][name] = {"ok": False, "skipped": f"{needs[name]} failed"}
+            continue
+        began = time.time()
+        try:
+            result = getattr(checks, name)()
+        except Exception:  # noqa: BLE001 - one failing check must not hide the others
+            result = {"ok": False, "error": traceback.format_exc()[-3000:]}
+        result["seconds"] = round(time.time() - began, 1)
+        summary["checks"][name] = result
+        print(f"[gpu-checks] {name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']} s)", file=sys.stderr,
+              flush=True)
+        summary["seconds"] = round(time.time() - started, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # partial, if killed later
+    summary["ok"] = all(c["ok"] for c in summary["checks"].values())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
