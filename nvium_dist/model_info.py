@@ -151,10 +151,18 @@ def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | N
             total += 4 * vocab + 9
         return total
 
-    chunk = min(loss_chunk_tokens or tokens, tokens)
-    widened = 2 * p if p != 4 else 0  # a bf16 logits tensor and its fp32 copy, and back for the gradient
-    loss_transient = chunk * vocab * (8 + widened) if loss_chunk_tokens else tokens * vocab * widened // 2
-    block_transient = tokens * ((full_block - p * d if activation_checkpointing else 0) + p * (d + f // t))
+    # backward sums the shared output matrix's per-use gradients ([vocab, d] each) in a buffer until the
+    # first head is done: one contribution plus the sum (unchunked), or the sum, a chunk's contribution
+    # and their addition (chunked: many uses)
+    weight_grad = p * vocab * d
+    cast = p if p != 4 else 0  # bf16 logits next to their fp32 copy
+    if loss_chunk_tokens:  # a recomputed chunk: its fp32 logits/softmax and (part of the time) bf16 logits
+        chunk = min(loss_chunk_tokens, tokens)
+        loss_transient = max(3 * weight_grad, 2 * weight_grad + chunk * vocab * (8 + cast) // 2)
+    else:  # the fp32 softmax is saved already; the forward briefly holds the bf16 logits too
+        loss_transient = max(weight_grad, tokens * vocab * cast)
+    block_transient = (tokens * ((full_block - p * d if activation_checkpointing else 0) + p * (d + f // t))
+                       + weight_grad)
 
     stages = []
     layers_per_stage = -(-config.num_layers // pipeline_parallel)
