@@ -143,6 +143,52 @@ def test_tensor_parallel_2_equals_1():
     print(f"TP=2 vs TP=1: loss diff {abs(results[0]['loss'] - reference['loss']):.2e}, max grad diff {worst:.2e}")
 
 
+def _memory_switch_worker(rank, world_size, full_state, tokens, labels):
+    """Losses, mixture terms and every gradient with each memory switch, against the plain model."""
+    from megatron.core import parallel_state
+
+    from nvium_dist.model import NviumModel
+    from nvium_dist.parallel import init_distributed
+    from nvium_dist.tp_layout import load_full_state_dict
+
+    init_distributed(ParallelConfig(tensor_parallel=world_size))
+    outputs = {}
+    for name, switches in {"plain": {}, "chunked": {"loss_chunk_tokens": 7},
+                           "checkpointed": {"activation_checkpointing": True},
+                           "both": {"activation_checkpointing": True, "loss_chunk_tokens": 20}}.items():
+        model = NviumModel(ModelConfig(**TINY), tensor_parallel=world_size, initialise=False, **switches)
+        load_full_state_dict(model, full_state, parallel_state.get_tensor_model_parallel_rank(), world_size)
+        vocab_sized = []  # tensors kept for backward outside any checkpoint, with a vocab-sized last dim
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: vocab_sized.append(t.shape) or t if t.shape and t.shape[-1] == model.output.weight.shape[0]
+                else t, lambda t: t):
+            terms = model(tokens, labels)
+        loss = nvium_loss(terms, torch.ones_like(labels), beta=0.15, in_router_warmup=False).loss
+        loss.backward()
+        outputs[name] = (terms.log_p_heads.detach(), terms.log_p_mix.detach(), loss.item(),
+                         {n: p.grad for n, p in model.named_parameters()}, len(vocab_sized))
+    plain = outputs.pop("plain")
+    return {"plain_vocab_sized": plain[4],
+            **{name: {"values": max((out[0] - plain[0]).abs().max().item(), (out[1] - plain[1]).abs().max().item(),
+                                    abs(out[2] - plain[2])),
+                      "grads": max((g - plain[3][n]).abs().max().item() for n, g in out[3].items()),
+                      "vocab_sized": out[4]} for name, out in outputs.items()}}
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["tp1", "tp2"])
+def test_memory_switches_change_no_number(world_size):
+    """Activation checkpointing and the chunked vocab loss (chunks that split rows and a ragged last chunk):
+    same log-probabilities, loss and gradients within 1e-6 in fp32, vocab-parallel TP=2 too; with the
+    chunked loss no vocab-sized tensor waits for backward."""
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
+    labels = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    for result in run_distributed(_memory_switch_worker, world_size, _full_state(), tokens, labels):
+        assert result["plain_vocab_sized"] >= 4  # every head's softmax (+ the padding mask), without chunking
+        for name in ("chunked", "checkpointed", "both"):
+            assert result[name]["values"] < 1e-6 and result[name]["grads"] < 1e-6, (name, result[name])
+        assert result["chunked"]["vocab_sized"] == result["both"]["vocab_sized"] == 0
+
+
 def _full_state():
     from nvium_dist.parallel import init_distributed
     from nvium_dist.tp_layout import gather_full_state_dict

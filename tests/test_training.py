@@ -38,7 +38,19 @@ def train(world_size, corpus, run_dir, **extra):
 @pytest.fixture(scope="session")
 def reference(corpus, tmp_path_factory):
     """One process, ZeRO-0, gradient accumulation 2 (micro-batch 4, global batch 8)."""
-    return train(1, corpus, tmp_path_factory.mktemp("reference"))
+    run_dir = tmp_path_factory.mktemp("reference")
+    return (*train(1, corpus, run_dir), run_dir)
+
+
+def assert_same_final_weights(run_dir, reference_dir, what):
+    """The layout-independent weights each layout gathers into its final checkpoint match one process's."""
+    from nvium_dist.checkpoint_io import read_checkpoint
+
+    _, ours, _, state = read_checkpoint(run_dir)
+    _, theirs, _, _ = read_checkpoint(reference_dir)
+    assert state["step"] == 5 and sorted(ours) == sorted(theirs)
+    worst = max((ours[n] - theirs[n]).abs().max().item() for n in theirs)
+    assert worst < TOLERANCE, (what, worst)
 
 
 def assert_same_losses(records, reference_records, what):
@@ -74,6 +86,7 @@ def test_layouts_match_single_process(layout, corpus, reference, tmp_path):
     records, evals = train(2, corpus, tmp_path, **layout)
     assert_same_losses(records, reference[0], str(layout))
     assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+    assert_same_final_weights(tmp_path, reference[2], str(layout))
 
 
 def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
@@ -83,6 +96,7 @@ def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
                                                    "parallel.zero_stage": 1, **MEMORY_SAVERS})
     assert_same_losses(records, reference[0], "TP=2 x PP=2")
     assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+    assert_same_final_weights(tmp_path, reference[2], "TP=2 x PP=2")
 
 
 @pytest.mark.slow
@@ -292,6 +306,57 @@ def test_bf16_zero2_trains_resumes_exactly_and_exports(corpus, tmp_path):
     assert "in bfloat16 (tolerance 0.1)" in done.stdout
     worst = float(done.stdout.split("log p_mix ")[1].split()[0].rstrip(","))
     assert worst < 1e-3, done.stdout
+
+
+def _masters_worker(rank, world_size, zero_stage, full_state):
+    """A bf16 DeepSpeed engine over the tiny model: its masters start as the bf16-rounded weights; after
+    load_fp32_master_weights they are the given fp32 state, and fp32_master_weights reads them back whole."""
+    import sys
+
+    import deepspeed
+
+    from nvium_dist.config import ModelConfig, ParallelConfig
+    from nvium_dist.model import NviumModel
+    from nvium_dist.parallel import DeepSpeedMPU, init_distributed
+    from nvium_dist.tp_layout import gather_named, partition_dims
+    from nvium_dist.training.checkpoint import fp32_master_weights, load_fp32_master_weights
+
+    init_distributed(ParallelConfig(dtype="bf16", zero_stage=zero_stage))
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96, exits=[1],
+                         make_vocab_size_divisible_by=64)
+    model = NviumModel(config, seed=1)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters()), mpu=DeepSpeedMPU(),
+        config={"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+                "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": zero_stage},
+                "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
+    params, dims = dict(engine.module.named_parameters()), partition_dims(engine.module)
+    before = gather_named(fp32_master_weights(params), dims, config.vocab_size)
+    load_fp32_master_weights(params, dims, full_state, 0, 1, config.vocab_size)
+    after = gather_named(fp32_master_weights(params), dims, config.vocab_size)
+    return {"before_off_grid": sum((t != t.bfloat16().float()).sum().item() for t in before.values()),
+            "after_equal": all(torch.equal(after[n], full_state[n]) for n in full_state), "names": sorted(after)}
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_fp32_masters_are_written_and_restored_whole(zero_stage):
+    """What a checkpoint of a bf16 run stores (the optimizer's fp32 masters, gathered over the data-parallel
+    partitions) and what a resume into another layout restores: ZeRO-1 (DeepSpeed's BF16 optimizer), 2, 3."""
+    from nvium_dist.config import ModelConfig, ParallelConfig
+    from nvium_dist.model import NviumModel
+    from nvium_dist.parallel import init_distributed
+    from nvium_dist.tp_layout import gather_full_state_dict
+
+    init_distributed(ParallelConfig())
+    config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96, exits=[1],
+                         make_vocab_size_divisible_by=64)
+    full_state = {n: t + 1e-4 * torch.randn_like(t) for n, t in gather_full_state_dict(NviumModel(config)).items()}
+    for result in run_distributed(_masters_worker, 2, zero_stage, full_state):
+        assert result["names"] == sorted(full_state)
+        assert result["before_off_grid"] == 0  # the engine made its masters from the bf16 weights ...
+        assert result["after_equal"]  # ... and holds the checkpoint's fp32 values after loading them
 
 
 def test_lr_schedules():
