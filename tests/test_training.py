@@ -60,7 +60,7 @@ def assert_same_losses(records, reference_records, what):
 
 
 def test_reference_run_is_complete(reference):
-    records, evals = reference
+    records, evals, _ = reference
     assert sorted(records) == [1, 2, 3, 4, 5]
     for key in ("loss", "lm_loss", "depth_loss", "lr", "beta", "tokens_per_s", "consumed_samples"):
         assert key in records[5]
