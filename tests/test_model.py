@@ -234,6 +234,8 @@ def test_tiny_model_learns_repeating_corpus(single_process):
     ("parallel.zero_stage=2", "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1"),
     ("model.hidden_sz=3", "unknown config key"),
     ("model.num_layers=abc", "model.num_layers must be int"),
+    ("parallel.dtype=bf16", "bf16 training needs parallel.zero_stage >= 1"),
+    ("training.loss_chunk_tokens=-1", "training.loss_chunk_tokens must be >= 0"),
 ])
 def test_bad_configs_fail_clearly(override, message):
     overrides = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=6", override]
