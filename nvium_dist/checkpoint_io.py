@@ -7,8 +7,11 @@ Training checkpoint (written by the trainer through `write_model_files`)::
         config.json              the full NviumConfig (dataclasses.asdict; sections model/parallel/data/training)
         model.safetensors        FULL weights, names of NviumModel.named_parameters() at TP=1, vocab rows unpadded
         sample_check.safetensors tokens/labels [2, s] int64, log_p_heads [2, s, K], log_p_mix [2, s] (fp32)
-        trainer_state.json       step, consumed_samples, beta, ...
+        optimizer.safetensors    Adam moments per full parameter (`exp_avg.<name>`, `exp_avg_sq.<name>`; step in
+                                 the metadata), so a resume in another layout keeps the optimizer
+        trainer_state.json       step, consumed_samples, beta, lineage, ...
         deepspeed/               DeepSpeed's own layout-specific state (never read here)
+        manifest.json            relative path, size and sha256 of every other file; written last
 
 Export (`save_export`)::
 
@@ -16,7 +19,9 @@ Export (`save_export`)::
     EXPORT_DIR/model.safetensors the same full weights
     EXPORT_DIR/tokenizer.model   the SentencePiece model (when there is one)
 
-Everything is read without unpickling (safetensors + json). Every write goes to `<target>.tmp-<pid>` first
+Everything is read without unpickling (safetensors + json). A step directory is trusted only as far as its
+manifest: `verify_manifest` refuses a directory with a file the manifest does not list (a planted file), a
+missing file, or one whose size or sha256 differs. Every write goes to `<target>.tmp-<pid>` first
 and is moved into place with `os.replace`, so a reader never sees a half-written file or directory.
 """
 from __future__ import annotations
@@ -37,6 +42,9 @@ EXPORT_FORMAT = "nvium-export"
 EXPORT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 SAMPLE_FILE = "sample_check.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "nvium-checkpoint-manifest"
 CONFIG_FILE = "config.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -67,7 +75,7 @@ def atomic_write_json(path: Path, value: Any) -> None:
     _atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = _tmp_name(path)
@@ -136,7 +144,7 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     check_safetensors(path)
@@ -184,7 +192,123 @@ def check_state_matches(model_config: ModelConfig, state: dict[str, torch.Tensor
             "re-export from the original checkpoint")
 
 
+USABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_weights_usable(state: dict[str, torch.Tensor], where: str) -> None:
+    """Raises CheckpointError on weights that cannot serve: a non-float dtype, or NaN / infinite values."""
+    for name, tensor in state.items():
+        if tensor.dtype not in USABLE_DTYPES:
+            raise CheckpointError(f"{where}: {name} has dtype {tensor.dtype}; weights must be float32, bfloat16 "
+                                  "or float16. The file was not written by nvium; re-export from the checkpoint")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: {name} holds NaN or infinite values; the training run diverged "
+                                  "before this checkpoint. Use an earlier checkpoint")
+
+
+# -- manifests -------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_files(step_dir: Path) -> list[str]:
+    """Every file under `step_dir` (relative, sorted) except the manifest; a symlink is an error."""
+    found = []
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link; a checkpoint holds plain files only")
+        if path.is_file() and path != step_dir / MANIFEST_FILE:
+            found.append(path.relative_to(step_dir).as_posix())
+    return found
+
+
+def file_record(step_dir: Path, relative: str) -> dict:
+    path = step_dir / relative
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_manifest(step_dir: str | os.PathLike, records: dict[str, dict] | None = None) -> None:
+    """Writes manifest.json over every other file of `step_dir`; `records` (relative path -> size and
+    sha256) saves hashing files someone already hashed, e.g. other ranks."""
+    step_dir = Path(step_dir)
+    records = dict(records or {})
+    files = list_files(step_dir)
+    for relative in files:
+        if relative not in records:
+            records[relative] = file_record(step_dir, relative)
+    atomic_write_json(step_dir / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "version": 1,
+                                                 "files": {k: records[k] for k in files}})
+
+
+def verify_manifest(step_dir: str | os.PathLike, only: list[str] | None = None) -> None:
+    """Raises CheckpointError unless every file of `step_dir` is in its manifest with the same size and
+    sha256, and every file the manifest lists exists. `only`: check just these files (and no extra ones)."""
+    step_dir = Path(step_dir)
+    raw = _read_json(step_dir / MANIFEST_FILE)
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or not isinstance(raw.get("files"), dict):
+        raise CheckpointError(f"{step_dir / MANIFEST_FILE} is not an nvium checkpoint manifest")
+    listed = raw["files"]
+    if only is None:
+        planted = sorted(set(list_files(step_dir)) - set(listed))
+        if planted:
+            raise CheckpointError(f"{step_dir} holds file(s) its manifest does not list: {planted[:5]}; "
+                                  "something other than the trainer wrote into it")
+        names = sorted(listed)
+    else:
+        names = [n for n in only if n in listed]
+    for relative in names:
+        path = step_dir / relative
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"{path} is listed in the manifest but missing (or not a plain file)")
+        expected = listed[relative]
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            raise CheckpointError(f"{path} has {size} bytes, the manifest says {expected.get('size')}; "
+                                  "the file was truncated or changed after the checkpoint was written")
+        if file_sha256(path) != expected.get("sha256"):
+            raise CheckpointError(f"{path} does not match the sha256 in the manifest; "
+                                  "the file was corrupted or changed after the checkpoint was written")
+
+
 # -- training checkpoints --------------------------------------------------------------------------------
+
+def write_sample_check(ckpt_dir: str | os.PathLike, sample: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in SAMPLE_KEYS if k not in sample]
+    if missing:
+        raise ValueError(f"sample is missing {missing}; it needs {list(SAMPLE_KEYS)}")
+    sample = {k: v.detach().float() if v.is_floating_point() else v.detach().long() for k, v in sample.items()}
+    save_tensors(Path(ckpt_dir) / SAMPLE_FILE, sample)
+
+
+def write_optimizer_file(ckpt_dir: str | os.PathLike, moments: dict[str, torch.Tensor], step: int) -> None:
+    """optimizer.safetensors: full fp32 Adam moments by `exp_avg.<name>` / `exp_avg_sq.<name>`, the step count."""
+    save_tensors(Path(ckpt_dir) / OPTIMIZER_FILE, {k: v.float() for k, v in moments.items()},
+                      {"format": "nvium-adam-moments", "step": str(int(step))})
+
+
+def read_optimizer_file(ckpt_dir: str | os.PathLike,
+                        model_config: ModelConfig) -> tuple[dict[str, torch.Tensor], int] | None:
+    """-> (moments, Adam step) from optimizer.safetensors, None when the checkpoint has none (saved at step 0)."""
+    path = Path(ckpt_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        return None
+    step = check_safetensors(path).get("__metadata__", {}).get("step")
+    moments = load_tensors(path)
+    shapes = expected_parameter_shapes(model_config)
+    expected = {f"{key}.{name}": shape for key in ("exp_avg", "exp_avg_sq") for name, shape in shapes.items()}
+    wrong = sorted(k for k in expected if k not in moments or tuple(moments[k].shape) != expected[k])
+    if step is None or not step.isdigit() or wrong or set(moments) - set(expected):
+        raise CheckpointError(f"{path} does not hold Adam moments for this model (step {step!r}; missing or "
+                              f"misshapen: {wrong[:3]}); the file is corrupt or from another model")
+    return moments, int(step)
+
 
 def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_state: dict[str, torch.Tensor],
                       sample: dict[str, torch.Tensor] | None) -> Path:
@@ -196,10 +320,6 @@ def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_sta
     Does not touch `latest`: call `update_latest` once the whole checkpoint (DeepSpeed state too) is complete.
     """
     ckpt_dir = Path(ckpt_dir)
-    if sample is not None:
-        missing = [k for k in SAMPLE_KEYS if k not in sample]
-        if missing:
-            raise ValueError(f"sample is missing {missing}; it needs {list(SAMPLE_KEYS)}")
     if ckpt_dir.exists():
         target, final = ckpt_dir, None
     else:
@@ -208,10 +328,9 @@ def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_sta
         if target.exists():
             shutil.rmtree(target)
         target.mkdir()
-    _save_safetensors(target / MODEL_FILE, full_state, {"format": "nvium-full-state"})
+    save_tensors(target / MODEL_FILE, full_state, {"format": "nvium-full-state"})
     if sample is not None:
-        sample = {k: v.detach().float() if v.is_floating_point() else v.detach().long() for k, v in sample.items()}
-        _save_safetensors(target / SAMPLE_FILE, sample)
+        write_sample_check(target, sample)
     atomic_write_json(target / CONFIG_FILE, asdict(config))
     if final is not None:
         os.replace(target, final)
@@ -251,10 +370,18 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt") from None
 
 
-def read_checkpoint(path: str | os.PathLike, check_weights: bool = True
+CHECKPOINT_FILES_READ = [CONFIG_FILE, MODEL_FILE, SAMPLE_FILE, TRAINER_STATE_FILE, OPTIMIZER_FILE]
+
+
+def read_checkpoint(path: str | os.PathLike, check_weights: bool = True, verified: bool = False
                     ) -> tuple[NviumConfig, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
-    """-> (config, full_state, sample or None, trainer_state) of a training checkpoint (RUN_DIR resolves to latest)."""
+    """-> (config, full_state, sample or None, trainer_state) of a training checkpoint (RUN_DIR resolves to latest).
+
+    The files read are checked against the step's manifest when it has one (`verified`: the caller already
+    checked the whole directory)."""
     step_dir = resolve_checkpoint_dir(path)
+    if not verified and (step_dir / MANIFEST_FILE).is_file():
+        verify_manifest(step_dir, only=CHECKPOINT_FILES_READ)
     raw = _read_json(step_dir / CONFIG_FILE)
     try:
         config = config_from_dict(raw)
@@ -262,19 +389,26 @@ def read_checkpoint(path: str | os.PathLike, check_weights: bool = True
         raise CheckpointError(f"{step_dir / CONFIG_FILE}: {err}") from None
     if not (step_dir / MODEL_FILE).is_file():
         raise CheckpointError(f"{step_dir} has no {MODEL_FILE}; the checkpoint is incomplete (use an earlier step)")
-    state = _load_safetensors(step_dir / MODEL_FILE)
+    state = load_tensors(step_dir / MODEL_FILE)
     if check_weights:
         check_state_matches(config.model, state, str(step_dir))
-    sample = _load_safetensors(step_dir / SAMPLE_FILE) if (step_dir / SAMPLE_FILE).is_file() else None
+    sample = load_tensors(step_dir / SAMPLE_FILE) if (step_dir / SAMPLE_FILE).is_file() else None
     trainer_state = _read_json(step_dir / TRAINER_STATE_FILE) if (step_dir / TRAINER_STATE_FILE).is_file() else {}
+    if not isinstance(trainer_state, dict):
+        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is not a JSON object; the checkpoint is corrupt")
     return config, state, sample, trainer_state
+
+
+def run_dir_of(step_dir: Path) -> Path:
+    """RUN_DIR of RUN_DIR/checkpoints/step_X (the step's parent for a step directory elsewhere)."""
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
 
 
 def find_tokenizer(config: NviumConfig, checkpoint_path: str | os.PathLike) -> Path | None:
     """The checkpoint's SentencePiece model: data.tokenizer_model (absolute, cwd- or run-dir-relative),
     else RUN_DIR/data/tokenizer.model. None when there is none."""
     step_dir = resolve_checkpoint_dir(checkpoint_path)
-    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    run_dir = run_dir_of(step_dir)
     candidates = []
     if config.data.tokenizer_model:
         given = Path(config.data.tokenizer_model)
@@ -286,15 +420,31 @@ def find_tokenizer(config: NviumConfig, checkpoint_path: str | os.PathLike) -> P
     return None
 
 
-def write_resharded_checkpoint(output_run_dir: str | os.PathLike, config: NviumConfig,
-                               full_state: dict[str, torch.Tensor], sample: dict[str, torch.Tensor] | None,
-                               trainer_state: dict, tensor_parallel: int, pipeline_parallel: int) -> Path:
+def _same_or_inside(path: Path, other: Path) -> bool:
+    path, other = path.resolve(), other.resolve()
+    return path == other or other in path.parents
+
+
+def write_resharded_checkpoint(output_run_dir: str | os.PathLike, source_step_dir: str | os.PathLike,
+                               tensor_parallel: int, pipeline_parallel: int, check=None) -> Path:
     """A training checkpoint for another TP/PP layout: OUTPUT/checkpoints/step_X/ (+ latest), no deepspeed/.
 
-    The full state is layout independent, so resharding rewrites parallel.tensor_parallel/pipeline_parallel
-    (validated against the model) and leaves the weights as they are; the trainer shards them at load time
-    and starts fresh optimizer state because there is no DeepSpeed state for the new layout.
+    Weights and Adam moments are layout independent, so resharding copies model.safetensors and
+    optimizer.safetensors and rewrites parallel.tensor_parallel/pipeline_parallel (validated against the
+    model); the trainer shards both at load time. The step is built under a temporary name, `check(tmp)`
+    runs on it, and only then is it renamed into place and `latest` written.
     """
+    source = resolve_checkpoint_dir(source_step_dir)
+    config, _, _, trainer_state = read_checkpoint(source)
+    output_run_dir = Path(output_run_dir)
+    source_run = run_dir_of(source)
+    check_outside_run(output_run_dir, source_run)
+    checkpoints = output_run_dir / "checkpoints"
+    if output_run_dir.exists() and not output_run_dir.is_dir():
+        raise CheckpointError(f"--output {output_run_dir} is a file; choose a new directory for the resharded run")
+    if checkpoints.exists():
+        raise CheckpointError(f"{checkpoints} already exists: {output_run_dir} is another run's directory; "
+                              "choose a new --output directory")
     new = config_from_dict(asdict(config))
     new.parallel.tensor_parallel, new.parallel.pipeline_parallel = tensor_parallel, pipeline_parallel
     if pipeline_parallel > 1 and new.parallel.zero_stage > 1:
@@ -303,16 +453,33 @@ def write_resharded_checkpoint(output_run_dir: str | os.PathLike, config: NviumC
         new.validate()
     except ConfigError as err:
         raise CheckpointError(f"cannot reshard to --tp {tensor_parallel} --pp {pipeline_parallel}: {err}") from None
-    state = dict(trainer_state)
-    state["resharded_from"] = {"tensor_parallel": config.parallel.tensor_parallel,
-                               "pipeline_parallel": config.parallel.pipeline_parallel}
-    return write_weights_only_checkpoint(output_run_dir, new, full_state, sample, state)
+    step_dir = checkpoints / step_dir_name(int(trainer_state.get("step", 0)))
+    tmp = checkpoints / f".tmp_{step_dir.name}"
+    tmp.mkdir(parents=True)
+    try:
+        for name in (MODEL_FILE, SAMPLE_FILE, OPTIMIZER_FILE):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        atomic_write_json(tmp / CONFIG_FILE, asdict(new))
+        state = dict(trainer_state)
+        state["resharded_from"] = {"tensor_parallel": config.parallel.tensor_parallel,
+                                   "pipeline_parallel": config.parallel.pipeline_parallel}
+        atomic_write_json(tmp / TRAINER_STATE_FILE, state)
+        write_manifest(tmp)
+        if check is not None:
+            check(tmp)
+    except BaseException:
+        shutil.rmtree(checkpoints)
+        raise
+    os.replace(tmp, step_dir)
+    update_latest(checkpoints, step_dir.name)
+    return step_dir
 
 
 def write_weights_only_checkpoint(run_dir: str | os.PathLike, config: NviumConfig, full_state: dict[str, torch.Tensor],
                                   sample: dict[str, torch.Tensor] | None, trainer_state: dict) -> Path:
-    """RUN_DIR/checkpoints/step_X/ (+ latest) without DeepSpeed state: the trainer resumes these weights (and
-    trainer_state's step, consumed samples and beta) with a fresh optimizer."""
+    """RUN_DIR/checkpoints/step_X/ (+ latest, + manifest) without DeepSpeed state: the trainer resumes these
+    weights (and trainer_state's step, consumed samples and beta) with a fresh optimizer."""
     step = int(trainer_state.get("step", 0))
     checkpoints = Path(run_dir) / "checkpoints"
     step_dir = checkpoints / step_dir_name(step)
@@ -320,6 +487,7 @@ def write_weights_only_checkpoint(run_dir: str | os.PathLike, config: NviumConfi
         raise CheckpointError(f"{step_dir} already exists; choose an empty --output directory")
     write_model_files(step_dir, config, full_state, sample)
     atomic_write_json(step_dir / TRAINER_STATE_FILE, trainer_state)
+    write_manifest(step_dir)
     update_latest(checkpoints, step_dir.name)
     return step_dir
 
@@ -335,15 +503,49 @@ class Export:
     metadata: dict = field(default_factory=dict)
 
 
+def check_outside_run(output: Path, run_dir: Path) -> None:
+    """Raises unless writing `output` leaves `run_dir` alone: `output` is neither the run directory, nor
+    anything that holds it, nor anything inside its checkpoints."""
+    if _same_or_inside(run_dir, output) or _same_or_inside(output, run_dir / "checkpoints"):
+        raise CheckpointError(f"--output {output} would replace or write into the checkpoint's run directory "
+                              f"{run_dir}; choose another directory")
+
+
+def is_export_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(export_dir: Path, force: bool, protected: Path | None = None) -> None:
+    """Raises unless `export_dir` may be written: new, an empty directory or an earlier export; anything
+    else only with `force`. Never `protected` (the source checkpoint's run directory), anything that holds
+    it, or anything inside its checkpoints."""
+    from nvium_dist.hf.output_dir import check_output_dir
+
+    if protected is not None:
+        check_outside_run(export_dir, protected)
+    check_output_dir(export_dir, is_export_dir, force, "export_checkpoint.py")
+
+
 def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_state: dict[str, torch.Tensor],
-                tokenizer_path: str | os.PathLike | None, metadata: dict | None = None) -> Path:
-    """Writes EXPORT_DIR (config.json, model.safetensors, tokenizer.model) atomically (replaces an old export).
+                tokenizer_path: str | os.PathLike | None, metadata: dict | None = None, check=None,
+                force: bool = False, protected: str | os.PathLike | None = None) -> Path:
+    """Writes EXPORT_DIR (config.json, model.safetensors, tokenizer.model) atomically.
 
     `tokenizer_path`: a SentencePiece .model file, the string "bytes" (ids are byte values, vocab >= 256),
-    or None (no tokenizer; generate with token ids).
+    or None (no tokenizer; generate with token ids). The export is built under a temporary name and
+    `check(tmp_dir)` runs on it first; only when it passes does it replace EXPORT_DIR, which must be new,
+    empty or an earlier export unless `force` (see `check_export_target`; `protected`: a run directory
+    that is never touched).
     """
+    from nvium_dist.hf.output_dir import install_dir
+
     export_dir = Path(export_dir)
+    check_export_target(export_dir, force, Path(protected) if protected is not None else None)
     check_state_matches(model_config, full_state, "export")
+    check_weights_usable(full_state, "export")
     if tokenizer_path is None:
         tokenizer = {"type": "none"}
     elif str(tokenizer_path) == "bytes":
@@ -359,19 +561,19 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_safetensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
-    if tokenizer["type"] == "sentencepiece":
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-    atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-                                           "model": asdict(model_config), "tokenizer": tokenizer,
-                                           "metadata": metadata or {}})
-    if export_dir.exists():
-        old = export_dir.with_name(f"{export_dir.name}.old-{os.getpid()}")
-        os.replace(export_dir, old)
-        os.replace(tmp, export_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, export_dir)
+    try:
+        save_tensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
+        if tokenizer["type"] == "sentencepiece":
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+                                               "model": asdict(model_config), "tokenizer": tokenizer,
+                                               "metadata": metadata or {}})
+        if check is not None:
+            check(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install_dir(tmp, export_dir)
     return export_dir
 
 
@@ -380,23 +582,32 @@ def load_export(export_dir: str | os.PathLike, check_weights: bool = True) -> Ex
     if not export_dir.is_dir():
         raise CheckpointError(f"export directory {export_dir} does not exist; create one with tools/export_checkpoint.py")
     raw = _read_json(export_dir / CONFIG_FILE)
-    if raw.get("format") != EXPORT_FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
+        looks_like_training = isinstance(raw, dict) and "parallel" in raw
         hint = (" (this looks like a training checkpoint: export it with tools/export_checkpoint.py "
-                f"--checkpoint {export_dir} --output EXPORT_DIR)") if "parallel" in raw else ""
+                f"--checkpoint {export_dir} --output EXPORT_DIR)") if looks_like_training else ""
         raise CheckpointError(f"{export_dir / CONFIG_FILE} is not an nvium export{hint}")
-    if int(raw.get("version", 0)) > EXPORT_VERSION:
-        raise CheckpointError(f"{export_dir} has export version {raw['version']}; this code reads <= {EXPORT_VERSION}")
+    version, model, tokenizer = raw.get("version", 0), raw.get("model"), raw.get("tokenizer", {"type": "none"})
+    if not isinstance(version, int) or not isinstance(model, dict) or not isinstance(tokenizer, dict):
+        raise CheckpointError(f"{export_dir / CONFIG_FILE} is corrupt: version, model and tokenizer must be an "
+                              "integer and two objects; re-export from the checkpoint")
+    if version > EXPORT_VERSION:
+        raise CheckpointError(f"{export_dir} has export version {version}; this code reads <= {EXPORT_VERSION}")
     try:
-        model_config = model_config_from_dict(raw["model"])
+        model_config = model_config_from_dict(model)
     except ConfigError as err:
         raise CheckpointError(f"{export_dir / CONFIG_FILE}: {err}") from None
-    state = _load_safetensors(export_dir / MODEL_FILE)
+    state = load_tensors(export_dir / MODEL_FILE)
     if check_weights:
         check_state_matches(model_config, state, str(export_dir))
-    tokenizer = raw.get("tokenizer", {"type": "none"})
+        check_weights_usable(state, str(export_dir))
     tokenizer_path = None
     if tokenizer.get("type") == "sentencepiece":
-        tokenizer_path = export_dir / tokenizer.get("file", TOKENIZER_FILE)
+        name = tokenizer.get("file", TOKENIZER_FILE)
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"{export_dir / CONFIG_FILE} names tokenizer file {name!r}; it must be a file name "
+                                  "inside the export")
+        tokenizer_path = export_dir / name
         if not tokenizer_path.is_file():
             raise CheckpointError(f"{export_dir} names a tokenizer file {tokenizer_path.name} that is missing")
     return Export(model_config, state, tokenizer_path, tokenizer.get("type", "none"), raw.get("metadata", {}))

@@ -18,6 +18,20 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which field and what to change."""
 
 
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+ADAM_BETA = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_ranges(section: str, values, rules: dict[str, tuple]) -> None:
+    """Raises ConfigError for the first field of `values` outside its rule (predicate, description)."""
+    for name, (ok, what) in rules.items():
+        value = getattr(values, name)
+        if not ok(value):
+            raise ConfigError(f"{section}.{name} must be {what}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 2048
@@ -81,10 +95,9 @@ class ModelConfig:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def validate(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "seq_length")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "seq_length",
+                    "rope_theta", "norm_eps", "init_std", "router_hidden_ratio", "make_vocab_size_divisible_by")
+        check_ranges("model", self, {name: POSITIVE for name in positive} | {"adapter_init_std": NON_NEGATIVE})
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
@@ -179,6 +192,13 @@ class BetaControllerConfig:
     # true: a missing or stale baseline stops training with an error instead of a warning at each evaluation.
     strict: bool = False
 
+    def validate(self) -> None:
+        check_ranges("training.beta_controller", self,
+                     {name: NON_NEGATIVE for name in ("dead_band", "k_up", "k_down", "max_step", "beta_min",
+                                                      "max_baseline_lag")})
+        if self.beta_max < self.beta_min:
+            raise ConfigError(f"training.beta_controller.beta_max={self.beta_max} is below beta_min={self.beta_min}")
+
 
 @dataclass
 class TrainingConfig:
@@ -204,7 +224,9 @@ class TrainingConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     save_interval: int = 100
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # newest checkpoints of this run kept; 0 keeps all
+    # When checkpoints exist but none verifies, start from step 0 instead of stopping with an error.
+    allow_fresh_start: bool = False
     # Memory for compute (neither changes a number): each transformer block keeps only its input and is
     # recomputed in backward; the vocab loss runs loss_chunk_tokens tokens at a time, recomputed in backward
     # (0: all tokens of a micro-batch at once, every head's logits kept until backward).
@@ -217,10 +239,17 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.lr_schedule not in ("cosine", "wsd"):
             raise ConfigError(f"training.lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
-        if self.train_iters <= 0 or self.micro_batch_size <= 0:
-            raise ConfigError("training.train_iters and training.micro_batch_size must be positive")
+        positive = ("train_iters", "micro_batch_size", "global_batch_size", "lr", "adam_eps", "log_interval",
+                    "eval_interval", "eval_iters", "save_interval")
+        check_ranges("training", self, {name: POSITIVE for name in positive} | {
+            name: FRACTION for name in ("min_lr_ratio", "warmup_fraction", "decay_fraction", "router_warmup_fraction")
+        } | {name: NON_NEGATIVE for name in ("weight_decay", "clip_grad", "beta", "router_warmup_steps",
+                                              "keep_checkpoints")} | {
+            "adam_beta1": ADAM_BETA, "adam_beta2": ADAM_BETA,
+            "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy seeds the sample order with it)")})
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"training.loss_chunk_tokens must be >= 0 (0: no chunking), got {self.loss_chunk_tokens}")
+        self.beta_controller.validate()
 
 
 @dataclass
@@ -274,7 +303,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is list:
         (item_type,) = get_args(annotation)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",") if value else []
+            value = _parse_yaml(value, key) if value.strip().startswith("[") else value.split(",") if value else []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(v, item_type, key) for v in value]
@@ -289,11 +318,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if annotation in (int, float, str):
         try:
+            if annotation is not str and isinstance(value, bool):
+                raise ValueError  # YAML's true/false would become 1/0
+            if annotation is not str and isinstance(value, (dict, list)):
+                raise ValueError
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return annotation(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}") from None
+            coerced = annotation(value)
+            if annotation is float and not math.isfinite(coerced):
+                raise ValueError
+            return coerced
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key} must be {'a finite ' if annotation is float else ''}{annotation.__name__}, "
+                              f"got {value!r}") from None
     return value
 
 
@@ -308,6 +345,32 @@ def _build(cls, values: dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently, which
+    can drop a whole section)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key may appear once per section)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML -> Python, or a one-line ConfigError naming `where`, the line and the problem."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+
+
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
@@ -318,7 +381,7 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node[parts[-1]] = _parse_yaml(raw, f"--set {assignment}") if raw != "" else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> NviumConfig:
@@ -328,7 +391,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read as text ({err})") from None
+        tree = _parse_yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for assignment in overrides or []:

@@ -304,9 +304,7 @@ class ModelParts:
         config.validate()
         self.config, self.dtype, self.tensor_parallel = config, dtype, tensor_parallel
         self.padded_vocab_size = config.padded_vocab_size(tensor_parallel)
-        self.tp_group = tensor_parallel_group()
-        if tensor_parallel > 1 and self.tp_group is None:
-            raise RuntimeError("tensor_parallel > 1 needs torch.distributed and parallel_state initialised first")
+        self.tp_group = tensor_parallel_group(tensor_parallel)
         self.layer_config = _parallel_config(tensor_parallel, dtype, initialise)
         self.init = ParameterInit(seed)
 

@@ -72,6 +72,7 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Par
         if world_size == 1 and not launched:
             # a lone process may have inherited its parent's MASTER_PORT, which is already bound
             os.environ["MASTER_PORT"] = str(free_port())
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
         if parallel.device == "cuda":
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
         dist.init_process_group(
@@ -121,6 +122,14 @@ def broadcast_object(obj, src: int = 0, group=None):
     return holder[0]
 
 
+def gather_object(obj, dst: int = 0, group=None) -> list | None:
+    """Every rank's `obj` as a list on global rank `dst` (None elsewhere); small objects only (torch stages
+    the pickles on the collective device, world-size of them on `dst`)."""
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst, group=group)
+    return gathered
+
+
 def current_parallel_info(device: str = "cpu") -> ParallelInfo:
     from megatron.core import parallel_state as ps
 
@@ -138,13 +147,35 @@ def current_parallel_info(device: str = "cpu") -> ParallelInfo:
     )
 
 
-def tensor_parallel_group():
-    """The TP group when parallel_state is up, else None (single process, e.g. building on meta)."""
+_single_rank_group: tuple | None = None  # (the default group it was made under, the group)
+
+
+def tensor_parallel_group(tensor_parallel: int):
+    """The process group a model built for `tensor_parallel` ranks splits its layers over.
+
+    megatron's layers fall back to parallel_state's TP group whenever they get None, so a full (TP=1)
+    model built inside a TP>1 job (checking a checkpoint's shapes, counting parameters) would come out
+    sharded. For TP=1 this returns a group of this process alone; for TP>1 parallel_state's TP group,
+    which must have that size. None without torch.distributed (building on the meta device).
+    """
     from megatron.core import parallel_state
 
-    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
+    global _single_rank_group
+    if not dist.is_initialized():
+        if tensor_parallel > 1:
+            raise RuntimeError("tensor_parallel > 1 needs torch.distributed and parallel_state initialised first")
+        return None
+    if tensor_parallel == 1:
+        if _single_rank_group is None or _single_rank_group[0] is not dist.group.WORLD:
+            # only this rank takes part in creating it, so any rank may ask for it at any time
+            group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+            _single_rank_group = (dist.group.WORLD, group)
+        return _single_rank_group[1]
+    live = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    if live is None or live.size() != tensor_parallel:
+        raise RuntimeError(f"a model for tensor_parallel={tensor_parallel} needs parallel_state initialised with that "
+                           f"TP size (it has {live.size() if live is not None else 'none'})")
+    return live
 
 
 class DeepSpeedMPU:

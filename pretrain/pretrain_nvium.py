@@ -8,8 +8,8 @@ what remains of the world size:
   torchrun --nproc-per-node 2 pretrain/pretrain_nvium.py --config pretrain/configs/tiny.yaml \\
       --set parallel.tensor_parallel=2 --set training.run_dir=runs/tiny-tp2
 
-A run directory with a checkpoint resumes automatically. SIGTERM or SIGUSR1 (Slurm's pre-timeout
-signal) finishes the current step, saves a checkpoint and exits 0. The dense baseline is the same
+A run directory with a checkpoint resumes automatically (see README: Checkpoints). SIGTERM, SIGUSR1
+(Slurm's pre-timeout signal) or Ctrl-C finishes the current step, saves a checkpoint and exits 0. The dense baseline is the same
 trainer with `model.exits: []` and the matched MLP width (pretrain/configs/*-dense.yaml).
 """
 import argparse
@@ -23,7 +23,9 @@ def main(argv=None) -> int:
                         help="override a config value, e.g. --set training.train_iters=50 (repeatable)")
     args = parser.parse_args(argv)
 
+    from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.config import ConfigError, load_config
+    from nvium_dist.data.indexed import DatasetFormatError
 
     try:
         config = load_config(args.config, args.set)
@@ -31,16 +33,20 @@ def main(argv=None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     from nvium_dist.training.beta_controller import BaselineUnavailable
+    from nvium_dist.training.checkpoint import RankZeroError
+    from nvium_dist.training.run_lock import RunDirInUseError
     from nvium_dist.training.trainer import Trainer
 
     try:
         return Trainer(config).train()
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except BaselineUnavailable as error:
+    except RankZeroError:
+        pass  # rank 0 reports it
+    except (BaselineUnavailable, CheckpointError, DatasetFormatError, RunDirInUseError, FileNotFoundError,
+            PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+    return 2
 
 
 if __name__ == "__main__":

@@ -180,3 +180,81 @@ def test_cli_help_is_fast(tool):
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout
     assert time.time() - start < 10
+
+
+def test_export_output_never_replaces_what_is_not_an_export(tp2_run, tmp_path, capsys):
+    """--output naming a run directory, an unrelated folder or a file is refused (exit 2, untouched); --force
+    replaces a folder or file but never the checkpoint's run directory; an earlier export is replaced."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import export_checkpoint
+
+    run_dir, _, _ = tp2_run
+    step = run_dir / "checkpoints" / "step_00000020"
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+
+    def export(output, *extra):
+        return export_checkpoint.main(["--checkpoint", str(step), "--output", str(output), "--tokenizer", "none",
+                                       *extra])
+
+    for output in (run_dir, run_dir / "checkpoints", step, run_dir.parent):
+        assert export(output, "--force") == 2
+        assert "checkpoint's run directory" in capsys.readouterr().err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "todo.txt").write_text("keep me")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me too")
+    for output in (unrelated, a_file):
+        assert export(output) == 2
+        assert "pass --force" in capsys.readouterr().err
+    assert (unrelated / "todo.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
+    assert export(unrelated, "--force") == 0 and (unrelated / "model.safetensors").is_file()
+    assert not (unrelated / "todo.txt").exists()
+    assert export(unrelated) == 0  # now an export: replaced without --force
+    assert export(a_file, "--force") == 0 and (a_file / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "notes"]  # no temporaries left
+
+
+def test_failed_self_check_keeps_the_previous_export(tp2_run, tmp_path, capsys):
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import export_checkpoint
+
+    from nvium_dist.checkpoint_io import load_tensors, save_tensors
+
+    run_dir, _, _ = tp2_run
+    output = tmp_path / "export"
+    assert export_checkpoint.main(["--checkpoint", str(run_dir), "--output", str(output), "--tokenizer", "none"]) == 0
+    previous = {p.name: p.read_bytes() for p in output.iterdir()}
+    wrong = tmp_path / "wrong_sample"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000020", wrong)
+    sample = load_tensors(wrong / "sample_check.safetensors")
+    save_tensors(wrong / "sample_check.safetensors", dict(sample, log_p_mix=sample["log_p_mix"] + 0.5))
+    capsys.readouterr()
+    for args in ([], ["--tp", "1"]):
+        target = output if not args else tmp_path / "resharded"
+        assert export_checkpoint.main(["--checkpoint", str(wrong), "--output", str(target), "--tokenizer", "none",
+                                       *args]) == 2
+        assert "does not reproduce the training model's log-probabilities" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == previous
+    assert not (tmp_path / "resharded" / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "resharded", "wrong_sample"]
+
+
+@pytest.mark.parametrize("damage", ["nan", "int-dtype"])
+def test_export_with_unusable_weights_is_refused_at_load(damage, tmp_path):
+    from nvium_dist.checkpoint_io import CheckpointError, load_export, load_tensors, save_export, save_tensors
+
+    model_config = ModelConfig(**TINY)
+    save_export(tmp_path / "exp", model_config, _random_full_state(model_config), None)
+    state = load_tensors(tmp_path / "exp" / "model.safetensors")
+    name = "layers.0.attn.qkv.weight"
+    if damage == "nan":
+        state[name][0, 0] = float("nan")
+    else:
+        state[name] = state[name].to(torch.int32)
+    save_tensors(tmp_path / "exp" / "model.safetensors", state)
+    with pytest.raises(CheckpointError, match=f"{name} (holds NaN|has dtype torch.int32)"):
+        load_export(tmp_path / "exp")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_inference import make_export, one_thread  # noqa: F401 (autouse fixture)
+from trainer_fixtures import corpus  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -116,3 +117,59 @@ def test_evaluate_json(byte_export, tmp_path, capsys):
     assert torch.isfinite(log_mix.gather(-1, window[1:, None])).all()
     assert evaluate.main(["--model", str(byte_export), "--data", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _byte_dataset(prefix: Path, docs: list[list[int]], summary_tokenizer: dict | None = None) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    if summary_tokenizer is not None:
+        (prefix.parent / (prefix.name + ".summary.json")).write_text(json.dumps({"tokenizer": summary_tokenizer}))
+    return str(prefix)
+
+
+def test_evaluate_refuses_bad_arguments_and_data(byte_export, tmp_path, capsys):
+    import evaluate
+
+    good = _byte_dataset(tmp_path / "good", [list(b"some text to evaluate on. " * 8)])
+    for bad in (["--batch-size", "0"], ["--seq-length", "-5"], ["--max-windows", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            evaluate.main(["--model", str(byte_export), "--data", good, *bad])
+        assert exited.value.code == 2 and "must be >=" in capsys.readouterr().err
+    out_of_range = _byte_dataset(tmp_path / "ids", [list(b"fine text ") + [300, 7]])
+    assert evaluate.main(["--model", str(byte_export), "--data", out_of_range]) == 2
+    err = capsys.readouterr().err
+    assert f"{out_of_range}.bin: token id 300" in err and "outside the vocabulary of 256" in err
+    empty = _byte_dataset(tmp_path / "empty", [])
+    assert evaluate.main(["--model", str(byte_export), "--data", empty]) == 2
+    assert "the dataset is empty" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_data_made_with_another_tokenizer(tmp_path, capsys, corpus):  # noqa: F811
+    """An export with a SentencePiece tokenizer and data whose .summary.json records a different one."""
+    import evaluate
+
+    export = make_export(tmp_path / "export", vocab_size=512, make_vocab_size_divisible_by=128, seq_length=64)
+    config = json.loads((export / "config.json").read_text())
+    config["tokenizer"] = {"type": "sentencepiece", "file": "tokenizer.model"}
+    (export / "config.json").write_text(json.dumps(config))
+    (export / "tokenizer.model").write_bytes(Path(corpus["tokenizer"]).read_bytes())
+    data = _byte_dataset(tmp_path / "other", [list(range(2, 200)) * 3],
+                         {"model": "/elsewhere/other.model", "sha256": "0" * 64, "vocab_size": 512})
+    assert evaluate.main(["--model", str(export), "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert "was tokenised with /elsewhere/other.model" in err and "not with the export's" in err
+
+
+def test_generate_refuses_undecodable_prompts(byte_export, tmp_path):
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    for args in (["--prompt-file", str(binary)], [b"ab\xffcd"], ["--prompt", "x", "--max-new-tokens", "-1"]):
+        done = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--model", str(byte_export), *args],
+                              capture_output=True, timeout=120)
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err, err
+        assert ("not UTF-8 text" in err or "is not valid UTF-8" in err or "must be >= 0" in err), err

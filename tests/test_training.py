@@ -15,8 +15,7 @@ import torch
 from distributed_runner import run_distributed
 from nvium_dist.config import BetaControllerConfig
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
-from nvium_dist.training.checkpoint import find_resumable
-from trainer_fixtures import ROOT, build_small_corpus, read_metrics, small_overrides, train_in_process
+from trainer_fixtures import ROOT, corpus, read_metrics, small_overrides, train  # noqa: F401
 
 TOLERANCE = 1e-5
 # chunks of 100 tokens: a micro-batch of 4 x 64 tokens runs as 100 + 100 + 56
@@ -24,22 +23,11 @@ MEMORY_SAVERS = {"training.activation_checkpointing": "true", "training.loss_chu
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    return build_small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def train(world_size, corpus, run_dir, **extra):
-    results = run_distributed(train_in_process, world_size, small_overrides(corpus, run_dir, **extra), timeout=600)
-    code, (records, evals) = results[0]
-    assert code == 0
-    return records, evals
-
-
-@pytest.fixture(scope="session")
 def reference(corpus, tmp_path_factory):
     """One process, ZeRO-0, gradient accumulation 2 (micro-batch 4, global batch 8)."""
     run_dir = tmp_path_factory.mktemp("reference")
-    return (*train(1, corpus, run_dir), run_dir)
+    records, evals, _ = train(1, corpus, run_dir)
+    return records, evals, run_dir
 
 
 def assert_same_final_weights(run_dir, reference_dir, what):
@@ -83,7 +71,7 @@ def test_reference_run_is_complete(reference):
     pytest.param({"parallel.zero_stage": 3, **MEMORY_SAVERS}, id="dp2-zero3-checkpointed-chunked"),
 ])
 def test_layouts_match_single_process(layout, corpus, reference, tmp_path):
-    records, evals = train(2, corpus, tmp_path, **layout)
+    records, evals, _ = train(2, corpus, tmp_path, **layout)
     assert_same_losses(records, reference[0], str(layout))
     assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
     assert_same_final_weights(tmp_path, reference[2], str(layout))
@@ -92,7 +80,7 @@ def test_layouts_match_single_process(layout, corpus, reference, tmp_path):
 def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
     """Tensor and pipeline parallelism together (4 processes), with per-block activation checkpointing
     (DeepSpeed's, under PP) and the chunked vocab loss, against one process."""
-    records, evals = train(4, corpus, tmp_path, **{"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
+    records, evals, _ = train(4, corpus, tmp_path, **{"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2,
                                                    "parallel.zero_stage": 1, **MEMORY_SAVERS})
     assert_same_losses(records, reference[0], "TP=2 x PP=2")
     assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
@@ -102,8 +90,8 @@ def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
 @pytest.mark.slow
 def test_dense_baseline_pipeline_matches_single_stage(corpus, tmp_path):
     dense = {"model.exits": "[]", "model.ffn_hidden_size": 136}
-    reference_records, _ = train(1, corpus, tmp_path / "pp1", **dense)
-    records, _ = train(2, corpus, tmp_path / "pp2", **dense, **{"parallel.pipeline_parallel": 2})
+    reference_records, _, _ = train(1, corpus, tmp_path / "pp1", **dense)
+    records, _, _ = train(2, corpus, tmp_path / "pp2", **dense, **{"parallel.pipeline_parallel": 2})
     assert_same_losses(records, reference_records, "dense PP=2 vs PP=1")
 
 
@@ -166,7 +154,7 @@ def test_beta_controller_decides_on_rank0_only(tmp_path):
 def test_missing_baseline_warns_at_every_evaluation_or_fails_when_strict(corpus, tmp_path):
     extra = {"training.train_iters": 2, "training.eval_interval": 1, "training.beta_controller.enabled": "true",
              "training.beta_controller.baseline_metrics": str(tmp_path / "dense" / "metrics.jsonl")}
-    _, evals = train(1, corpus, tmp_path / "warned", **extra)
+    _, evals, _ = train(1, corpus, tmp_path / "warned", **extra)
     assert [e["step"] for e in evals] == [1, 2]
     assert all("metrics.jsonl' does not exist" in e["beta_controller_warning"] for e in evals)
     with pytest.raises(RuntimeError, match=r"beta controller at step 1: .*does not exist.*strict is true"):
@@ -199,7 +187,7 @@ def _workers(proc) -> list[int]:
 def test_sigkill_then_resume_matches_uninterrupted(corpus, tmp_path):
     extra = {"training.train_iters": 8, "training.save_interval": 4, "training.eval_interval": 8,
              "parallel.zero_stage": 2}
-    uninterrupted, _ = train(2, corpus, tmp_path / "straight", **extra)
+    uninterrupted, _, _ = train(2, corpus, tmp_path / "straight", **extra)
     run_dir = tmp_path / "killed"
     proc = _torchrun(small_overrides(corpus, run_dir, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(run_dir / "checkpoints" / "step_00000004", proc)
@@ -217,10 +205,10 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_checkpoints_and_resumes(signum, corpus, tmp_path):
     extra = {"training.train_iters": 30, "training.eval_interval": 30, "parallel.zero_stage": 1}
-    uninterrupted, _ = train(2, corpus, tmp_path / "straight", **extra)
+    uninterrupted, _, _ = train(2, corpus, tmp_path / "straight", **extra)
     run_dir = tmp_path / "signalled"
     proc = _torchrun(small_overrides(corpus, run_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                      text=True)
@@ -230,6 +218,7 @@ def test_signal_checkpoints_and_resumes(signum, corpus, tmp_path):
         os.kill(pid, signum)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert f"stopping early: {signal.Signals(signum).name} received" in out
     assert "preempted: checkpoint saved at step" in out
     stopped_at = int(out.split("preempted: checkpoint saved at step")[1].split()[0])
     assert stopped_at < 30
@@ -237,41 +226,10 @@ def test_signal_checkpoints_and_resumes(signum, corpus, tmp_path):
                         text=True)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
+    assert f"at step {stopped_at})" in out  # "[setup] run dir ... (resumed from .../step_N at step N)"
     records, _ = read_metrics(run_dir)
     assert sorted(records) == list(range(1, 31))
     assert max(abs(records[s]["loss"] - uninterrupted[s]["loss"]) for s in range(1, 31)) < 1e-6
-
-
-def test_corrupt_newest_checkpoint_falls_back_and_mismatch_fails(corpus, tmp_path):
-    extra = {"training.train_iters": 4, "training.save_interval": 2, "training.eval_interval": 4}
-    train(1, corpus, tmp_path, **extra)
-    newest = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
-    newest.write_bytes(newest.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="step_00000004 is unusable"):
-        found = find_resumable(tmp_path, rank=0)
-    assert found["path"].name == "step_00000002" and found["trainer_state"]["step"] == 2
-    records, _ = train(1, corpus, tmp_path, **{**extra, "training.train_iters": 6})
-    assert sorted(records) == [1, 2, 3, 4, 5, 6]
-    with pytest.raises(RuntimeError, match=r"model.hidden_size: checkpoint 64 != config 96"):
-        train(1, corpus, tmp_path, **{**extra, "training.train_iters": 8, "model.hidden_size": 96})
-
-
-@pytest.mark.slow
-def test_reshard_tp2_to_tp1_then_resume(corpus, tmp_path):
-    """Export self-checks a TP=2 checkpoint, reshards it to TP=1, and training resumes from its weights."""
-    extra = {"training.train_iters": 6, "training.save_interval": 4, "training.eval_interval": 6,
-             "parallel.tensor_parallel": 2}
-    straight, _ = train(2, corpus, tmp_path / "tp2", **extra)
-    step4 = tmp_path / "tp2" / "checkpoints" / "step_00000004"
-    for args in (["--output", tmp_path / "export"], ["--output", tmp_path / "tp1", "--tp", "1", "--pp", "1"]):
-        done = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), "--checkpoint", step4,
-                               *args], capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "export" / "model.safetensors").is_file()
-    resumed, _ = train(1, corpus, tmp_path / "tp1", **{**extra, "parallel.tensor_parallel": 1})
-    assert sorted(resumed) == [5, 6]  # started from the resharded step-4 weights
-    # step 5's loss is computed before its update, from the step-4 weights alone
-    assert abs(resumed[5]["loss"] - straight[5]["loss"]) < TOLERANCE
 
 
 def test_bf16_zero2_trains_resumes_exactly_and_exports(corpus, tmp_path):
@@ -283,7 +241,7 @@ def test_bf16_zero2_trains_resumes_exactly_and_exports(corpus, tmp_path):
 
     extra = {"parallel.dtype": "bf16", "parallel.zero_stage": 2, "training.train_iters": 6,
              "training.save_interval": 3, "training.eval_interval": 6, **MEMORY_SAVERS}
-    straight, _ = train(2, corpus, tmp_path / "straight", **extra)
+    straight, _, _ = train(2, corpus, tmp_path / "straight", **extra)
     assert straight[6]["loss"] < straight[1]["loss"]
     step3 = tmp_path / "straight" / "checkpoints" / "step_00000003"
     masters = load_file(step3 / "model.safetensors")
@@ -296,8 +254,8 @@ def test_bf16_zero2_trains_resumes_exactly_and_exports(corpus, tmp_path):
     resumed_dir.mkdir(parents=True)
     shutil.copytree(step3, resumed_dir / step3.name)
     (resumed_dir / "latest").write_text(step3.name + "\n")
-    resumed, _ = train(2, corpus, tmp_path / "resumed", **extra)
-    assert sorted(resumed) == [4, 5, 6]  # started at the checkpoint's step
+    resumed, _, resumed_step = train(2, corpus, tmp_path / "resumed", **extra)
+    assert resumed_step == 3 and sorted(resumed) == [4, 5, 6]
     assert [resumed[s]["loss"] for s in (4, 5, 6)] == [straight[s]["loss"] for s in (4, 5, 6)]
 
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), "--checkpoint",
@@ -359,6 +317,63 @@ def test_fp32_masters_are_written_and_restored_whole(zero_stage):
         assert result["after_equal"]  # ... and holds the checkpoint's fp32 values after loading them
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("event", ["ctrl-c", "launcher-killed"])
+def test_ctrl_c_or_a_dead_launcher_checkpoints_and_stops(event, corpus, tmp_path):
+    """Ctrl-C reaches torchrun and its workers at once (the terminal signals the whole process group); a
+    SIGKILLed torchrun leaves its workers orphaned. Either way the workers finish the step, save and stop."""
+    import psutil
+
+    extra = {"training.train_iters": 300, "training.eval_interval": 300, "parallel.zero_stage": 1}
+    proc = _torchrun(small_overrides(corpus, tmp_path, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True)
+    _wait_for(tmp_path / "metrics.jsonl", proc)
+    workers = [psutil.Process(pid) for pid in _workers(proc)]
+    if event == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)  # the workers hold the pipe until they exit
+    psutil.wait_procs(workers, timeout=60)
+    reason = "SIGINT received" if event == "ctrl-c" else f"the launcher (pid {proc.pid}) died"
+    assert f"[train] stopping early: {reason}" in out, out
+    stopped_at = int(out.split("preempted: checkpoint saved at step")[1].split()[0])
+    assert 0 < stopped_at < 300
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    extra["training.train_iters"] = stopped_at + 2
+    records, _, resumed = train(2, corpus, tmp_path, **extra)
+    assert resumed == stopped_at and sorted(records)[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_unusable_training_data_is_named(corpus, tmp_path):
+    """An empty dataset, and one (with no tokenizer record) holding an id outside the vocabulary, stop the
+    trainer with an error naming the .bin instead of crashing deep in the embedding."""
+    import shutil
+
+    import numpy as np
+
+    from trainer_fixtures import train_in_process
+
+    valid = corpus["valid"]
+    empty, out_of_range = str(tmp_path / "empty_text_document"), str(tmp_path / "ids_text_document")
+    for prefix in (empty, out_of_range):
+        shutil.copy(valid + ".idx", prefix + ".idx")
+    ids = np.fromfile(valid + ".bin", dtype=np.uint16)
+    ids[100] = 600  # the tokenizer has 512 pieces
+    ids.tofile(out_of_range + ".bin")
+    with open(empty + ".idx", "r+b") as f:  # header: 0 sequences, 1 document boundary
+        f.truncate(34)
+        f.seek(18)
+        f.write((0).to_bytes(8, "little") + (1).to_bytes(8, "little"))
+        f.seek(0, 2)
+        f.write((0).to_bytes(8, "little"))
+    open(empty + ".bin", "wb").close()
+    for prefix, message in ((empty, "the dataset is empty"), (out_of_range, "token id 600")):
+        overrides = small_overrides(corpus, tmp_path / "run", **{"data.train_data": f"[{prefix}]"})
+        with pytest.raises(RuntimeError, match=f"{prefix}.bin: {message}"):
+            run_distributed(train_in_process, 1, overrides)
+
+
 def test_lr_schedules():
     from nvium_dist.config import TrainingConfig
     from nvium_dist.training.schedule import lr_multiplier
@@ -376,7 +391,7 @@ def test_lr_schedules():
 def test_optimizer_offload_and_wandb_offline(corpus, tmp_path, monkeypatch):
     """ZeRO-2 with the optimizer offloaded to CPU trains like the reference; wandb logs offline."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    records, _ = train(1, corpus, tmp_path, **{"parallel.zero_stage": 2, "parallel.offload_optimizer": "true",
+    records, _, _ = train(1, corpus, tmp_path, **{"parallel.zero_stage": 2, "parallel.offload_optimizer": "true",
                                                 "training.wandb_project": "nvium-test", "training.train_iters": 2,
                                                 "training.eval_interval": 2})
     assert sorted(records) == [1, 2] and all(r["loss"] > 0 for r in records.values())

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,17 @@ def build_small_corpus(directory: Path) -> dict:
              "--tokenizer-model", directory / "tok.model", "--output-prefix", directory / split, "--append-eod")
         prefixes[split] = str(directory / f"{split}_text_document")
     return {"train": prefixes["train"], "valid": prefixes["valid"], "tokenizer": str(directory / "tok.model")}
+
+
+_CORPUS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Built once per session, however many test modules import this fixture."""
+    if not _CORPUS:
+        _CORPUS.update(build_small_corpus(tmp_path_factory.mktemp("corpus")))
+    return _CORPUS
 
 
 def small_overrides(data: dict, run_dir: Path, **extra) -> list[str]:
@@ -57,5 +70,17 @@ def train_in_process(rank, world_size, overrides):
     from nvium_dist.training.trainer import Trainer
 
     config = load_config(None, overrides)
-    code = Trainer(config).train()
-    return code if rank else (code, read_metrics(config.training.run_dir))
+    trainer = Trainer(config)
+    code = trainer.train()
+    return code if rank else (code, read_metrics(config.training.run_dir), trainer.resumed_step)
+
+
+def train(world_size, corpus, run_dir, **extra):
+    """The trainer in `world_size` forkserver processes -> (train records by step, eval records, the step the
+    run resumed from or None)."""
+    from distributed_runner import run_distributed
+
+    results = run_distributed(train_in_process, world_size, small_overrides(corpus, run_dir, **extra), timeout=600)
+    code, (records, evals), resumed_step = results[0]
+    assert code == 0
+    return records, evals, resumed_step

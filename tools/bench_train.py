@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nvium_dist.cli import int_at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,16 +51,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "pretrain/configs/tiny.yaml"), help="the N-vium config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both runs")
-    parser.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun --nproc-per-node)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per model and round")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--nproc", type=int_at_least(1), default=2, help="processes per run (torchrun --nproc-per-node)")
+    parser.add_argument("--steps", type=int_at_least(1), default=30, help="training steps per model and round")
+    parser.add_argument("--rounds", type=int_at_least(1), default=2,
                         help="alternate N-vium and dense runs this many times, so load changes hit both alike")
     args = parser.parse_args(argv)
 
-    from nvium_dist.config import load_config
+    from nvium_dist.config import ConfigError, load_config
     from nvium_dist.model_info import dense_twin, matched_dense_ffn, parameter_breakdown
 
-    config = load_config(args.config, args.set)
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     dense = dense_twin(config.model, matched_dense_ffn(config.model))
     common = args.set + [f"training.train_iters={args.steps}", "training.log_interval=1",
                          f"training.eval_interval={10**9}", f"training.save_interval={10**9}"]

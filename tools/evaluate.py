@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from nvium_dist.cli import cuda_missing, int_at_least
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,10 +28,11 @@ def parse_args(argv=None):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="dataset prefix PREFIX of PREFIX.bin / PREFIX.idx")
     source.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
-    p.add_argument("--seq-length", type=int, default=0, help="window length (default: the model's seq_length)")
-    p.add_argument("--max-windows", type=int, default=64, help="evaluate at most this many windows")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--seq-length", type=int_at_least(0), default=0,
+                   help="window length (default 0: the model's seq_length)")
+    p.add_argument("--max-windows", type=int_at_least(1), default=64, help="evaluate at most this many windows")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--include-path", default=None, help="--lm-eval: a directory of your own task YAML files")
@@ -61,16 +64,21 @@ def lm_eval_main(args) -> int:
     return 0
 
 
-def open_dataset(prefix: str, vocab_size: int):
-    try:
-        from nvium_dist.data.indexed import open_indexed_dataset
-    except ImportError:
-        open_indexed_dataset = None
-    if open_indexed_dataset is not None:
-        return open_indexed_dataset(prefix, vocab_size)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def open_dataset(prefix: str, vocab_size: int, tokenizer_path):
+    """The .bin/.idx at `prefix`, checked against the export: made with its tokenizer (when both record one),
+    not empty, every token id inside the model's vocabulary."""
+    from nvium_dist.checkpoint_io import file_sha256
+    from nvium_dist.data.gpt_data import recorded_tokenizer
+    from nvium_dist.data.indexed import DatasetFormatError, check_dataset_usable, open_indexed_dataset
 
-    return IndexedDataset(prefix, multimodal=False, mmap=True)
+    made_with = recorded_tokenizer(prefix).get("sha256")
+    if made_with and tokenizer_path is not None and made_with != file_sha256(tokenizer_path):
+        raise DatasetFormatError(
+            f"{prefix}.bin was tokenised with {recorded_tokenizer(prefix).get('model')} (sha256 {made_with[:12]}), "
+            f"not with the export's {tokenizer_path}: its token ids mean other text. Fix: evaluate on data "
+            "made with the export's tokenizer (tools/preprocess_data.py --tokenizer-model EXPORT/tokenizer.model)")
+    check_dataset_usable(prefix, vocab_size)
+    return open_indexed_dataset(prefix, vocab_size)
 
 
 def windows(dataset, length: int, limit: int):
@@ -102,6 +110,9 @@ def main(argv=None) -> int:
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.inference import NviumGenerator
 
+    if cuda_missing(args.device):
+        print(cuda_missing(args.device), file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     prefix = args.data[:-4] if args.data.endswith((".bin", ".idx")) else args.data
@@ -112,7 +123,7 @@ def main(argv=None) -> int:
     try:
         generator = NviumGenerator.from_pretrained(args.model, device=args.device)
         config = generator.config
-        dataset = open_dataset(prefix, config.vocab_size)
+        dataset = open_dataset(prefix, config.vocab_size, generator.tokenizer.path)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

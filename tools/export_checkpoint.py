@@ -7,16 +7,20 @@
 
 An export holds config.json, model.safetensors (full weights) and tokenizer.model. Resharding writes
 OUTPUT/checkpoints/step_X/ (+ latest) for another tensor/pipeline-parallel layout, without DeepSpeed state:
-the trainer resumes from it with fresh optimizer state. Both check themselves: the written model's
-log-probabilities on the checkpoint's sample batch, computed in the dtype the run trained in, are compared
-with those the training model computed (tolerance by that dtype: 1e-4 for fp32, 0.1 for bf16, where CPU and
-GPU kernels round differently).
+the trainer resumes from its weights and Adam moments (optimizer.safetensors). Both check themselves
+before they replace anything: the written model's log-probabilities on the checkpoint's sample batch,
+computed in the dtype the run trained in, are compared with those the training model computed (tolerance
+by that dtype: 1e-4 for fp32, 0.1 for bf16, where CPU and GPU kernels round differently). --output may
+name a new path, an empty directory or an earlier export (replaced only after the check passes); anything
+else needs --force, and the checkpoint's own run directory is never written.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from nvium_dist.cli import float_at_least, int_at_least
 
 # max |difference| of the self-check's log-probabilities, by the dtype the run trained in
 SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1}
@@ -27,15 +31,20 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True,
                         help="RUN_DIR (uses checkpoints/latest), RUN_DIR/checkpoints, or a step directory")
     parser.add_argument("--output", required=True, help="export directory (or, with --tp/--pp, the new RUN_DIR)")
-    parser.add_argument("--tp", type=int, default=None, help="reshard: tensor-parallel size of the new checkpoint")
-    parser.add_argument("--pp", type=int, default=None, help="reshard: pipeline-parallel size of the new checkpoint")
+    parser.add_argument("--tp", type=int_at_least(1), default=None,
+                        help="reshard: tensor-parallel size of the new checkpoint")
+    parser.add_argument("--pp", type=int_at_least(1), default=None,
+                        help="reshard: pipeline-parallel size of the new checkpoint")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer for the export: a SentencePiece .model path, 'bytes' or 'none' "
                              "(default: the checkpoint's data.tokenizer_model or RUN_DIR/data/tokenizer.model)")
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=float_at_least(0), default=None,
                         help="max allowed |difference| of the self-check log-probabilities (default by the dtype "
                              f"the run trained in: {SELF_CHECK_TOLERANCE})")
     parser.add_argument("--no-check", action="store_true", help="skip the self-check forward pass")
+    parser.add_argument("--force", action="store_true",
+                        help="export: replace --output even when it is not an earlier export (a file or another "
+                             "directory); never the checkpoint's own run directory")
     return parser.parse_args(argv)
 
 
@@ -44,6 +53,7 @@ def self_check(model_config, full_state, sample, tolerance: float, what: str, dt
     in the dtype the training model ran in (the fp32 masters rounded as the trainer's module weights were)."""
     import torch
 
+    from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.inference.generator import ensure_process_group
     from nvium_dist.model import NviumModel
     from nvium_dist.tp_layout import load_full_state_dict
@@ -61,9 +71,9 @@ def self_check(model_config, full_state, sample, tolerance: float, what: str, dt
     print(f"self-check ({what}): max |diff| of log p_heads {heads:.3e}, log p_mix {mix:.3e} over "
           f"{tuple(sample['tokens'].shape)} sample tokens in {dtype_name} (tolerance {tolerance:g})", flush=True)
     if not worst <= tolerance:
-        raise SystemExit(f"error: the {what} does not reproduce the training model's log-probabilities "
-                         f"(max diff {worst:.3e} > {tolerance:g}): the checkpoint's weights and sample do not "
-                         "belong together (--tolerance overrides the check)")
+        raise CheckpointError(f"the {what} does not reproduce the training model's log-probabilities "
+                              f"(max diff {worst:.3e} > {tolerance:g}); nothing was replaced: the checkpoint's "
+                              "weights and sample do not belong together (--tolerance overrides the check)")
     return worst
 
 
@@ -71,7 +81,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     reshard = args.tp is not None or args.pp is not None
     from nvium_dist.checkpoint_io import (CheckpointError, find_tokenizer, load_export, read_checkpoint,
-                                          resolve_checkpoint_dir, save_export, write_resharded_checkpoint)
+                                          resolve_checkpoint_dir, run_dir_of, save_export, write_resharded_checkpoint)
 
     start = time.time()
     try:
@@ -83,19 +93,23 @@ def main(argv=None) -> int:
               f"vocab={config.model.vocab_size}, {n_params:,} parameters; trained layout TP={config.parallel.tensor_parallel} "
               f"PP={config.parallel.pipeline_parallel} ZeRO-{config.parallel.zero_stage}; step {trainer_state.get('step', '?')}",
               flush=True)
-        if sample is None:
-            print("  warning: the checkpoint has no sample_check.safetensors; the self-check is skipped", flush=True)
+        checking = sample is not None and not args.no_check
         dtype_name = config.parallel.torch_dtype_name
         tolerance = args.tolerance if args.tolerance is not None else SELF_CHECK_TOLERANCE[dtype_name]
+        if sample is None:
+            print("  warning: the checkpoint has no sample_check.safetensors; the self-check is skipped", flush=True)
         if reshard:
             tp = args.tp if args.tp is not None else config.parallel.tensor_parallel
             pp = args.pp if args.pp is not None else config.parallel.pipeline_parallel
-            new_dir = write_resharded_checkpoint(args.output, config, full_state, sample, trainer_state, tp, pp)
-            print(f"wrote {new_dir} for TP={tp} PP={pp} (no DeepSpeed state: the trainer starts fresh optimizer "
-                  "state from these weights)", flush=True)
-            if sample is not None and not args.no_check:
-                new_config, new_state, _, _ = read_checkpoint(args.output)
+
+            def check_reshard(tmp_step):
+                new_config, new_state, _, _ = read_checkpoint(tmp_step)
                 self_check(new_config.model, new_state, sample, tolerance, "resharded checkpoint", dtype_name)
+
+            new_dir = write_resharded_checkpoint(args.output, step_dir, tp, pp,
+                                                 check=check_reshard if checking else None)
+            print(f"wrote {new_dir} for TP={tp} PP={pp} (weights and Adam moments; DeepSpeed's layout-specific state "
+                  "is rebuilt by the trainer)", flush=True)
         else:
             tokenizer = args.tokenizer
             if tokenizer is None:
@@ -110,13 +124,16 @@ def main(argv=None) -> int:
                         "trained_layout": {"tensor_parallel": config.parallel.tensor_parallel,
                                            "pipeline_parallel": config.parallel.pipeline_parallel,
                                            "zero_stage": config.parallel.zero_stage}}
-            save_export(args.output, config.model, full_state, tokenizer, metadata)
+
+            def check_export(tmp_dir):
+                export = load_export(tmp_dir)
+                self_check(export.model_config, export.state, sample, tolerance, "export", dtype_name)
+
+            save_export(args.output, config.model, full_state, tokenizer, metadata,
+                        check=check_export if checking else None, force=args.force, protected=run_dir_of(step_dir))
             print(f"wrote export {args.output} (config.json, model.safetensors"
                   f"{', tokenizer.model' if tokenizer not in (None, 'bytes') else ''})", flush=True)
-            if sample is not None and not args.no_check:
-                export = load_export(args.output)
-                self_check(export.model_config, export.state, sample, tolerance, "export", dtype_name)
-    except CheckpointError as err:
+    except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"done in {time.time() - start:.1f} s", flush=True)

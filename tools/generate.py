@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nvium_dist.cli import cuda_missing, float_at_least, int_at_least
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,20 +26,20 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch row each)")
     p.add_argument("--prompt-file", help="file with one prompt per line (blank lines skipped)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=["deferred", "full"], default="deferred")
-    p.add_argument("--temperature", type=float, default=1.0, help="needs --mode full when != 1")
-    p.add_argument("--top-k", type=int, default=0, help="needs --mode full (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="needs --mode full (1 = off)")
+    p.add_argument("--temperature", type=float_at_least(0), default=1.0, help="needs --mode full when != 1")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="needs --mode full (0 = off)")
+    p.add_argument("--top-p", type=float_at_least(0), default=1.0, help="needs --mode full (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax of p_mix; needs --mode full")
-    p.add_argument("--pipeline-stages", type=int, default=1, help="decode with this many stage processes")
+    p.add_argument("--pipeline-stages", type=int_at_least(1), default=1, help="decode with this many stage processes")
     p.add_argument("--max-batch", type=int, default=None,
                    help="rows decoded together (default: every prompt); more prompts than rows enter rows as "
                         "earlier sequences finish (continuous batching)")
     p.add_argument("--show-exits", action="store_true", help="print each token's exit index after it, as [k]")
     p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the tokenizer's EOS token")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="torch CPU threads (0: 1 thread for models narrower than 1024, else torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
@@ -46,12 +48,23 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     texts = list(args.prompts) + list(args.prompt)
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            print(f"error: prompt {i + 1} ({text.encode('utf-8', 'backslashreplace')[:40]!r}) is not valid UTF-8; "
+                  "pass text in UTF-8, or token ids with --prompt-ids", file=sys.stderr)
+            return 2
     if args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 texts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as err:
             print(f"error: cannot read --prompt-file: {err}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as err:
+            print(f"error: --prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                  "give one prompt per line in UTF-8", file=sys.stderr)
             return 2
     id_prompts = []
     for spec in args.prompt_ids:
@@ -69,6 +82,9 @@ def main(argv=None) -> int:
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.inference import GenerationError, NviumGenerator
 
+    if cuda_missing(args.device):
+        print(cuda_missing(args.device), file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -28,7 +28,7 @@ import os
 import warnings
 from typing import Iterator, Optional
 
-from .indexed import DatasetFormatError, normalize_prefix, validate_indexed_files
+from .indexed import DatasetFormatError, check_dataset_usable, normalize_prefix, validate_indexed_files
 from .tokenizer import SentencePieceTokenizer, check_vocab_fits  # noqa: F401  (re-exported)
 
 
@@ -61,25 +61,31 @@ def parse_blend(blend: list[str]) -> tuple[list[str], Optional[list[float]]]:
     return [normalize_prefix(p) for p in blend], None
 
 
-def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
-    """Validate files and, when ``prefix.summary.json`` exists, that it was made with this tokenizer."""
-    validate_indexed_files(prefix, tokenizer.vocab_size)
+def recorded_tokenizer(prefix: str) -> dict:
+    """The tokenizer `prefix.summary.json` says the data was made with ({} when there is no readable record)."""
     path = normalize_prefix(prefix) + ".summary.json"
-    if not os.path.exists(path):
-        return
     try:
         with open(path) as f:
             made_with = json.load(f).get("tokenizer") or {}
-    except (OSError, ValueError):
-        return
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return made_with if isinstance(made_with, dict) else {}
+
+
+def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
+    """Validate files, that the data is not empty and, when ``prefix.summary.json`` exists, that it was made
+    with this tokenizer. Without such a record every token id is checked to be inside the vocabulary."""
+    made_with = recorded_tokenizer(prefix)
     sha = made_with.get("sha256")
-    if sha and getattr(tokenizer, "sha256", None) and sha != tokenizer.sha256:
+    ours = getattr(tokenizer, "sha256", None)
+    if sha and ours and sha != ours:
         raise DatasetFormatError(
             f"{normalize_prefix(prefix)}.bin was tokenised with {made_with.get('model')} (vocab "
             f"{made_with.get('vocab_size')}, sha256 {sha[:12]}) but training uses {tokenizer.model_path} "
             f"(vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]}). Fix: train with the tokenizer the "
             f"data was made with, or re-run tools/preprocess_data.py with --tokenizer-model {tokenizer.model_path}."
         )
+    check_dataset_usable(prefix, tokenizer.vocab_size, scan_ids=not (sha and ours and sha == ours))
 
 
 def ensure_helpers() -> None:

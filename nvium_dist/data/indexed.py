@@ -132,13 +132,39 @@ def validate_indexed_files(prefix: str, vocab_size: int | None = None) -> dict:
     return info
 
 
+def check_dataset_usable(prefix: str, vocab_size: int, scan_ids: bool = True) -> dict:
+    """`validate_indexed_files`, plus: the dataset holds tokens, and (`scan_ids`) every token id is below
+    `vocab_size` (a chunked max over the .bin; ids at or above it would index past the embedding)."""
+    info = validate_indexed_files(prefix, vocab_size)
+    bin_path = info["prefix"] + ".bin"
+    if info["tokens"] == 0:
+        raise DatasetFormatError(f"{bin_path}: the dataset is empty ({info['documents']} documents, 0 tokens). "
+                                 "Fix: preprocess a corpus that has text, or drop this prefix from the blend")
+    if scan_ids:
+        ids = np.memmap(bin_path, mode="r", dtype=info["dtype"])
+        chunk = 1 << 26
+        for start in range(0, len(ids), chunk):
+            highest = int(ids[start:start + chunk].max())
+            if highest >= vocab_size:
+                position = start + int(np.argmax(ids[start:start + chunk] >= vocab_size))
+                raise DatasetFormatError(
+                    f"{bin_path}: token id {highest} (first out-of-range id at token {position}) is outside the "
+                    f"vocabulary of {vocab_size}; the data was made with another tokenizer or is corrupt. Fix: "
+                    "re-run tools/preprocess_data.py with the model's tokenizer")
+        del ids
+    return info
+
+
 def open_indexed_dataset(prefix: str, vocab_size: int | None = None, mmap: bool = True):
     """Validate, then open a megatron-core ``IndexedDataset`` at ``prefix`` (``X`` for ``X.bin/.idx``).
 
     ``vocab_size`` (optional) also checks that the token dtype can hold the tokenizer's ids.
     Raises DatasetFormatError (a ValueError) naming the file and the fix.
     """
-    validate_indexed_files(prefix, vocab_size)
+    info = validate_indexed_files(prefix, vocab_size)
+    if info["sequences"] == 0:  # megatron's reader cannot map an empty .bin
+        raise DatasetFormatError(f"{info['prefix']}.bin: the dataset is empty (0 documents, 0 tokens); "
+                                 "preprocess a corpus that has text")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     return IndexedDataset(normalize_prefix(prefix), multimodal=False, mmap=mmap)

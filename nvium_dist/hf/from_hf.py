@@ -288,7 +288,8 @@ def reference_to_export(hf_dir: str | os.PathLike, export_dir: str | os.PathLike
         full_state = reference_weights(hf_config, state, model_config, router_temperature)
     tokenizer = hf_dir / "tokenizer.model"
     metadata = {"converted_by": TOOL, "source": str(hf_dir.resolve()), "router_temperature": router_temperature}
-    save_export(export_dir, model_config, full_state, str(tokenizer) if tokenizer.is_file() else None, metadata)
+    save_export(export_dir, model_config, full_state, str(tokenizer) if tokenizer.is_file() else None, metadata,
+                force=force)
     return {"export": str(export_dir), "exits": layer_exits, "router_hidden_size": model_config.router_hidden_size,
             "parameters": sum(t.numel() for t in full_state.values()),
             "tokenizer": str(tokenizer) if tokenizer.is_file() else None}

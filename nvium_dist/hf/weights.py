@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nvium_dist.checkpoint_io import CheckpointError, _load_safetensors
+from nvium_dist.checkpoint_io import CheckpointError, load_tensors
 
 # nvium name inside layers.{i} -> transformers name inside model.layers.{i}
 LAYER_RENAMES = {
@@ -80,10 +80,10 @@ def read_hf_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
         state = {}
         for shard in shards:
-            state.update(_load_safetensors(directory / shard))
+            state.update(load_tensors(directory / shard))
         return state
     if (directory / "model.safetensors").is_file():
-        return _load_safetensors(directory / "model.safetensors")
+        return load_tensors(directory / "model.safetensors")
     pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     hint = (f" It has {pickled[:3]}: pickled weights are not read (they can run code); re-save the model with "
             "`model.save_pretrained(DIR)` (safetensors is the default)") if pickled else ""

@@ -1,37 +1,50 @@
-"""Training checkpoints: atomic, pruned, verified on resume, with a fallback to the previous good one.
+"""Training checkpoints: atomic, verified before use, pruned within their lineage, with a fallback.
 
 RUN_DIR/checkpoints/step_XXXXXXXX/
     config.json, model.safetensors, sample_check.safetensors   layout-independent (nvium_dist.checkpoint_io)
-    trainer_state.json                                           step, consumed samples, beta, controller
+    optimizer.safetensors                                        Adam moments per full parameter (layout independent)
+    trainer_state.json                                           step, consumed samples, beta, controller, lineage
     rng/rank_XXXXX.pt                                            per-rank RNG states (tensors only)
-    deepspeed/                                                   DeepSpeed's layout-specific model+optimizer state
+    deepspeed/state/*.pt                                         DeepSpeed's layout-specific model+optimizer state
+    manifest.json                                                size and sha256 of every file above
 RUN_DIR/checkpoints/latest                                       name of the newest complete checkpoint
 
-Every rank writes into `.tmp_step_X`; rank 0 renames it to `step_X` once all ranks are done and only
-then rewrites `latest`, so a job killed at any point leaves either the old or the new checkpoint.
+Every rank writes into `.tmp_step_X`; rank 0 writes the manifest once all ranks are done, renames the
+directory to `step_X` and only then rewrites `latest`, so a job killed at any point leaves either the old
+or the new checkpoint. On resume rank 0 alone chooses: the newest checkpoint of the run's lineage whose
+every file matches its manifest (nothing planted, nothing changed) and reads back whole; every rank then
+loads that one. DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's
+chain of checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
-import warnings
+import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nvium_dist.checkpoint_io import (LATEST_FILE, atomic_write_json, read_checkpoint, step_dir_name, update_latest,
-                                      write_model_files)
+from nvium_dist.checkpoint_io import (LATEST_FILE, TRAINER_STATE_FILE, CheckpointError, atomic_write_json,
+                                      file_record, list_files, read_checkpoint, step_dir_name, update_latest,
+                                      verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
+from nvium_dist.parallel import broadcast_object, gather_object
 from nvium_dist.tp_layout import shard_named
 
 DEEPSPEED_TAG = "state"
+STEP_DIR = re.compile(r"step_(\d{8})")
+# DeepSpeed copies these into every ZeRO checkpoint; they are programs, and tools/export_checkpoint.py covers their use
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint holds a different model than the config asks for."""
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint belongs to a different run than the config describes (model or data order)."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -39,10 +52,14 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def layout_key(config: NviumConfig, world_size: int) -> dict:
-    """What DeepSpeed's own state depends on; any change needs a weights-only resume."""
+    """What DeepSpeed's own state depends on; any change resumes from the layout-independent files."""
     p = config.parallel
     return {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
             "zero_stage": p.zero_stage, "world_size": world_size}
+
+
+def new_lineage() -> str:
+    return uuid.uuid4().hex
 
 
 def rng_state() -> dict:
@@ -60,82 +77,220 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, full_state_fn, sample_fn,
-                    rank: int, world_size: int) -> Path:
-    """Collective: every rank calls it. `full_state_fn()` returns the full weights on rank 0 (None
-    elsewhere) and `sample_fn()` the sample-check tensors on rank 0; both may run collectives."""
+# -- failures every rank must hear about -----------------------------------------------------------------
+
+class RankZeroError(RuntimeError):
+    """Raised on ranks > 0 when rank 0 failed at something all ranks wait on; rank 0 raises the original."""
+
+
+def raise_rank0_error(error: Exception | None, what: str) -> None:
+    """Collective: rank 0 passes the exception it hit (None elsewhere or when it succeeded); rank 0 re-raises
+    it and every other rank raises RankZeroError, so no rank waits forever for one that gave up."""
+    message = broadcast_object(f"{type(error).__name__}: {error}" if error is not None else None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RankZeroError(f"rank 0 could not {what}: {message}")
+
+
+# -- DeepSpeed's files without unpickling code ---------------------------------------------------------
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed's model and ZeRO optimizer files hold (found by loading real
+    checkpoints of ZeRO 0-3, PP, TP, bf16 and CPU offload with torch.serialization.get_unsafe_globals_in_checkpoint)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path, map_location=None):
+    """torch.load restricted to tensors, plain containers and `deepspeed_safe_globals()`: a planted pickle
+    that names anything else (os.system, a __reduce__ gadget) raises instead of running."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle and zip errors carry many types; name the file
+            raise CheckpointError(f"{path} could not be loaded with weights_only=True ({err})") from None
+
+
+def install_weights_only_loading(engine) -> None:
+    """Replaces the engine's checkpoint engine by one whose `load` is `load_weights_only` (DeepSpeed's own
+    TorchCheckpointEngine unpickles with weights_only=False); saving stays DeepSpeed's."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
+                           "only the torch engine is supported (it is loaded with weights_only=True)")
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
+# -- saving --------------------------------------------------------------------------------------------
+
+def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, write_parts, rank: int,
+                    world_size: int) -> Path:
+    """Collective: every rank calls it. `write_parts(tmp_dir)` writes the layout-independent files
+    (model, optimizer, sample) into the temporary step directory; it may run collectives."""
     root = checkpoint_root(config.training.run_dir)
     final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in root.glob(".tmp_step_*"):  # from saves a kill interrupted; the run-dir lock rules out a writer
+            shutil.rmtree(leftover)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    full_state = full_state_fn()
-    sample = sample_fn()
-    if rank == 0:
-        write_model_files(tmp, config, full_state, sample)
-        state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
-        atomic_write_json(tmp / "trainer_state.json", state)
+    write_parts(tmp)
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        for script in DEEPSPEED_SCRIPTS:
+            (tmp / "deepspeed" / script).unlink(missing_ok=True)
+        state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
+        atomic_write_json(tmp / TRAINER_STATE_FILE, state)
+    dist.barrier()
+    # every rank hashes a share of the files; rank 0 writes the manifest
+    files = list_files(tmp)
+    records = gather_object({name: file_record(tmp, name) for name in files[rank::world_size]})
+    if rank == 0:
+        write_manifest(tmp, {name: record for part in records for name, record in part.items()})
+        if final.exists():
+            shutil.rmtree(final)
         os.replace(tmp, final)
         update_latest(root, final.name)
-        _prune(root, config.training.keep_checkpoints)
+        prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def _step_dirs(root: Path) -> dict[int, Path]:
+    return {int(m.group(1)): p for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()}
 
+
+def _lineage(step_dir: Path) -> str | None:
+    try:
+        state = read_trainer_state(step_dir)
+    except CheckpointError:
+        return None
+    return state.get("lineage")
+
+
+def read_trainer_state(step_dir: Path) -> dict:
+    import json
+
+    try:
+        state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is missing or unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is not a JSON object")
+    return state
+
+
+def prune(root: Path, lineage: str, keep: int) -> None:
+    """Keeps the `keep` newest checkpoints of this lineage (by step number; 0 keeps all); other runs'
+    checkpoints in the same directory are never touched."""
+    if keep <= 0:
+        return
+    ours = sorted(step for step, path in _step_dirs(root).items() if _lineage(path) == lineage)
+    for step in ours[:-keep]:
+        shutil.rmtree(root / step_dir_name(step))
+
+
+# -- choosing the checkpoint to resume from ----------------------------------------------------------------
 
 def _candidates(root: Path) -> list[Path]:
-    """Checkpoints newest first: the one `latest` names, then every other step directory."""
-    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    """Newest first, within the lineage of the checkpoint `latest` names (all step dirs when that is unknown)."""
+    steps = _step_dirs(root)
     pointer = root / LATEST_FILE
+    lineage = None
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if named in found:
-            found.remove(named)
-        found.insert(0, named)
-    return found
+        if named.is_dir():
+            lineage = _lineage(named)
+        else:
+            warn(f"{pointer} names {named.name}, which does not exist")
+    if lineage is not None:
+        steps = {step: path for step, path in steps.items() if _lineage(path) == lineage}
+    return [steps[s] for s in sorted(steps, reverse=True)]
 
 
-def _verify(path: Path) -> dict:
-    """Reads what a resume needs and checks it is complete; raises on anything missing or corrupt."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist")
-    config, full_state, _, trainer_state = read_checkpoint(path)
-    return {"path": path, "config": config, "full_state": full_state, "trainer_state": trainer_state}
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def find_resumable(run_dir: str | Path, rank: int) -> dict | None:
-    """The newest checkpoint that reads back whole; warns about each newer one that does not."""
+def _check_same_run(checkpoint_config: NviumConfig, config: NviumConfig, path: Path) -> None:
+    """A resume must continue the same model on the same sample order; anything else is another run."""
+    ours, theirs = asdict(config.model), asdict(checkpoint_config.model)
+    diff = {f"model.{k}": (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    if checkpoint_config.training.seed != config.training.seed:
+        diff["training.seed"] = (checkpoint_config.training.seed, config.training.seed)
+    if diff:
+        lines = "; ".join(f"{k}: checkpoint {old!r} != config {new!r}" for k, (old, new) in diff.items())
+        raise CheckpointMismatchError(
+            f"{path} belongs to a different run than the config ({lines}). The model must match, and the seed "
+            "fixes the sample order; use the checkpoint's values, or a fresh training.run_dir")
+
+
+def _verify(path: Path, config: NviumConfig) -> None:
+    """Everything a resume reads, checked: the manifest (every file, sha256), config, weights, trainer state."""
+    verify_manifest(path)
+    checkpoint_config, _, _, trainer_state = read_checkpoint(path, verified=True)
+    if "step" not in trainer_state or "consumed_samples" not in trainer_state:
+        raise CheckpointError(f"{path / TRAINER_STATE_FILE} lacks step or consumed_samples")
+    _check_same_run(checkpoint_config, config, path)
+
+
+def choose_checkpoint(run_dir: str | Path, config: NviumConfig) -> Path | None:
+    """Rank 0's choice: the newest verified checkpoint of the lineage, falling back past broken ones with a
+    loud warning. Broken checkpoints and none good is an error unless training.allow_fresh_start."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
+    refused = []
     for candidate in _candidates(root):
         try:
-            return _verify(candidate)
-        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-            if rank == 0:
-                warnings.warn(f"checkpoint {candidate} is unusable ({error}); falling back to the previous one")
+            _verify(candidate, config)
+            return candidate
+        except CheckpointMismatchError:
+            raise
+        except CheckpointError as error:
+            refused.append(f"{candidate.name}: {error}")
+            warn(f"checkpoint {candidate} is unusable ({error}); falling back to the previous one")
+    if refused:
+        summary = " | ".join(refused)
+        if not config.training.allow_fresh_start:
+            raise CheckpointError(
+                f"no usable checkpoint in {root} ({summary}). Restore or remove the broken checkpoints, or set "
+                "training.allow_fresh_start=true to start this run from step 0 (its steps are then a new lineage)")
+        warn(f"no usable checkpoint in {root}; starting from step 0 because training.allow_fresh_start=true")
     return None
 
 
-def check_same_model(checkpoint_config: NviumConfig, config: NviumConfig, path: Path) -> None:
-    ours, theirs = asdict(config.model), asdict(checkpoint_config.model)
-    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
-    if diff:
-        lines = "\n".join(f"  model.{k}: checkpoint {old!r} != config {new!r}" for k, (old, new) in diff.items())
-        raise CheckpointMismatchError(
-            f"{path} holds a different model than the config:\n{lines}\n"
-            "use the checkpoint's model settings, or a fresh training.run_dir")
+def find_resume(run_dir: str | Path, config: NviumConfig, rank: int) -> dict | None:
+    """Collective: rank 0 chooses (`choose_checkpoint`) and broadcasts its choice, or its error, which
+    every rank then raises. -> {"path", "trainer_state"} of the chosen checkpoint, or None."""
+    choice, error = None, None
+    if rank == 0:
+        try:
+            choice = choose_checkpoint(run_dir, config)
+        except Exception as err:  # noqa: BLE001 - raised again on every rank by raise_rank0_error
+            error = err
+    raise_rank0_error(error, "choose a checkpoint to resume from")
+    choice = broadcast_object(str(choice) if choice is not None else None)
+    if choice is None:
+        return None
+    return {"path": Path(choice), "trainer_state": read_trainer_state(Path(choice))}
+
+
+def read_full_state(path: Path) -> dict[str, torch.Tensor]:
+    """The chosen checkpoint's full weights (rank 0 verified them against the manifest)."""
+    return read_checkpoint(path, verified=True)[1]
 
 
 def fp32_master_weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,7 +326,5 @@ def load_deepspeed_state(engine, path: Path, rank: int) -> None:
     load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {path / 'deepspeed'}")
-    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
-    if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, weights_only=True))
+        raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
+    restore_rng_state(load_weights_only(path / "rng" / f"rank_{rank:05d}.pt"))

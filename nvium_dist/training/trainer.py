@@ -4,11 +4,12 @@ atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_ra
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
 from nvium_dist.training.metrics import MetricsLogger
+from nvium_dist.training.run_lock import RunDirLock
 from nvium_dist.training.schedule import build_optimizer, lr_multiplier
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
@@ -78,14 +80,28 @@ class Trainer:
         self.is_last_stage = self.info.pp_rank == self.info.pp_size - 1
         self.step = 0
         self.consumed_samples = 0
-        self._stop_requested = False
+        self.resumed_step: int | None = None
+        self.lineage = ckpt.new_lineage()
+        self._stop_reason: str | None = None
+        self._launcher_pid: int | None = None
+        self._lock_run_dir()
         if self.is_logger:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             note = config.vocab_padding_note()
             if note:
                 print(f"[config] {note}", flush=True)
 
     # -- setup --------------------------------------------------------------------------------------
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds RUN_DIR/.lock until the process ends; a second trainer on this run dir stops here."""
+        self._lock = RunDirLock(self.run_dir)
+        error = None
+        if self.is_logger:
+            try:
+                self._lock.acquire()
+            except Exception as err:  # noqa: BLE001 - every rank raises it below
+                error = err
+        ckpt.raise_rank0_error(error, "lock the run directory")
 
     def _init_deepspeed_comm(self) -> None:
         """DeepSpeed's communication layer over the process group torch.distributed already has."""
@@ -190,20 +206,50 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self._deepspeed_config(),
                                                mpu=None if self.pipelined else DeepSpeedMPU())
+        ckpt.install_weights_only_loading(engine)
         return engine
 
     def _resume_point(self) -> dict | None:
-        found = ckpt.find_resumable(self.run_dir, self.info.rank)
+        found = ckpt.find_resume(self.run_dir, self.config, self.info.rank)
         if found is None:
             return None
-        ckpt.check_same_model(found["config"], self.config, found["path"])
         state = found["trainer_state"]
         found["same_layout"] = (state.get("layout") == ckpt.layout_key(self.config, self.info.world_size)
                                 and (found["path"] / "deepspeed").is_dir())
-        if not found["same_layout"] and self.is_logger:
-            warnings.warn(f"{found['path']} was written with layout {state.get('layout')}; resuming from its "
-                          "weights with a fresh optimizer state")
+        if not found["same_layout"]:
+            found["full_state"] = ckpt.read_full_state(found["path"])
+            if self.is_logger:
+                ckpt.warn(f"{found['path']} was written with layout {state.get('layout')}; resuming from its "
+                          "layout-independent weights and optimizer moments")
         return found
+
+    def _load_optimizer_moments(self, path: Path) -> None:
+        """After a layout change: the Adam moments and step from the checkpoint's optimizer.safetensors."""
+        from nvium_dist.checkpoint_io import read_optimizer_file
+        from nvium_dist.training.optimizer_state import load_moments
+
+        found = read_optimizer_file(path, self.config.model)
+        if found is None:
+            if self.is_logger:
+                ckpt.warn(f"{path} has no optimizer moments; the optimizer starts fresh")
+            return
+        moments, adam_step = found
+        params, dims = self._named_parameters(self.engine.module)
+        load_moments(self.engine, params, dims, moments, adam_step, self.info.tp_rank, self.info.tp_size,
+                     self.config.model.vocab_size)
+
+    def _restore_tied_weights(self, path: Path) -> None:
+        """DeepSpeed's pipeline checkpoints hold one file per layer that is a module; a tied module called
+        through a forward_fn (the shared output matrix) is in none of them and would come back with its
+        initial weights. It comes from the checkpoint's full weights instead (its Adam state and, under
+        ZeRO, its fp32 master are in DeepSpeed's optimizer files)."""
+        from nvium_dist.tp_layout import load_named
+
+        params, dims = self._named_parameters(self.engine.module)
+        tied = {id(p) for module in self.engine.module.tied_modules.values() for p in module.parameters()}
+        params = {name: p for name, p in params.items() if id(p) in tied}
+        load_named(params, dims, ckpt.read_full_state(path), self.info.tp_rank, self.info.tp_size,
+                   self.config.model.vocab_size)
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -298,19 +344,43 @@ class Trainer:
 
     # -- checkpoint pieces ------------------------------------------------------------------------------
 
-    def _full_state(self):
-        """The optimizer's fp32 master weights gathered into full tensors (not the bf16 module weights)."""
+    def _write_layout_independent_files(self, directory: Path) -> None:
+        """Collective. The first rank of each pipeline stage (DP 0, TP 0) holds its stage's full fp32 master
+        weights (not the bf16 module weights) and Adam moments; stages > 0 write theirs to disk, where rank 0
+        merges them into model.safetensors and optimizer.safetensors. Nothing model-sized travels through a
+        collective to rank 0."""
         from megatron.core import parallel_state
 
+        from nvium_dist.checkpoint_io import (load_tensors, save_tensors, write_model_files, write_optimizer_file,
+                                              write_sample_check)
         from nvium_dist.tp_layout import gather_named
+        from nvium_dist.training.optimizer_state import adam_step, gather_moments
 
-        params, dims = self._named_parameters(self.engine.module)
+        info, vocab = self.info, self.config.model.vocab_size
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        full = gather_named(ckpt.fp32_master_weights(params), dims, self.config.model.vocab_size, tp_group)
-        if self.pipelined:
-            return self._gather_to_rank0(full if self.info.dp_rank == 0 and self.info.tp_rank == 0 else {},
-                                         merge=True)
-        return full if self.info.rank == 0 else None
+        params, dims = self._named_parameters(self.engine.module)
+        weights = gather_named(ckpt.fp32_master_weights(params), dims, vocab, tp_group)
+        moments = gather_moments(self.engine, params, dims, vocab, tp_group)
+        sample = self._sample_check()
+        if sample is not None:
+            write_sample_check(directory, sample)
+        parts = directory / "stage_parts"
+        if info.dp_rank == 0 and info.tp_rank == 0 and info.pp_rank > 0:
+            parts.mkdir(exist_ok=True)
+            save_tensors(parts / f"weights_{info.pp_rank:03d}.safetensors", weights)
+            if moments is not None:
+                save_tensors(parts / f"moments_{info.pp_rank:03d}.safetensors", moments)
+        dist.barrier()
+        if info.rank != 0:
+            return
+        for stage in range(1, info.pp_size):
+            weights.update(load_tensors(parts / f"weights_{stage:03d}.safetensors"))
+            if moments is not None:
+                moments.update(load_tensors(parts / f"moments_{stage:03d}.safetensors"))
+        shutil.rmtree(parts, ignore_errors=True)
+        write_model_files(directory, self.config, weights, None)
+        if moments is not None:
+            write_optimizer_file(directory, moments, adam_step(self.engine))
 
     @torch.no_grad()
     def _sample_check(self):
@@ -330,53 +400,48 @@ class Trainer:
         return {"tokens": tokens.cpu(), "labels": labels.cpu(), "log_p_heads": terms.log_p_heads.float().cpu(),
                 "log_p_mix": terms.log_p_mix.float().cpu()}
 
-    def _gather_to_rank0(self, obj, merge: bool = False):
-        gathered = [None] * self.info.world_size if self.info.rank == 0 else None
-        dist.gather_object(obj, gathered, dst=0)
-        if self.info.rank != 0:
-            return None
-        if not merge:
-            return gathered
-        merged = {}
-        for part in gathered:
-            merged.update(part or {})
-        return merged
-
     def _sample_check_pipelined(self, batch):
-        """The whole micro-batch goes through the pipe engine once; the last stage computes the terms."""
+        """The whole micro-batch goes through the pipe engine once; the last stage's first rank returns the
+        terms (None elsewhere)."""
         from nvium_dist.mixture import mixture_terms
 
         model = self.config.model
         batches = iter([((batch["tokens"], batch["labels"]), batch["loss_mask"])] * self.grad_accumulation)
         _, outputs = self.engine.eval_batch(batches, return_logits=True)
         self.engine.train()
-        sample = {}
-        if self.is_last_stage and self.info.tp_rank == 0 and self.info.dp_rank == 0:
-            _, _, log_p_heads, *routers = outputs
-            terms = mixture_terms(log_p_heads, routers[0] if routers else None, model.exit_layers, model.num_layers)
-            sample = {"tokens": batch["tokens"].cpu(), "labels": batch["labels"].cpu(),
-                      "log_p_heads": terms.log_p_heads.float().cpu(), "log_p_mix": terms.log_p_mix.float().cpu()}
-        return self._gather_to_rank0(sample, merge=True)
+        if not (self.is_last_stage and self.info.tp_rank == 0 and self.info.dp_rank == 0):
+            return None
+        _, _, log_p_heads, *routers = outputs
+        terms = mixture_terms(log_p_heads, routers[0] if routers else None, model.exit_layers, model.num_layers)
+        return {"tokens": batch["tokens"].cpu(), "labels": batch["labels"].cpu(),
+                "log_p_heads": terms.log_p_heads.float().cpu(), "log_p_mix": terms.log_p_mix.float().cpu()}
 
     def save(self) -> Path:
         state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
-                 "router_warmup_steps": self.warmup_steps}
-        path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._full_state,
-                                    self._sample_check, self.info.rank, self.info.world_size)
+                 "router_warmup_steps": self.warmup_steps, "lineage": self.lineage}
+        path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
+                                    self.info.rank, self.info.world_size)
         self.metrics.message(f"[checkpoint] step {self.step} -> {path}")
         return path
 
     # -- signals ----------------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
+        """SIGTERM, SIGUSR1 (Slurm's warning) and SIGINT (Ctrl-C) all finish the step, checkpoint and stop.
+        Under torchrun a worker whose launcher died (its parent changed) does the same rather than train on
+        unsupervised."""
         def request_stop(signum, _frame):
-            self._stop_requested = True
+            self._stop_reason = f"{signal.Signals(signum).name} received"
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, request_stop)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            self._launcher_pid = os.getppid()
 
     def _any_rank_stopping(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if self._launcher_pid is not None and os.getppid() != self._launcher_pid:
+            self._stop_reason = f"the launcher (pid {self._launcher_pid}) died"
+        flag = torch.tensor([1.0 if self._stop_reason else 0.0])
         return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -389,15 +454,19 @@ class Trainer:
         self._build_data()
         resume = self._resume_point()
         if resume is not None:
-            self.step = int(resume["trainer_state"]["step"])
+            self.step = self.resumed_step = int(resume["trainer_state"]["step"])
+            self.lineage = resume["trainer_state"].get("lineage", self.lineage)
         model = self._build_model(resume)
         self.engine = self._build_engine(model, lr_offset=self.step if resume and not resume["same_layout"] else 0)
         if resume is not None:
             if resume["same_layout"]:
                 ckpt.load_deepspeed_state(self.engine, resume["path"], self.info.rank)
+                if self.pipelined:
+                    self._restore_tied_weights(resume["path"])
             else:  # the engine made its masters from the (bf16) module weights: restore the checkpoint's fp32 ones
                 ckpt.load_fp32_master_weights(*self._named_parameters(self.engine.module), resume["full_state"],
                                               self.info.tp_rank, self.info.tp_size, c.model.vocab_size)
+                self._load_optimizer_moments(resume["path"])
             state = resume["trainer_state"]
             self.consumed_samples = int(state["consumed_samples"])
             self.controller.load_state(state["controller"])
@@ -437,6 +506,7 @@ class Trainer:
                 self.save()
                 last_saved = self.step
             if stopping:
+                self.metrics.message(f"[train] stopping early: {self._stop_reason or 'another rank was told to stop'}")
                 self.metrics.message(f"preempted: checkpoint saved at step {self.step}")
                 break
         if last_saved != self.step:

@@ -1,0 +1,37 @@
+"""Argument types the command-line tools share: a bad value is argparse's one-line usage error, not a
+traceback (or a silent misbehaviour) later on. Importing this costs nothing (`--help` stays fast)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _at_least(kind, minimum, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def int_at_least(minimum: int):
+    """argparse type: an integer >= `minimum`."""
+    return _at_least(int, minimum, "an integer")
+
+
+def float_at_least(minimum: float):
+    """argparse type: a finite number >= `minimum`."""
+    return _at_least(float, minimum, "a number")
+
+
+def cuda_missing(device: str) -> str | None:
+    """The error line for `--device cuda` on a machine without CUDA, else None."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "error: --device cuda but no CUDA device is visible; use --device cpu"
+    return None
