@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig, _build, model_config_from_dict
+from nvium_dist.output_dir import check_output_dir, install_dir
 
 EXPORT_FORMAT = "nvium-export"
 EXPORT_VERSION = 1
@@ -522,8 +523,6 @@ def check_export_target(export_dir: Path, force: bool, protected: Path | None = 
     """Raises unless `export_dir` may be written: new, an empty directory or an earlier export; anything
     else only with `force`. Never `protected` (the source checkpoint's run directory), anything that holds
     it, or anything inside its checkpoints."""
-    from nvium_dist.hf.output_dir import check_output_dir
-
     if protected is not None:
         check_outside_run(export_dir, protected)
     check_output_dir(export_dir, is_export_dir, force, "export_checkpoint.py")
@@ -540,8 +539,6 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
     empty or an earlier export unless `force` (see `check_export_target`; `protected`: a run directory
     that is never touched).
     """
-    from nvium_dist.hf.output_dir import install_dir
-
     export_dir = Path(export_dir)
     check_export_target(export_dir, force, Path(protected) if protected is not None else None)
     check_state_matches(model_config, full_state, "export")

@@ -216,7 +216,7 @@ def test_cli_output_dir_rules(tmp_path, nvium_pair):
     assert result.returncode == 2 and "not an earlier output" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert (foreign / "notes.txt").read_text() == "mine"
-    from nvium_dist.hf.output_dir import OutputDirError
+    from nvium_dist.output_dir import OutputDirError
     from nvium_dist.hf.to_hf import convert_export
 
     out = tmp_path / "out"

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.config import ConfigError, load_config
     from nvium_dist.hf.from_hf import llama_to_run_dir, reference_to_export
-    from nvium_dist.hf.output_dir import OutputDirError
+    from nvium_dist.output_dir import OutputDirError
 
     try:
         if args.seq_length is not None and args.seq_length <= 0:

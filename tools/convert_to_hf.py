@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from nvium_dist.checkpoint_io import CheckpointError
-    from nvium_dist.hf.output_dir import OutputDirError
+    from nvium_dist.output_dir import OutputDirError
     from nvium_dist.hf.to_hf import SelfCheckError, convert_export
 
     try:

@@ -24,7 +24,7 @@ import torch
 
 from nvium_dist.checkpoint_io import CheckpointError, check_state_matches
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig
-from nvium_dist.hf.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
+from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_state, rope_theta
 
 TOOL = "convert_from_hf.py"

@@ -5,7 +5,7 @@ Dense exports (no exits, no final adapter) become a stock `LlamaForCausalLM` tha
 `NviumForCausalLM` directory (modeling_nvium.py copied in, `auto_map` in config.json, loaded with
 `trust_remote_code=True`) whose logits are log p_mix. Both get generation_config.json set for plain
 ancestral sampling (do_sample, top_k=0, top_p=1, temperature=1), tokenizer files when the export has a
-SentencePiece model, and `nvium_conversion.json` (output_dir.MARKER_FILE), which marks the directory as
+SentencePiece model, and `nvium_conversion.json` (nvium_dist.output_dir.MARKER_FILE), which marks the directory as
 this tool's output.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nvium_dist.hf.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
+from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 from nvium_dist.hf.weights import backbone_to_llama
 
 TOOL = "convert_to_hf.py"

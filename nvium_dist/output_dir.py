@@ -1,5 +1,6 @@
-"""Output directories of the conversion tools: built under a temporary name, swapped in when complete, and
-never replacing something the tool did not write unless the user says --force."""
+"""Output directories the tools write (exports, Hugging Face conversions, converted run directories): built
+under a temporary name, swapped in when complete, and never replacing something the tool did not write unless
+the user says --force."""
 from __future__ import annotations
 
 import json
