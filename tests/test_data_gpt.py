@@ -86,19 +86,33 @@ def test_single_prefix_valid_blend_and_empty_splits(corpus, tokenizer, tmp_path)
     assert "test split" in str(e.value) and corpus["a"] in str(e.value)
 
 
-def test_build_with_torch_distributed_initialised(corpus, tokenizer, tmp_path):  # noqa: F811
+def _build_with_and_without_process_group(rank, world_size, prefixes, model, cache_dir):
+    """In a fresh process: the blended build with torch.distributed up (rank 0 writes the cache, the others
+    read it), then again after the group is gone (the private group path must leave none behind)."""
     import torch.distributed as dist
 
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from nvium_dist.data.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(model)
+    blend = ["0.5", prefixes["a"], "0.5", prefixes["b"]]
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        blend = ["0.5", corpus["a"], "0.5", corpus["b"]]
-        train, _, _ = _build(corpus, tokenizer, blend, tmp_path / "c")
-        ref, _, _ = _build(corpus, tokenizer, blend, tmp_path / "c")  # cache hit path
+        train, _, _ = _build(prefixes, tokenizer, blend, cache_dir / "shared")
+        ref, _, _ = _build(prefixes, tokenizer, blend, cache_dir / "shared")  # cache hit path
         assert all(np.array_equal(train[i]["tokens"], ref[i]["tokens"]) for i in range(20))
     finally:
         dist.destroy_process_group()
-    # after: the no-distributed path (private group for the cached blended build) leaves none behind
-    train2, _, _ = _build(corpus, tokenizer, blend, tmp_path / "c2")
+    alone, _, _ = _build(prefixes, tokenizer, blend, cache_dir / f"alone-{rank}")
     assert not dist.is_initialized()
-    assert all(np.array_equal(train[i]["tokens"], train2[i]["tokens"]) for i in range(20))
+    assert all(np.array_equal(train[i]["tokens"], alone[i]["tokens"]) for i in range(20))
+    return [train[i]["tokens"].tolist() for i in range(20)]
+
+
+def test_build_with_torch_distributed_initialised(corpus, tokenizer, tmp_path):  # noqa: F811
+    # in fresh processes: a test that ran earlier in this one may have left a process group up
+    from distributed_runner import run_distributed
+
+    prefixes = {"a": corpus["a"], "b": corpus["b"]}
+    ranks = run_distributed(_build_with_and_without_process_group, 2, prefixes, corpus["model"], tmp_path)
+    train, _, _ = _build(corpus, tokenizer, ["0.5", corpus["a"], "0.5", corpus["b"]], tmp_path / "here")
+    assert ranks[0] == ranks[1] == [train[i]["tokens"].tolist() for i in range(20)]
