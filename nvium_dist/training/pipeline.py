@@ -112,18 +112,20 @@ def head_output(index: int, module: PipeOutput, carried):
 class PipelineLoss:
     """loss_fn of the PipelineModule: the mixture loss from the carried per-head terms.
 
-    Also keeps the components of the last micro-batches (train) or running sums (eval) on the last stage.
+    Also keeps the components of the last micro-batches (train: summed on `device`, so no micro-batch waits
+    for a host read) or running sums (eval) on the last stage.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
         self.config = config
+        self.device = torch.device(device)
         self.beta = 0.0
         self.in_router_warmup = False
         self.collect_eval = False
         self.reset()
 
     def reset(self) -> None:
-        self.train_sums = torch.zeros(4, dtype=torch.float64)
+        self.train_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.micro_batches = 0
         K = self.config.num_heads_total
         self.eval_sums = torch.zeros(3 + 2 * K, dtype=torch.float64)
@@ -136,8 +138,8 @@ class PipelineLoss:
         if self.collect_eval:
             self.eval_sums += evaluation_sums(terms, loss_mask)
         else:
-            self.train_sums += torch.tensor([losses.loss.item(), losses.lm_loss.item(), losses.depth_loss.item(),
-                                             losses.warmup_loss.item()], dtype=torch.float64)
+            self.train_sums += torch.stack([losses.loss, losses.lm_loss, losses.depth_loss,
+                                            losses.warmup_loss]).detach().double()
             self.micro_batches += 1
         return losses.loss
 

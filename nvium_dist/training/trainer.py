@@ -149,7 +149,7 @@ class Trainer:
         if self.pipelined:
             from nvium_dist.training.pipeline import PipelineLoss, build_pipeline_module
 
-            self.pipeline_loss = PipelineLoss(c.model)
+            self.pipeline_loss = PipelineLoss(c.model, self.info.device)
             model = build_pipeline_module(c.model, self.info, t.seed, self.pipeline_loss,
                                           t.activation_checkpointing, t.loss_chunk_tokens)
         else:
