@@ -343,6 +343,12 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a file; pass RUN_DIR, RUN_DIR/checkpoints or a step "
+                              "directory")
+    if is_export_dir(path):
+        raise CheckpointError(f"{path} is an export (what export_checkpoint.py writes), not a training checkpoint; "
+                              "pass the run directory or one of its step directories")
     if (path / MODEL_FILE).is_file() or (path / CONFIG_FILE).is_file():
         return path
     for candidate in (path / "checkpoints", path):
@@ -574,16 +580,34 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
     return export_dir
 
 
-def load_export(export_dir: str | os.PathLike, check_weights: bool = True) -> Export:
+def read_export_config(export_dir: str | os.PathLike) -> dict:
+    """EXPORT_DIR/config.json, after checking that EXPORT_DIR is an export (not a file, a training run
+    directory or a transformers directory); cheap, so a tool can check its input before slow imports."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
-        raise CheckpointError(f"export directory {export_dir} does not exist; create one with tools/export_checkpoint.py")
+        what = "is a file, not an export directory" if export_dir.exists() else "does not exist"
+        raise CheckpointError(f"export directory {export_dir} {what}; create one with tools/export_checkpoint.py")
+    export_it = f"export it with tools/export_checkpoint.py --checkpoint {export_dir} --output EXPORT_DIR"
+    if not (export_dir / CONFIG_FILE).exists():
+        if (export_dir / "checkpoints").is_dir() or (export_dir / "latest").is_file():
+            raise CheckpointError(f"{export_dir} is a training run directory, not an export: {export_it}")
+        raise CheckpointError(f"{export_dir} is not an nvium export (it has no {CONFIG_FILE}); create one with "
+                              "tools/export_checkpoint.py")
     raw = _read_json(export_dir / CONFIG_FILE)
     if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
-        looks_like_training = isinstance(raw, dict) and "parallel" in raw
-        hint = (" (this looks like a training checkpoint: export it with tools/export_checkpoint.py "
-                f"--checkpoint {export_dir} --output EXPORT_DIR)") if looks_like_training else ""
+        if isinstance(raw, dict) and "parallel" in raw:
+            hint = f" (this looks like a training checkpoint: {export_it})"
+        elif isinstance(raw, dict) and "architectures" in raw:
+            hint = " (this looks like a transformers directory: convert it with tools/convert_from_hf.py)"
+        else:
+            hint = ""
         raise CheckpointError(f"{export_dir / CONFIG_FILE} is not an nvium export{hint}")
+    return raw
+
+
+def load_export(export_dir: str | os.PathLike, check_weights: bool = True) -> Export:
+    export_dir = Path(export_dir)
+    raw = read_export_config(export_dir)
     version, model, tokenizer = raw.get("version", 0), raw.get("model"), raw.get("tokenizer", {"type": "none"})
     if not isinstance(version, int) or not isinstance(model, dict) or not isinstance(tokenizer, dict):
         raise CheckpointError(f"{export_dir / CONFIG_FILE} is corrupt: version, model and tokenizer must be an "

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
-def _at_least(kind, minimum, what: str):
+def _at_least(kind, minimum, what: str, strict: bool = False):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
         return value
     return parse
 
@@ -26,6 +27,18 @@ def int_at_least(minimum: int):
 def float_at_least(minimum: float):
     """argparse type: a finite number >= `minimum`."""
     return _at_least(float, minimum, "a number")
+
+
+def float_above(minimum: float):
+    """argparse type: a finite number > `minimum`."""
+    return _at_least(float, minimum, "a number", strict=True)
+
+
+def file_prefix(text: str) -> str:
+    """argparse type: an output prefix (PREFIX.bin, PREFIX.model, ...) that ends in a name, not in a directory."""
+    if not os.path.basename(text):
+        raise argparse.ArgumentTypeError(f"{text!r} ends in a directory; add a file name prefix, e.g. {text}corpus")
+    return text
 
 
 def cuda_missing(device: str) -> str | None:

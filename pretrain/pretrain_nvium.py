@@ -25,7 +25,6 @@ def main(argv=None) -> int:
 
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.config import ConfigError, load_config
-    from nvium_dist.data.indexed import DatasetFormatError
 
     try:
         config = load_config(args.config, args.set)
@@ -43,8 +42,8 @@ def main(argv=None) -> int:
         print(f"config error: {error}", file=sys.stderr)
     except RankZeroError:
         pass  # rank 0 reports it
-    except (BaselineUnavailable, CheckpointError, DatasetFormatError, RunDirInUseError, FileNotFoundError,
-            PermissionError) as error:
+    except (BaselineUnavailable, CheckpointError, RunDirInUseError, FileNotFoundError, PermissionError,
+            ValueError) as error:  # ValueError: data that does not fit (format, tokenizer, vocabulary, blend)
         print(f"error: {error}", file=sys.stderr)
     return 2
 

@@ -44,10 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from nvium_dist.checkpoint_io import file_record, list_files, verify_manifest
     from nvium_dist.config import ConfigError, load_config
-    from nvium_dist.training import checkpoint as ckpt
-    from nvium_dist.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = args.set + [f"training.run_dir={tmp}/run", f"training.train_iters={args.saves}",
@@ -58,6 +55,10 @@ def main(argv=None) -> int:
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
+        from nvium_dist.checkpoint_io import file_record, list_files, verify_manifest
+        from nvium_dist.training import checkpoint as ckpt
+        from nvium_dist.training.trainer import Trainer
+
         save_seconds = []
         real_save = ckpt.save_checkpoint
 

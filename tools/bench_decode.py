@@ -40,6 +40,8 @@ import random
 import statistics
 import sys
 
+from nvium_dist.cli import cuda_missing, int_at_least
+
 FIRST_EXIT_RATE = 0.7
 SYNTHETIC = dict(vocab_size=8000, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=688, exits=[2, 4, 6],
                  seq_length=512)
@@ -58,13 +60,14 @@ def parse_args(argv=None):
                    help="--synthetic: share of tokens the routers send out at the first exit")
     p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
     p.add_argument("--continuous", default="16:48", help="ROWS:PROMPTS continuous-batching setting ('' = none)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
-    p.add_argument("--min-tokens", type=int, default=256,
+    p.add_argument("--new-tokens", type=int_at_least(1), default=64, help="tokens generated per sequence")
+    p.add_argument("--min-tokens", type=int_at_least(0), default=256,
                    help="a batch size decodes batches of prompts one after another until this many tokens")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length per sequence")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per setting (the median is reported)")
+    p.add_argument("--prompt-tokens", type=int_at_least(1), default=16, help="prompt length per sequence")
+    p.add_argument("--repeats", type=int_at_least(1), default=5,
+                   help="interleaved rounds per setting (the median is reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int_at_least(0), default=1,
                    help="torch CPU threads (default 1: small-batch decoding is latency bound; 0 = torch default)")
     p.add_argument("--profile", action="store_true", help="also report where batch-1 time goes, per token")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -222,6 +225,9 @@ def main(argv=None) -> int:
         settings = parse_settings(args.batch_sizes, args.continuous, args.min_tokens, max(1, args.new_tokens))
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cuda_missing(args.device):
+        print(cuda_missing(args.device), file=sys.stderr)
         return 2
     if args.baseline and args.synthetic:
         print("error: --baseline goes with --model (--synthetic builds its own dense twin)", file=sys.stderr)

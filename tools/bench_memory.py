@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from nvium_dist.cli import cuda_missing, int_at_least
+
 VARIANTS = {"plain": (False, False), "chunked": (False, True), "checkpointed": (True, False),
             "checkpointed+chunked": (True, True)}
 
@@ -31,14 +33,14 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML config (its model section is used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--micro-batches", default="4", help="comma-separated micro-batch sizes")
-    p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's)")
+    p.add_argument("--seq-length", type=int_at_least(1), help="tokens per sequence (default: the model's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
-    p.add_argument("--loss-chunk-tokens", type=int, default=0,
+    p.add_argument("--loss-chunk-tokens", type=int_at_least(0), default=0,
                    help="chunk of the chunked variants (default: training.loss_chunk_tokens, else 1024)")
-    p.add_argument("--rounds", type=int, default=3, help="timed steps per variant (interleaved)")
+    p.add_argument("--rounds", type=int_at_least(1), default=3, help="timed steps per variant (interleaved)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     return p.parse_args(argv)
 
 
@@ -48,16 +50,23 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.config, args.set)
-        micro_batches = [int(x) for x in args.micro_batches.split(",") if x]
+        try:
+            micro_batches = [int(x) for x in args.micro_batches.split(",") if x]
+        except ValueError:
+            micro_batches = []
+        if not micro_batches or min(micro_batches) < 1:
+            raise ConfigError(f"--micro-batches must be comma-separated integers >= 1, got {args.micro_batches!r}")
         variants = [v for v in args.variants.split(",") if v]
         unknown = sorted(set(variants) - set(VARIANTS))
-        if unknown or not variants or not micro_batches or min(micro_batches) < 1 or args.rounds < 1:
-            raise ConfigError(f"--variants must be among {list(VARIANTS)} (got {unknown or variants}), "
-                              "--micro-batches positive integers, --rounds >= 1")
-    except (ConfigError, ValueError) as error:
+        if unknown or not variants:
+            raise ConfigError(f"--variants must be among {list(VARIANTS)}, got {args.variants!r}")
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if cuda_missing(args.device):
+        print(cuda_missing(args.device), file=sys.stderr)
+        return 2
     import torch
 
     from nvium_dist.inference.generator import ensure_process_group

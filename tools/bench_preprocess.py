@@ -12,19 +12,37 @@ The megatron-core import is excluded from the timings (done once before).
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
+
+from nvium_dist.cli import float_above, int_at_least
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-mb", type=float, default=55.0, help="generated corpus size (default 55 MB)")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--files", type=int, default=4, help="number of JSONL files the corpus is split into")
-    p.add_argument("--keep", default=None, help="keep the work directory here instead of a temp dir")
+    p.add_argument("--size-mb", type=float_above(0), default=55.0, help="generated corpus size (default 55 MB)")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=32000)
+    p.add_argument("--workers", type=int_at_least(1), nargs="+", default=[1, 2])
+    p.add_argument("--files", type=int_at_least(1), default=4, help="number of JSONL files the corpus is split into")
+    p.add_argument("--keep", default=None,
+                   help="keep the work directory here (a new or empty directory) instead of a temp dir")
     args = p.parse_args(argv)
+    if args.keep and os.path.exists(args.keep) and not (os.path.isdir(args.keep) and not os.listdir(args.keep)):
+        print(f"bench_preprocess.py: error: --keep {args.keep} exists and is not an empty directory", file=sys.stderr)
+        return 2
+    work = args.keep or tempfile.mkdtemp(prefix="nvium_bench_pre_")
+    try:
+        return bench(args, work)
+    except ValueError as err:  # e.g. a vocabulary too small or too large for the corpus
+        print(f"bench_preprocess.py: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def bench(args, work: str) -> int:
     import filecmp
     import random
     import time
@@ -33,9 +51,11 @@ def main(argv=None) -> int:
     from nvium_dist.data.preprocess import _import_builder, preprocess
     from nvium_dist.data.spm_train import train_sentencepiece
 
-    work = args.keep or tempfile.mkdtemp(prefix="nvium_bench_pre_")
     os.makedirs(work, exist_ok=True)
     docs = [d.text for d in iter_documents("scene")]
+    t = time.time()
+    tok = train_sentencepiece(iter(docs), os.path.join(work, "tok"), vocab_size=args.vocab_size, num_threads=2)
+    train_s = time.time() - t
     target = int(args.size_mb * 1e6)
     rng = random.Random(0)
     paths = [os.path.join(work, f"corpus_{i:02d}.jsonl") for i in range(args.files)]
@@ -52,10 +72,6 @@ def main(argv=None) -> int:
         rep += 1
     for h in handles:
         h.close()
-
-    t = time.time()
-    tok = train_sentencepiece(iter(docs), os.path.join(work, "tok"), vocab_size=args.vocab_size, num_threads=2)
-    train_s = time.time() - t
     _import_builder()
 
     results = {}
@@ -87,10 +103,6 @@ def main(argv=None) -> int:
     if 1 in ws and 2 in ws:
         report["speedup_2_over_1"] = round(results["workers_2"]["tokens_per_s"] / results["workers_1"]["tokens_per_s"], 3)
     print(json.dumps(report, indent=2))
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return 0 if identical else 1
 
 

@@ -10,6 +10,7 @@ Example:
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,11 +21,15 @@ def main(argv=None) -> int:
     p.add_argument("--valid-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1234, help="salt of the document-id hash that decides the split")
     args = p.parse_args(argv)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        print(f"build_default_corpus.py: error: --output-dir {args.output_dir} is a file; give a directory",
+              file=sys.stderr)
+        return 2
     from nvium_dist.data.default_corpus import build_default_corpus
 
     try:
         manifest = build_default_corpus(args.output_dir, args.unit, args.valid_fraction, args.seed)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: the output path is a file or not writable
         print(f"build_default_corpus.py: error: {err}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in manifest.items() if k != "valid_ids"}

@@ -31,6 +31,8 @@ import argparse
 import json
 import sys
 
+from nvium_dist.cli import float_above, int_at_least
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,9 +43,9 @@ def parse_args(argv=None):
                    help="'quadrivium' (default for a LLaMA), 'none', or layer counts like 6,12,18")
     p.add_argument("--config", default=None, help="YAML config for the parallel/data/training sections (LLaMA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (LLaMA)")
-    p.add_argument("--seq-length", type=int, default=None,
+    p.add_argument("--seq-length", type=int_at_least(1), default=None,
                    help="context length of the nvium model (default: max_position_embeddings)")
-    p.add_argument("--router-temperature", type=float, default=1.0, help="--paper: the run's router_temp")
+    p.add_argument("--router-temperature", type=float_above(0), default=1.0, help="--paper: the run's router_temp")
     p.add_argument("--force", action="store_true", help="replace OUTPUT even if this tool did not write it")
     return p.parse_args(argv)
 
@@ -56,8 +58,6 @@ def main(argv=None) -> int:
     from nvium_dist.output_dir import OutputDirError
 
     try:
-        if args.seq_length is not None and args.seq_length <= 0:
-            raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
         if args.paper:
             if args.config or args.set:
                 raise ConfigError("--config/--set configure training; an export (--paper) has no training section")

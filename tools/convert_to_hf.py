@@ -23,13 +23,15 @@ import json
 import os
 import sys
 
+from nvium_dist.cli import float_at_least
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", help="nvium export directory (tools/export_checkpoint.py or convert_from_hf.py)")
     p.add_argument("output", help="transformers directory to write")
     p.add_argument("--force", action="store_true", help="replace OUTPUT even if this tool did not write it")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=float_at_least(0), default=1e-4,
                    help="max |difference| of the self-check log-probabilities (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip loading the result back with transformers")
     return p.parse_args(argv)

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from nvium_dist.cli import cuda_missing, int_at_least
+from nvium_dist.cli import cuda_missing, float_above, int_at_least
 
 
 def parse_args(argv=None):
@@ -36,18 +36,25 @@ def parse_args(argv=None):
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--include-path", default=None, help="--lm-eval: a directory of your own task YAML files")
-    p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples per task")
-    p.add_argument("--limit", type=float, default=None, help="--lm-eval: documents per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, help="--lm-eval: few-shot examples per task")
+    p.add_argument("--limit", type=float_above(0), default=None,
+                   help="--lm-eval: documents per task (a count >= 1, or a fraction < 1 of each task's documents)")
     p.add_argument("--seed", type=int, default=1234, help="--lm-eval: sampling seed of generate_until")
     return p.parse_args(argv)
 
 
 def lm_eval_main(args) -> int:
     """lm-eval's simple_evaluate with the `nvium` model type; prints its per-task results as JSON."""
+    from nvium_dist.checkpoint_io import CheckpointError, read_export_config
+
+    try:
+        read_export_config(args.model)  # before lm-eval's slow import
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.evaluation import lm_eval_model  # noqa: F401 - registers the `nvium` model type
 
     tasks = [task for task in args.lm_eval.split(",") if task]
@@ -104,6 +111,13 @@ def main(argv=None) -> int:
     import math
     import os
 
+    prefix = args.data[:-4] if args.data.endswith((".bin", ".idx")) else args.data
+    missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+    if missing:
+        print(f"error: {' and '.join(missing)} not found; --data takes the prefix written by tools/preprocess_data.py "
+              "(e.g. runs/tiny/data/..._text_document for its .bin and .idx)", file=sys.stderr)
+        return 2
+
     import numpy as np
     import torch
 
@@ -115,11 +129,6 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    prefix = args.data[:-4] if args.data.endswith((".bin", ".idx")) else args.data
-    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-        print(f"error: {prefix}.bin / {prefix}.idx not found; pass the prefix written by tools/preprocess_data.py "
-              "(e.g. runs/tiny/data/..._text_document)", file=sys.stderr)
-        return 2
     try:
         generator = NviumGenerator.from_pretrained(args.model, device=args.device)
         config = generator.config

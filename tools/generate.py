@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float_at_least(0), default=1.0, help="needs --mode full (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax of p_mix; needs --mode full")
     p.add_argument("--pipeline-stages", type=int_at_least(1), default=1, help="decode with this many stage processes")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--max-batch", type=int_at_least(1), default=None,
                    help="rows decoded together (default: every prompt); more prompts than rows enter rows as "
                         "earlier sequences finish (continuous batching)")
     p.add_argument("--show-exits", action="store_true", help="print each token's exit index after it, as [k]")

@@ -10,14 +10,16 @@ import argparse
 import json
 import sys
 
+from nvium_dist.cli import int_at_least
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prefix", help="dataset prefix (X for X.bin/X.idx)")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model to decode documents with")
-    p.add_argument("--show", type=int, default=3, help="decode this many first documents (needs --tokenizer-model)")
-    p.add_argument("--max-chars", type=int, default=400, help="print at most this many characters per document")
-    p.add_argument("--bins", type=int, default=10, help="histogram bins (log-spaced)")
+    p.add_argument("--show", type=int_at_least(0), default=3, help="decode this many first documents (needs --tokenizer-model)")
+    p.add_argument("--max-chars", type=int_at_least(0), default=400, help="print at most this many characters per document")
+    p.add_argument("--bins", type=int_at_least(1), default=10, help="histogram bins (log-spaced)")
     p.add_argument("--json", action="store_true", help="print only the statistics as JSON")
     args = p.parse_args(argv)
 

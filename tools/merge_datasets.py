@@ -14,18 +14,19 @@ import argparse
 import json
 import sys
 
+from nvium_dist.cli import file_prefix
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", required=True, help="dataset prefixes, merged in this order")
-    p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin/.idx/.summary.json")
+    p.add_argument("--output-prefix", type=file_prefix, required=True, help="writes OUTPUT_PREFIX.bin/.idx/.summary.json")
     args = p.parse_args(argv)
-    from nvium_dist.data.indexed import DatasetFormatError
     from nvium_dist.data.merge import merge_datasets
 
     try:
         summary = merge_datasets(args.inputs, args.output_prefix)
-    except (DatasetFormatError, ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # DatasetFormatError is a ValueError; OSError: an unwritable output
         print(f"merge_datasets.py: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

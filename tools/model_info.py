@@ -15,20 +15,22 @@ import contextlib
 import json
 import sys
 
+from nvium_dist.cli import int_at_least
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (its model section is used)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="add a per-GPU memory estimate for model states")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per node for the memory estimate")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes for the memory estimate")
+    parser.add_argument("--gpus", type=int_at_least(1), default=1, help="GPUs per node for the memory estimate")
+    parser.add_argument("--nodes", type=int_at_least(1), default=1, help="nodes for the memory estimate")
     parser.add_argument("--offload", action="store_true", help="estimate with ZeRO CPU offload")
-    parser.add_argument("--micro-batch", type=int, help="add an activation-memory estimate for this micro-batch size")
-    parser.add_argument("--seq-length", type=int, help="sequence length of the activation estimate (default: the model's)")
+    parser.add_argument("--micro-batch", type=int_at_least(1), help="add an activation-memory estimate for this micro-batch size")
+    parser.add_argument("--seq-length", type=int_at_least(1), help="sequence length of the activation estimate (default: the model's)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="estimate with per-block activation checkpointing (default: training.activation_checkpointing)")
-    parser.add_argument("--loss-chunk-tokens", type=int,
+    parser.add_argument("--loss-chunk-tokens", type=int_at_least(0),
                         help="tokens per chunk of the vocab loss, 0 for none (default: training.loss_chunk_tokens)")
     args = parser.parse_args(argv)
 
@@ -36,10 +38,6 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.config, args.set)
-        for name in ("micro_batch", "seq_length", "loss_chunk_tokens", "gpus", "nodes"):
-            value = getattr(args, name)
-            if value is not None and value < (0 if name == "loss_chunk_tokens" else 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

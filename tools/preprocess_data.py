@@ -40,6 +40,8 @@ import json
 import signal
 import sys
 
+from nvium_dist.cli import file_prefix, int_at_least
+
 DEFAULT_MAX_DOCUMENT_BYTES = 16 << 20  # nvium_dist.data.preprocess.DEFAULT_MAX_DOCUMENT_BYTES (no import for --help)
 
 
@@ -56,14 +58,14 @@ def parse_args(argv=None):
                    help="pre-tokenized input: write the id lists under this key/column as they are")
     p.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model (tools/train_tokenizer.py); optional with --input-ids-key")
-    p.add_argument("--vocab-size", type=int, default=None,
+    p.add_argument("--vocab-size", type=int_at_least(1), default=None,
                    help="--input-ids-key: ids must be < this (default: the tokenizer's vocabulary)")
-    p.add_argument("--eod-id", type=int, default=None,
+    p.add_argument("--eod-id", type=int_at_least(0), default=None,
                    help="--input-ids-key: the end-of-document id --append-eod appends (default: the tokenizer's eos)")
-    p.add_argument("--output-prefix", required=True, help="writes OUT_<key>_document.bin/.idx/.summary.json")
+    p.add_argument("--output-prefix", type=file_prefix, required=True, help="writes OUT_<key>_document.bin/.idx/.summary.json")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document id (eos) to each document")
-    p.add_argument("--workers", type=int, default=1, help="tokeniser processes (default 1: in-process)")
-    p.add_argument("--partitions", type=int, default=1,
+    p.add_argument("--workers", type=int_at_least(1), default=1, help="tokeniser processes (default 1: in-process)")
+    p.add_argument("--partitions", type=int_at_least(1), default=1,
                    help="split the input files into P contiguous groups, each finished as a partial dataset "
                         "under OUT.partitions.tmp/ and then concatenated; an interrupted run resumes at the "
                         "first unfinished partition (files only, not --hf-dataset)")
@@ -75,7 +77,7 @@ def parse_args(argv=None):
                         "(its own earlier output is replaced without it)")
     p.add_argument("--dtype", choices=["auto", "uint16", "int32"], default="auto",
                    help="token dtype (auto: uint16 if vocab < 65500 else int32)")
-    p.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
+    p.add_argument("--max-document-bytes", type=int_at_least(1), default=DEFAULT_MAX_DOCUMENT_BYTES,
                    help="skip (or with --strict fail on) documents larger than this; bounds memory: a worker "
                         "needs up to ~50x this to tokenise one document (default 16 MiB)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
             input_ids_key=args.input_ids_key, vocab_size=args.vocab_size, eod_id=args.eod_id,
             allow_empty=args.allow_empty, force=args.force,
         )
-    except (PreprocessError, DatasetFormatError, FileNotFoundError, ValueError) as err:
+    except (PreprocessError, DatasetFormatError, OSError, ValueError) as err:  # OSError: e.g. an unwritable output
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

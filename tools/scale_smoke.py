@@ -12,26 +12,33 @@ import resource
 import sys
 from pathlib import Path
 
+from nvium_dist.cli import int_at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "pretrain/configs/nvium-1.5b.yaml"))
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int_at_least(1), default=2)
     args = parser.parse_args(argv)
 
+    from nvium_dist.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, [
+            "model.num_layers=8", "model.exits=[2,4,6]", "model.seq_length=64", "parallel.device=cpu",
+            "parallel.zero_stage=3", "training.micro_batch_size=1", "training.global_batch_size=2",
+            f"training.train_iters={args.steps}", "training.run_dir=/tmp/nvium-scale-smoke"])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     import torch
     import torch.distributed as dist
 
-    from nvium_dist.config import load_config
     from nvium_dist.mixture import nvium_loss
     from nvium_dist.training.trainer import Trainer
 
-    config = load_config(args.config, [
-        "model.num_layers=8", "model.exits=[2,4,6]", "model.seq_length=64", "parallel.device=cpu",
-        "parallel.zero_stage=3", "training.micro_batch_size=1", "training.global_batch_size=2",
-        f"training.train_iters={args.steps}", "training.run_dir=/tmp/nvium-scale-smoke"])
     trainer = Trainer(config)
     model = trainer._build_model(None)
     engine = trainer._build_engine(model, lr_offset=0)

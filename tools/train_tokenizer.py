@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from nvium_dist.cli import file_prefix, int_at_least
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,17 +24,19 @@ def parse_args(argv=None):
                    help="files, directories or globs: JSONL (.jsonl/.json[.gz], one document per line) or text "
                         "(one document per file). Default: the embedded default corpus")
     p.add_argument("--json-key", default="text", help="JSON key holding the document text (default: text)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab, PREFIX.json")
+    p.add_argument("--output-prefix", type=file_prefix, required=True, help="writes PREFIX.model, PREFIX.vocab, PREFIX.json")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+    p.add_argument("--input-sentence-size", type=int_at_least(0), default=2_000_000,
                    help="sample at most this many sentences (paragraphs) from the inputs, reservoir-sampled "
                         "with --seed; 0 = use all (default: 2000000)")
-    p.add_argument("--max-input-bytes", type=int, default=None,
+    p.add_argument("--max-input-bytes", type=int_at_least(1), default=None,
                    help="stop reading the inputs after this many characters (bounds time on huge corpora)")
-    p.add_argument("--character-coverage", type=float, default=0.9999)
+    p.add_argument("--character-coverage", type=float, default=0.9999,
+                   help="share of characters covered by pieces, 0.98..1 (the rest use byte fallback)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads (default: CPU count). Identical models from identical "
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="SentencePiece trainer threads (default: CPU count). Identical models from identical "
                         "inputs and --seed need --threads 1 (multithreaded unigram EM sums floats in "
                         "varying order)")
     return p.parse_args(argv)
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
             input_sentence_size=args.input_sentence_size, max_input_bytes=args.max_input_bytes,
             seed=args.seed, character_coverage=args.character_coverage, num_threads=args.threads,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: e.g. the output prefix lies under a file
         print(f"train_tokenizer.py: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2))

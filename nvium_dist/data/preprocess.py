@@ -554,8 +554,6 @@ def preprocess(
     unless `allow_empty`, and when OUT_<key>_document.bin/.idx exist without a summary of this tool, unless
     `force`.
     """
-    _import_builder()  # megatron-core import (~5 s) is not part of the measured time
-    t0 = time.time()
     if (inputs is None) == (hf_dataset is None):
         raise PreprocessError("give either --input files or --hf-dataset, not both or neither")
     keys = [input_ids_key] if input_ids_key else list(json_keys)
@@ -593,6 +591,8 @@ def preprocess(
     if not force:
         for final in finals.values():
             _check_replaceable(final)
+    _import_builder()  # after the checks of the arguments, and not part of the measured time (megatron-core: ~5 s)
+    t0 = time.time()
     options = dict(asdict(fmt), tokenizer_sha256=made_with["sha256"])
     stats = _Stats(keys)
     bar = None

@@ -82,6 +82,8 @@ def train_sentencepiece(
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own bound, which it reports as an internal error
+        raise ValueError(f"character_coverage must be in [0.98, 1], got {character_coverage}")
     if vocab_size < 260 + 4:
         raise ValueError(
             f"vocab_size {vocab_size} is too small: byte fallback alone needs 256 byte pieces plus 4 "
@@ -140,6 +142,11 @@ def train_sentencepiece(
         msg = str(err)
         if counter["sentences"] == 0:
             raise ValueError("no training text: the inputs hold no non-empty documents") from err
+        if "smaller than required_chars" in msg:  # more distinct characters than pieces
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small for the characters of this input ({msg.strip()}); "
+                f"use a larger --vocab-size or a lower --character-coverage"
+            ) from err
         if "Vocabulary size is too high" in msg or "vocab_size" in msg:
             raise ValueError(
                 f"SentencePiece could not reach vocab_size={vocab_size} on this input ({msg.strip()}); "

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from nvium_dist.checkpoint_io import CheckpointError, check_state_matches
+from nvium_dist.checkpoint_io import EXPORT_FORMAT, CheckpointError, check_state_matches
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig
-from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_state, rope_theta
+from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 
 TOOL = "convert_from_hf.py"
 SAMPLE_TOKENS = 32
@@ -124,8 +124,11 @@ def sample_outputs(model_config: ModelConfig, state: dict[str, torch.Tensor]) ->
 def read_llama(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     hf_config = read_hf_config(hf_dir)
     kind = hf_config.get("model_type")
+    if hf_config.get("format") == EXPORT_FORMAT:
+        raise CheckpointError(f"{hf_dir} is an nvium export already: generate.py and evaluate.py read it as it is")
     if kind != "llama":
-        raise CheckpointError(f"{hf_dir} holds a {kind!r} model; convert_from_hf reads LLaMA models (model_type llama)")
+        what = f"a {kind!r} model" if kind else "no model_type in its config.json"
+        raise CheckpointError(f"{hf_dir} holds {what}; convert_from_hf reads LLaMA models (model_type llama)")
     return hf_config, read_hf_state(hf_dir)
 
 
@@ -251,7 +254,7 @@ def reference_weights(hf_config: dict, state: dict[str, torch.Tensor], model_con
 def reference_to_export(hf_dir: str | os.PathLike, export_dir: str | os.PathLike, exits: str | None = None,
                         router_temperature: float = 1.0, seq_length: int | None = None, force: bool = False) -> dict:
     """The paper's N-vium checkpoint directory -> an nvium export (config.json, model.safetensors, tokenizer)."""
-    from nvium_dist.checkpoint_io import EXPORT_FORMAT, save_export
+    from nvium_dist.checkpoint_io import save_export
 
     hf_dir, export_dir = Path(hf_dir), Path(export_dir)
 

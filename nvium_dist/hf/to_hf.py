@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 from nvium_dist.hf.weights import backbone_to_llama
+from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
 
 TOOL = "convert_to_hf.py"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nvium_dist.config import NviumConfig
+from nvium_dist.config import ConfigError, NviumConfig
 from nvium_dist.mixture import evaluation_sums, nvium_loss, router_warmup_steps
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
@@ -53,6 +53,28 @@ def prepare_default_data(config: NviumConfig, info: ParallelInfo) -> None:
     config.data.tokenizer_model = str(tokenizer)
 
 
+def check_data_config(config: NviumConfig) -> None:
+    """Before any process starts talking: the data and its tokenizer go together, and the tokenizer's ids fit
+    the model's vocabulary. Raises ConfigError, FileNotFoundError or ValueError (an unreadable tokenizer)."""
+    from nvium_dist.data.tokenizer import SentencePieceTokenizer, check_vocab_fits
+
+    data = config.data
+    if not data.train_data:
+        if data.tokenizer_model:  # the default corpus gets a tokenizer of its own at RUN_DIR/data/tokenizer.model
+            raise ConfigError(f"data.tokenizer_model={data.tokenizer_model} but data.train_data is empty, so the "
+                              "bundled default corpus would be used with a tokenizer of its own. Set data.train_data "
+                              "(and valid_data) to data made with that tokenizer, or leave data.tokenizer_model empty")
+        return
+    if not data.tokenizer_model:
+        raise ConfigError("data.train_data is set but data.tokenizer_model is empty: name the SentencePiece model "
+                          "the data was made with")
+    tokenizer = SentencePieceTokenizer(data.tokenizer_model)
+    try:
+        check_vocab_fits(tokenizer.vocab_size, config.model.vocab_size, data.tokenizer_model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated on CUDA; peak resident set size of this process on CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -65,6 +87,7 @@ def peak_memory_mb() -> float:
 class Trainer:
     def __init__(self, config: NviumConfig):
         self.config = config
+        check_data_config(config)
         self.info = init_distributed(config.parallel)
         config.validate(world_size=self.info.world_size)
         check_rank_layout(self.info)
