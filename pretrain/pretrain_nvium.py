@@ -42,8 +42,9 @@ def main(argv=None) -> int:
         print(f"config error: {error}", file=sys.stderr)
     except RankZeroError:
         pass  # rank 0 reports it
-    except (BaselineUnavailable, CheckpointError, RunDirInUseError, FileNotFoundError, PermissionError,
-            ValueError) as error:  # ValueError: data that does not fit (format, tokenizer, vocabulary, blend)
+    except (BaselineUnavailable, CheckpointError, RunDirInUseError, OSError, ValueError) as error:
+        # OSError: a path that is missing, not writable or of the wrong kind; ValueError: data that does not fit
+        # (format, tokenizer, vocabulary, blend)
         print(f"error: {error}", file=sys.stderr)
     return 2
 

@@ -53,6 +53,7 @@ CASES = [
     ("tools/export_checkpoint.py", ["--checkpoint", "{h}/run", "--output", "{h}/out", "--tp", "0"], "must be >= 1"),
     ("tools/generate.py", ["--model", "{h}/run", "--prompt", "x"], "is a training run directory, not an export"),
     ("tools/generate.py", ["--model", "{h}/emptydir", "--prompt", "x"], "has no config.json"),
+    ("tools/generate.py", ["--model", "{h}/text_weights", "--prompt", "x"], "not a safetensors file"),
     ("tools/generate.py", ["--model", "{h}/run", "--prompt-file", "{h}/emptydir"], "Is a directory"),
     ("tools/generate.py", ["--model", "{h}/run", "--prompt-file", "{h}/junk.bin"], "is not UTF-8 text"),
     ("tools/generate.py", ["--model", "{h}/run", "--prompt", "x", "--max-batch", "0"], "--max-batch: must be >= 1"),
@@ -104,8 +105,8 @@ def _case_id(case) -> str:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> Path:
     """A directory of wrong inputs: text, binary junk, broken YAML, an empty directory, a .bin without .idx, a
-    corrupt .idx, a training run directory, an export without weights, a transformers config; plus a real
-    400-piece tokenizer and a few JSONL documents."""
+    corrupt .idx, a training run directory, an export without weights, one whose weights are text, a
+    transformers config; plus a real 400-piece tokenizer and a few JSONL documents."""
     from nvium_dist.data.default_corpus import iter_documents
     from nvium_dist.data.spm_train import train_sentencepiece
 
@@ -121,8 +122,10 @@ def hostile(tmp_path_factory) -> Path:
     step.mkdir(parents=True)
     (h / "run" / "checkpoints" / "latest").write_text("step_00000001\n")
     (step / "config.json").write_text("{}")
-    (h / "export").mkdir()
-    (h / "export" / "config.json").write_text(json.dumps({"format": "nvium-export", "version": 1, "model": {}}))
+    for export in ("export", "text_weights"):
+        (h / export).mkdir()
+        (h / export / "config.json").write_text(json.dumps({"format": "nvium-export", "version": 1, "model": {}}))
+    (h / "text_weights" / "model.safetensors").write_text("not weights\n")
     (h / "hf").mkdir()
     (h / "hf" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     docs = [d.text for _, d in zip(range(5), iter_documents("scene"))]
@@ -172,3 +175,15 @@ def test_help_is_fast_and_imports_no_torch():
         assert "usage:" in out, cli
         imported = {line.rsplit("|", 1)[-1].strip() for line in imports.splitlines() if line.startswith("import time")}
         assert not {"torch", "deepspeed", "megatron"} & imported, f"{cli} --help imports {sorted(imported)[:20]}"
+
+
+@pytest.mark.slow  # starts the trainer's process group (~10 s)
+def test_pretrain_run_dir_that_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("mine\n")
+    done = subprocess.run([sys.executable, "pretrain/pretrain_nvium.py", "--config", TINY,
+                           "--set", f"training.run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"error: training.run_dir {tmp_path / 'run'} is a file; choose a directory"
+    assert (tmp_path / "run").read_text() == "mine\n"

@@ -66,6 +66,14 @@ def test_train_tokenizer_cli(tmp_path, corpus):  # noqa: F811
     assert bad.returncode == 2 and "matches no file" in bad.stderr
 
 
+def test_max_input_bytes_counts_utf8_bytes():
+    from nvium_dist.data.spm_train import training_sentences
+
+    texts = ["\u00e9" * 10 + "\n\n" + "b" * 10]  # 10 characters but 20 bytes, then 10 more
+    assert list(training_sentences(texts, max_bytes=15)) == ["\u00e9" * 10]
+    assert len(list(training_sentences(texts, max_bytes=25))) == 2
+
+
 def test_check_vocab_fits(corpus):  # noqa: F811
     from nvium_dist.data import check_vocab_fits
 

@@ -31,7 +31,7 @@ def parse_args(argv=None):
                    help="sample at most this many sentences (paragraphs) from the inputs, reservoir-sampled "
                         "with --seed; 0 = use all (default: 2000000)")
     p.add_argument("--max-input-bytes", type=int_at_least(1), default=None,
-                   help="stop reading the inputs after this many characters (bounds time on huge corpora)")
+                   help="stop reading the inputs after this many bytes of text (bounds time on huge corpora)")
     p.add_argument("--character-coverage", type=float, default=0.9999,
                    help="share of characters covered by pieces, 0.98..1 (the rest use byte fallback)")
     p.add_argument("--seed", type=int, default=1234)

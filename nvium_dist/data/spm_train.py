@@ -38,7 +38,7 @@ def training_sentences(texts: Iterable[str], max_bytes: int | None = None) -> It
                     pieces.append("\n".join(cur))
             for p in pieces:
                 yield p
-                seen += len(p)
+                seen += len(p.encode("utf-8"))
                 if max_bytes is not None and seen >= max_bytes:
                     return
 
@@ -76,7 +76,7 @@ def train_sentencepiece(
     Special ids: unk=0, bos=1, eos=eod=2, pad=3. Byte fallback is on (no unknown characters),
     normalisation is the identity (decode(encode(s)) == s for any UTF-8 text), digits are split.
     ``input_sentence_size`` > 0 samples that many sentences (reservoir sampling seeded by ``seed``,
-    memory bounded by the sample) from the stream; ``max_input_bytes`` stops reading the inputs after that many characters.
+    memory bounded by the sample) from the stream; ``max_input_bytes`` stops reading the inputs after that many bytes (UTF-8).
     """
     import sentencepiece as spm
 

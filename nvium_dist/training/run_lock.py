@@ -26,6 +26,8 @@ class RunDirLock:
 
     def acquire(self) -> None:
         """Takes the lock or raises RunDirInUseError naming the process that holds it."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"training.run_dir {self.run_dir} is a file; choose a directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
         try:
