@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -93,15 +93,43 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotates [b, heads, s, hd] by the angles of `positions` [b, s] (rotate-half convention)."""
-    angles = positions.unsqueeze(-1).float() * inv_freq  # [b, s, hd/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).unsqueeze(1)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).unsqueeze(1)
-    x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+def plain_torch_suffices(layer) -> bool:
+    """True when a megatron tensor-parallel layer may be replaced by the plain torch op on its weight: one TP
+    rank (its region copies and reductions are identities) and no autograd. Its wrapper (those identities,
+    an autograd Function, config checks) costs about 14 us a call on CPU, as much as a matrix product for a
+    decode step's few tokens."""
+    return not torch.is_grad_enabled() and (layer.tp_group is None or layer.tp_group.size() == 1)
+
+
+def parallel_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """The output of a megatron Column/RowParallelLinear without bias (this rank's slice): the layer computes
+    torch.matmul(x, W^T), as F.linear does."""
+    return F.linear(x, layer.weight) if plain_torch_suffices(layer) else layer(x)[0]
+
+
+class Rotary(NamedTuple):
+    """RoPE's cos and sin [b, 1, s, hd] at one call's positions (rotate-half convention), computed once and
+    shared by the call's layers."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, inv_freq: torch.Tensor) -> "Rotary":
+        """positions [b, s]; inv_freq [hd/2]."""
+        angles = positions.unsqueeze(-1).float() * inv_freq  # [b, s, hd/2]
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+        return cls(angles.cos(), angles.sin())
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotates [..., b, heads, s, hd]."""
+        x32 = x.float()
+        half = x32.shape[-1] // 2
+        rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+        return (x32 * self.cos + rotated * self.sin).to(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
 class Attention(nn.Module):
@@ -122,26 +150,23 @@ class Attention(nn.Module):
             config.hidden_size, config.hidden_size, config=layer_config,
             init_method=init.normal(f"{name}.out.weight", output_init_std),
             bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
+    def project(self, x: torch.Tensor, rotary: Rotary):
         """x [b, s, d] -> rotated q, k and v, each [b, local_heads, s, head_dim]."""
         b, s, _ = x.shape
-        qkv, _ = self.qkv(x)
+        qkv = parallel_linear(self.qkv, x)
         qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        return apply_rotary(q, positions, self.inv_freq), apply_rotary(k, positions, self.inv_freq), v
+        q, k = rotary.apply(qkv[:2])
+        return q, k, qkv[2]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCacheLayer | None = None):
-        q, k, v = self.project(x, positions)
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: KVCacheLayer | None = None):
+        q, k, v = self.project(x, rotary)
         if cache is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             attended = cache.attend(q, k, v)
         b, _, s, _ = attended.shape
-        out, _ = self.out(attended.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
-        return out
+        return parallel_linear(self.out, attended.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
@@ -163,10 +188,7 @@ class SwiGLU(nn.Module):
                                       bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, _ = self.gate(x)
-        up, _ = self.up(x)
-        out, _ = self.down(F.silu(gate) * up)
-        return out
+        return parallel_linear(self.down, F.silu(parallel_linear(self.gate, x)) * parallel_linear(self.up, x))
 
 
 class Block(nn.Module):
@@ -180,8 +202,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, layer_config, tp_group, init, f"{name}.mlp",
                           config.init_std, output_std)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCacheLayer | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache)
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: KVCacheLayer | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -199,9 +221,7 @@ class ResidualAdapter(nn.Module):
                                     bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, n: torch.Tensor) -> torch.Tensor:
-        h, _ = self.w1(n)
-        out, _ = self.w2(F.silu(h))
-        return n + out
+        return n + parallel_linear(self.w2, F.silu(parallel_linear(self.w1, n)))
 
 
 class Router(nn.Module):
@@ -260,7 +280,7 @@ class ExitHead(nn.Module):
 def vocab_logits(output, padding_mask: torch.Tensor | None, adapted: torch.Tensor) -> torch.Tensor:
     """This rank's vocab slice of the shared output matrix's logits, padded columns at -inf
     (`padding_mask` None: this rank holds no padding)."""
-    logits, _ = output(adapted)
+    logits = parallel_linear(output, adapted)
     if padding_mask is not None:
         logits = logits.masked_fill(padding_mask, float("-inf"))
     return logits
@@ -369,6 +389,7 @@ class NviumModel(nn.Module):
         self.padded_vocab_size = parts.padded_vocab_size
         self.embedding = parts.embedding()
         self.layers = nn.ModuleList(parts.block(i) for i in range(config.num_layers))
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta), persistent=False)
         self.heads = nn.ModuleList(parts.head(k) for k in range(config.num_heads_total))
         # One output matrix for every head (vocab-parallel logits, never gathered).
         self.output = parts.output()
@@ -377,6 +398,8 @@ class NviumModel(nn.Module):
     # -- the pieces every forward is assembled from (training, pipeline stages, generator, decoder) -------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if plain_torch_suffices(self.embedding):
+            return F.embedding(tokens, self.embedding.weight)
         return self.embedding(tokens)
 
     def run_segment(self, segment: int, hidden: torch.Tensor, positions: torch.Tensor,
@@ -387,11 +410,12 @@ class NviumModel(nn.Module):
         and runs again in backward."""
         start, end = self.config.segment_ranges[segment]
         recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
+        rotary = Rotary.at(positions, self.inv_freq)
         for layer in range(start, end):
             if recompute:
-                hidden = checkpoint(self.layers[layer], hidden, positions, use_reentrant=False)
+                hidden = checkpoint(self.layers[layer], hidden, rotary, use_reentrant=False)
             else:
-                hidden = self.layers[layer](hidden, positions, caches[layer] if caches is not None else None)
+                hidden = self.layers[layer](hidden, rotary, caches[layer] if caches is not None else None)
         return hidden
 
     def head_router(self, head: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nvium_dist.config import ModelConfig
 from nvium_dist.mixture import evaluation_sums, mixture_terms, nvium_loss
-from nvium_dist.model import ModelParts, output_label_log_probs
+from nvium_dist.model import ModelParts, Rotary, output_label_log_probs, rope_inverse_frequencies
 
 
 def _parts(config: ModelConfig, tensor_parallel: int, seed: int) -> ModelParts:
@@ -54,6 +54,7 @@ class PipeBlock(nn.Module):
         super().__init__()
         self.index = index
         self.block = _parts(config, tensor_parallel, seed).block(index)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta), persistent=False)
 
     def full_name(self, local: str) -> str:
         return local.replace("block.", f"layers.{self.index}.", 1)
@@ -61,7 +62,7 @@ class PipeBlock(nn.Module):
     def forward(self, carried):
         hidden, *rest = carried
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        return (self.block(hidden, positions), *rest)
+        return (self.block(hidden, Rotary.at(positions, self.inv_freq)), *rest)
 
 
 class PipeHeadPrep(nn.Module):
