@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nvium_dist.config import ModelConfig
-from nvium_dist.inference.engine import StageEngine, TickSchedule, decode_output_matrix
+from nvium_dist.inference.engine import StageEngine, TickSchedule, use_decode_layout
 from nvium_dist.inference.sampling import SamplingTransform
 from nvium_dist.mixture import log_mixture_distribution
 
@@ -120,16 +120,10 @@ def ensure_process_group(device: str = "cpu"):
 
 class NviumGenerator:
     def __init__(self, model, tokenizer: Tokenizer, export_dir: str | None = None, device: str = "cpu"):
+        """Takes over `model` (an inference copy: its weights are re-laid out for decoding, engine.use_decode_layout)."""
         self.model, self.tokenizer, self.export_dir, self.device = model, tokenizer, export_dir, device
         self.config: ModelConfig = model.config
-        self._output_matrix = None
-
-    @property
-    def output_matrix(self) -> torch.Tensor:
-        """The decoder's copy of the output matrix (engine.decode_output_matrix), made once."""
-        if self._output_matrix is None:
-            self._output_matrix = decode_output_matrix(self.model)
-        return self._output_matrix
+        use_decode_layout(model)
 
     @classmethod
     def from_pretrained(cls, export_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -292,7 +286,7 @@ class NviumGenerator:
         with torch.inference_mode():
             engine = StageEngine(self.model, range(self.config.num_heads_total), rows, max_len, seed,
                                  full_depth=mode == "full", transform=transform, schedule=schedule, trace=trace,
-                                 timer=timer, output_matrix=self.output_matrix)
+                                 timer=timer)
             start = time.perf_counter()
             driver = Driver(engine, self.model, prompts, sequence_ids, max_new_tokens, eos_id, flush, on_step)
             driver.run(lambda: engine.tick().results)
