@@ -329,7 +329,11 @@ def test_schedules_draw_the_same_tokens(generator):
     assert held.engine.segment_tokens == lockstep.engine.segment_tokens  # the same work, at other times
 
 
-def test_packed_attention_equals_per_row_attention():
+@pytest.mark.parametrize("rows, starts, counts, positions, gathered", [
+    ([3, 0, 2], [4, 7, 2], [1, 3, 5], [4, 7, 8, 9, 2, 3, 4, 5, 6], False),  # rows 0..3 read as views, 1 idle
+    ([6, 1], [9, 3], [2, 1], [9, 10, 3], True),  # rows scattered over more than twice their number: gathered
+])
+def test_packed_attention_equals_per_row_attention(rows, starts, counts, positions, gathered):
     """A packed ragged segment batch (rows out of order, carried queues of different lengths) attends exactly
     like each row on its own, and the layers see only the real tokens (no padding)."""
     import torch.nn.functional as F
@@ -338,14 +342,14 @@ def test_packed_attention_equals_per_row_attention():
 
     torch.manual_seed(0)
     heads, hd, max_len = 2, 8, 12
-    cache = KVCache([0], 1, 4, max_len, heads, hd, torch.float32, torch.device("cpu"))
+    cache = KVCache([0], 1, 8, max_len, heads, hd, torch.float32, torch.device("cpu"))
     cache.keys[0].normal_()
     cache.values[0].normal_()
     before_k, before_v = cache.keys[0].clone(), cache.values[0].clone()
-    rows, starts, counts = [3, 0, 2], [4, 7, 2], [1, 3, 5]
     batch = cache.prepare(rows, starts, counts)
     total = sum(counts)
-    assert batch.positions.tolist() == [[4, 7, 8, 9, 2, 3, 4, 5, 6]] and batch.total == total
+    assert batch.positions.tolist() == [positions] and batch.total == total
+    assert (batch.row_index is not None) == gathered
     q, k, v = (torch.randn(1, heads, total, hd) for _ in range(3))
     out = cache.layer_caches[0].attend(q, k, v)
     offset = 0
@@ -359,7 +363,8 @@ def test_packed_attention_equals_per_row_attention():
         torch.testing.assert_close(out[:, :, offset:offset + count], want, atol=1e-6, rtol=0)
         torch.testing.assert_close(cache.keys[0][row, :, :end], keys, atol=0, rtol=0)
         offset += count
-    torch.testing.assert_close(cache.keys[0][1], before_k[1], atol=0, rtol=0)  # a row not in the batch
+    idle = [row for row in range(8) if row not in rows]
+    torch.testing.assert_close(cache.keys[0][idle], before_k[idle], atol=0, rtol=0)  # rows not in the batch
 
 
 def test_continuous_batching_bad_input(generator):

@@ -8,8 +8,10 @@ once; every layer of the segment reuses its indices and mask.
 
 Attention is the only place where rows meet: each token attends to its own row's keys at positions <= its
 own (layer caches fill strictly in position order, so that is the causal mask). `attend` regroups the
-packed queries as [R, heads, n, hd] (n = the longest run; shorter runs are padded with copies of their
-last query, whose outputs are dropped), so the padding costs only attention over a few positions.
+packed queries as [S, heads, n, hd] over the span of rows from the lowest to the highest (n = the longest
+run; shorter runs are padded with copies of their last query, rows of the span without work get dummy
+queries, and those outputs are dropped), so the keys are read as views of the cache and the padding costs
+only attention over a few positions. Rows scattered over more than twice their number gather their keys.
 
 One row (batch 1, or a single row with work) takes a lean path: slices and views, no index tensors.
 """
@@ -33,9 +35,9 @@ class SegmentBatch:
     # general path (more than one row); None on the single-row path
     token_rows: torch.Tensor | None = None  # [T] row of each packed token
     token_positions: torch.Tensor | None = None  # [T] position of each packed token
-    row_index: torch.Tensor | None = None  # [R] rows, for reading their keys (None: rows 0..R-1, a view)
-    query_index: torch.Tensor | None = None  # [R * n] packed token of each padded query slot (None: all counts equal)
-    unpad_index: torch.Tensor | None = None  # [T] padded slot of each packed token
+    row_index: torch.Tensor | None = None  # [S] rows whose keys are gathered (None: the span of the rows, a view)
+    query_index: torch.Tensor | None = None  # [S * n] packed token of each query slot (None: one slot per token)
+    unpad_index: torch.Tensor | None = None  # [T] query slot of each packed token
     last_index: torch.Tensor | None = None  # [R] packed index of each row's last token
 
     @property
@@ -92,32 +94,41 @@ class KVCache:
         r, n = len(rows), max(counts)
         ends = [s + c for s, c in zip(starts, counts)]
         kv_len = max(ends)
-        token_rows, token_positions, query_index, unpad_index, last_index = [], [], [], [], []
-        offset = 0
-        for i, (row, start, count) in enumerate(zip(rows, starts, counts)):
+        # Attention reads the keys of a span of rows as a view when the rows fill at least half of it (rows of
+        # the span without work get dummy queries, copies of packed token 0, whose outputs are dropped);
+        # gathering the keys of the rows instead copies them in every layer (+50% on a 16-row call missing 2 rows).
+        first, span = min(rows), max(rows) - min(rows) + 1
+        slot_rows = range(first, first + span) if span <= 2 * r else rows
+        slot = {row: i for i, row in enumerate(slot_rows)}
+        packed, offset = {}, 0  # row -> its packed tokens
+        token_rows, token_positions, unpad_index, last_index = [], [], [], []
+        for row, start, count in zip(rows, starts, counts):
             token_rows += [row] * count
             token_positions += range(start, start + count)
-            query_index += range(offset, offset + count)
-            query_index += [offset + count - 1] * (n - count)  # padding: repeat the last query
-            unpad_index += range(i * n, i * n + count)
+            unpad_index += range(slot[row] * n, slot[row] * n + count)
+            packed[row] = range(offset, offset + count)
             offset += count
             last_index.append(offset - 1)
-        ragged = any(c != n for c in counts)
+        query_index = []
+        for row in slot_rows:  # a row's tokens, then copies of its last one; a row without work: dummies
+            tokens = packed.get(row, range(1))
+            query_index += tokens
+            query_index += [tokens[-1]] * (n - len(tokens))
+        padded = len(query_index) != offset
         # one host -> device copy for every index list
-        flat = torch.tensor(token_rows + token_positions + last_index + rows + (query_index + unpad_index if ragged
-                                                                              else []), device=self.device)
-        t = offset
-        views = flat.split([t, t, r, r] + ([r * n, t] if ragged else []))
-        token_rows_t, token_positions_t, last_t, rows_t = views[:4]
-        query_positions = token_positions_t[views[4]].view(r, n) if ragged else token_positions_t.view(r, n)
+        flat = torch.tensor(token_rows + token_positions + last_index + list(slot_rows)
+                            + (query_index + unpad_index if padded else []), device=self.device)
+        t, slots = offset, len(slot_rows)
+        views = flat.split([t, t, r, slots] + ([slots * n, t] if padded else []))
+        token_rows_t, token_positions_t, last_t, slot_rows_t = views[:4]
+        query_positions = token_positions_t[views[4]].view(slots, n) if padded else token_positions_t.view(slots, n)
         if n == 1 and all(e == kv_len for e in ends):
             mask = None
         else:
             mask = (self.arange[:kv_len] <= query_positions.unsqueeze(-1)).unsqueeze(1)
-        contiguous = rows == list(range(rows[0], rows[0] + r))
         return SegmentBatch(rows, starts, counts, token_positions_t.view(1, t), kv_len, mask, token_rows_t,
-                            token_positions_t, None if contiguous else rows_t, views[4] if ragged else None,
-                            views[5] if ragged else None, last_t)
+                            token_positions_t, None if isinstance(slot_rows, range) else slot_rows_t,
+                            views[4] if padded else None, views[5] if padded else None, last_t)
 
     def attend(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Stores the batch's keys/values [1, heads, T, hd] and attends its queries over their rows' caches."""
@@ -133,21 +144,20 @@ class KVCache:
         k_all[rows_t, :, pos_t] = keys[0].transpose(0, 1)
         v_all[rows_t, :, pos_t] = values[0].transpose(0, 1)
         kv_len = batch.kv_len
-        if batch.row_index is None:  # rows r0 .. r0 + R - 1: views
-            r0 = batch.rows[0]
-            k_rows = k_all[r0:r0 + len(batch.rows), :, :kv_len]
-            v_rows = v_all[r0:r0 + len(batch.rows), :, :kv_len]
+        if batch.row_index is None:  # the span of the rows: views
+            r0 = min(batch.rows)
+            slots = max(batch.rows) - r0 + 1
+            k_rows, v_rows = k_all[r0:r0 + slots, :, :kv_len], v_all[r0:r0 + slots, :, :kv_len]
         else:
-            k_rows = k_all[batch.row_index, :, :kv_len]
-            v_rows = v_all[batch.row_index, :, :kv_len]
+            slots = len(batch.rows)
+            k_rows, v_rows = k_all[batch.row_index, :, :kv_len], v_all[batch.row_index, :, :kv_len]
         heads, hd = queries.shape[1], queries.shape[3]
-        r = len(batch.rows)
         q = queries[0].transpose(0, 1)  # [T, heads, hd]
         if batch.query_index is not None:
             q = q[batch.query_index]
-        q = q.view(r, -1, heads, hd).transpose(1, 2)  # [R, heads, n, hd]
+        q = q.view(slots, -1, heads, hd).transpose(1, 2)  # [S, heads, n, hd]
         out = F.scaled_dot_product_attention(q, k_rows, v_rows, attn_mask=batch.mask)
-        out = out.transpose(1, 2).reshape(-1, heads, hd)  # [R * n, heads, hd]
+        out = out.transpose(1, 2).reshape(-1, heads, hd)  # [S * n, heads, hd]
         if batch.unpad_index is not None:
             out = out[batch.unpad_index]
         return out.transpose(0, 1).unsqueeze(0)  # [1, heads, T, hd]
