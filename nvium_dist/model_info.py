@@ -136,8 +136,11 @@ def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | N
     residual = p * d if fp32_norm_input else 0
     full_block = (2 * (residual + _norm_bytes(d, p, fused_norm, input_counted=True))
                   + 6 * p * d // t  # qkv, rotated q and k, attention output
-                  + 16 * config.head_dim + 4 * heads // t  # fp32 cos/sin of both rotary calls, softmax logsumexp
+                  + 4 * heads // t  # softmax logsumexp
                   + 4 * p * f // t)  # gate, up, SiLU(gate), product
+    # RoPE's fp32 cos and sin, made once per segment call (per block in a pipeline stage) and kept for backward
+    # by its blocks (checkpointed blocks keep them as inputs)
+    rotary = 8 * config.head_dim
     block = p * d if activation_checkpointing else full_block
 
     def head(index: int) -> int:
@@ -169,7 +172,9 @@ def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | N
     for stage in range(pipeline_parallel):
         first, last = stage * layers_per_stage, min(config.num_layers, (stage + 1) * layers_per_stage)
         stage_heads = [k for k, layer in enumerate(config.exit_layers) if first < layer <= last]
-        per_token = (last - first) * block + sum(head(k) for k in stage_heads) + 24 * len(stage_heads) + 8
+        rotary_calls = last - first if pipeline_parallel > 1 else config.num_heads_total
+        per_token = ((last - first) * block + rotary_calls * rotary + sum(head(k) for k in stage_heads)
+                     + 24 * len(stage_heads) + 8)
         in_flight = pipeline_parallel - stage
         saved = per_token * tokens * in_flight
         # backward reaches the stage's last block after the head right behind it has freed its tensors
