@@ -94,6 +94,24 @@ def test_kv_after_deferred_and_flush_equals_full_forward(generator, prompts):
     print(f"exit histogram {hist}")
 
 
+def test_decode_layout_keeps_every_weight(export_dir, generator):
+    """The generator stores its matrices column-major (W^T contiguous) with the export's shapes and values,
+    leaves the embedding as it was, and reads the output matrix as a view (no copy)."""
+    from nvium_dist.checkpoint_io import load_export
+    from nvium_dist.inference.engine import decode_output_matrix, use_decode_layout
+
+    state = load_export(export_dir).state
+    model = generator.model
+    for name, param in model.named_parameters():
+        want = state[name]
+        assert torch.equal(param[:want.shape[0]], want), name  # the export holds no vocab padding rows
+        if param.dim() == 2:
+            assert param.t().is_contiguous() == (name != "embedding.weight"), name
+    use_decode_layout(model)  # idempotent: no copy
+    output = decode_output_matrix(model)
+    assert output.data_ptr() == model.output.weight.data_ptr() and output.shape == (64, model.config.vocab_size)
+
+
 def test_every_exit_is_used(generator):
     out = generator.generate(RAGGED, 40, seed=1)
     assert all(count > 0 for count in out.exit_histogram()), out.exit_histogram()

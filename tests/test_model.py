@@ -71,6 +71,27 @@ def test_forced_continue_equals_plain_transformer(single_process):
     torch.testing.assert_close(terms.log_p_mix, reference.gather(-1, labels[..., None])[..., 0], atol=2e-5, rtol=1e-5)
 
 
+def test_inference_forward_skips_megatron_wrappers_with_the_same_numbers(single_process):
+    """Without autograd at one TP rank the linear layers and the embedding run the plain torch op on their
+    weight (megatron's wrappers are never entered) and every output is bitwise what the wrappers give."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    model = build()
+    wrapped = [m for m in model.modules()
+               if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))]
+    calls = []
+    for module in wrapped:
+        module.register_forward_pre_hook(lambda module, args: calls.append(module))
+    tokens, labels = torch.randint(0, 300, (2, 2, 24)).unbind(0)
+    with torch.no_grad():
+        plain = model(tokens, labels)
+    assert not calls
+    wrapped_terms = model(tokens, labels)  # autograd on: through megatron's layers
+    assert {id(m) for m in calls} == {id(m) for m in wrapped}
+    for field, value in plain._asdict().items():
+        assert torch.equal(value, getattr(wrapped_terms, field).detach()), field
+
+
 def test_padded_vocab_is_masked(single_process):
     model = build()
     assert model.padded_vocab_size == 320
