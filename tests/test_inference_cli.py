@@ -63,8 +63,11 @@ def test_bench_decode_json(byte_export, capsys):
     assert [(s["rows"], s["prompts"], s["serving"]) for s in result["settings"]] == [(1, 2, False), (2, 2, False),
                                                                                     (2, 3, True)]
     for entry in result["settings"]:
-        assert set(entry["tokens_per_s"]) == {"dense", "full", "deferred", "deferred_lockstep"}
+        assert set(entry["tokens_per_s"]) == set(entry["tokens_per_cpu_s"]) == {"dense", "full", "deferred",
+                                                                                "deferred_lockstep"}
         assert all(v > 0 for v in entry["tokens_per_s"].values()) and entry["same_tokens"]
+        assert entry["speedup_cpu"] == pytest.approx(
+            entry["tokens_per_cpu_s"]["deferred"] / entry["tokens_per_cpu_s"]["full"], abs=2e-3)
         assert entry["efficiency"] == pytest.approx(entry["speedup"] / entry["ideal_speedup"], abs=2e-3)
         assert 1 <= entry["lockstep_bound"] <= entry["ideal_speedup"] + 1e-6 and entry["work_bound"] >= 1
         assert len(entry["load_average"]["before"]) == 3

@@ -18,14 +18,16 @@ For every setting (batch sizes 1, 4, 16 by default, each decoding batches of pro
     deferred            N-vium, each token only up to its sampled exit, rows advancing independently
     deferred_lockstep   the same with every tick completing every current token (a lockstep batch)
 interleaved in a rotating order inside each of --repeats rounds, so load changes hit all alike; the JSON
-gives the median tokens/s (and the best). All three N-vium decoders draw the same tokens (checked).
+gives the median tokens/s (and the best), and the median tokens per CPU second of the process (one thread:
+this leaves out the time it waited for a core while other jobs ran, the main noise on a shared machine).
+All three N-vium decoders draw the same tokens (checked).
 
 Bounds on the deferred speedup over full depth, next to the measured one:
     ideal_speedup    L / E[exit layer] (sequential depth per token)
     lockstep_bound   L / E[deepest exit layer of a tick] for a lockstep batch (the ticks of deferred_lockstep)
     work_bound       every token still passes every layer, so at larger batches the step time grows with the
                      tokens run: the full-depth run's time with the fixed cost of every call of a segment above
-                     the first removed (calls fitted as fixed + per-token cost from profiled runs of all settings)
+                     the first removed (calls fitted as fixed + per-token cost from profiled runs of the setting)
                      is what a perfect scheduler could reach when cost is proportional to work.
 efficiency = measured speedup / ideal; efficiency_vs_bound = measured / min(ideal, work bound). Load averages
 are recorded per setting: on a shared machine numbers move by tens of percent; rerun on a quiet one.
@@ -39,6 +41,7 @@ import os
 import random
 import statistics
 import sys
+import time
 
 from nvium_dist.cli import cuda_missing, int_at_least
 
@@ -188,12 +191,13 @@ def fit_call_costs(calls: list[tuple[int, int, float]], num_segments: int) -> li
 
 def run_setting(runs: dict, rows: int, seed: int, repeats: int, sync) -> dict:
     """runs: {name: (generator, prompts, limits, generate kwargs)}. Interleaved timed runs, rotating the order
-    each round -> {name: (seconds list, (last output, tick depths))}; tick depths are recorded for the
-    lockstep decoder (the deepest exit layer among the tokens of each tick)."""
+    each round -> {name: (seconds list, CPU seconds list, (last output, tick depths))}; tick depths are
+    recorded for the lockstep decoder (the deepest exit layer among the tokens of each tick)."""
     names = [n for n in DECODERS if n in runs]
     for generator, prompts, limits, kwargs in runs.values():
         generator.generate(prompts, [min(8, n) for n in limits], seed=seed, max_batch=rows, **kwargs)
     seconds = {name: [] for name in names}
+    cpu_seconds = {name: [] for name in names}
     outputs = {}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -203,11 +207,13 @@ def run_setting(runs: dict, rows: int, seed: int, repeats: int, sync) -> dict:
             on_step = (lambda tick, sampled: depths.append(max(layers[e] for _, e in sampled.values()))) \
                 if name == "deferred_lockstep" else None
             sync()
+            cpu = time.process_time()
             out = generator.generate(prompts, limits, seed=seed, max_batch=rows, on_step=on_step, **kwargs)
             sync()
+            cpu_seconds[name].append(time.process_time() - cpu)
             seconds[name].append(out.seconds)
             outputs[name] = (out, depths)
-    return {name: (seconds[name], outputs[name]) for name in names}
+    return {name: (seconds[name], cpu_seconds[name], outputs[name]) for name in names}
 
 
 def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda):
@@ -312,12 +318,13 @@ def main(argv=None) -> int:
 
 
 def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_after) -> dict:
-    tokens = timed["full"][1][0].num_tokens
-    median = {name: tokens / statistics.median(s) for name, (s, _) in timed.items()}
-    best = {name: tokens / min(s) for name, (s, _) in timed.items()}
-    full_out = timed["full"][1][0]
-    deferred_out = timed["deferred"][1][0]
-    lockstep_out, depths = timed["deferred_lockstep"][1]
+    tokens = timed["full"][2][0].num_tokens
+    median = {name: tokens / statistics.median(s) for name, (s, _, _) in timed.items()}
+    best = {name: tokens / min(s) for name, (s, _, _) in timed.items()}
+    per_cpu_second = {name: tokens / statistics.median(c) for name, (_, c, _) in timed.items()}
+    full_out = timed["full"][2][0]
+    deferred_out = timed["deferred"][2][0]
+    lockstep_out, depths = timed["deferred_lockstep"][2]
     mean_layer = deferred_out.mean_exit_layer()
     ideal = num_layers / mean_layer
     speedup = median["deferred"] / median["full"]
@@ -330,7 +337,9 @@ def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_
              "segment_call_cost_us": [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)} for a, b in costs],
              "tokens_per_s": {k: round(v, 1) for k, v in median.items()},
              "tokens_per_s_best": {k: round(v, 1) for k, v in best.items()},
+             "tokens_per_cpu_s": {k: round(v, 1) for k, v in per_cpu_second.items()},
              "speedup": round(speedup, 3),
+             "speedup_cpu": round(per_cpu_second["deferred"] / per_cpu_second["full"], 3),
              "speedup_lockstep": round(median["deferred_lockstep"] / median["full"], 3),
              "ideal_speedup": round(ideal, 3),
              "lockstep_bound": round(lockstep_bound(depths, num_layers), 3),
