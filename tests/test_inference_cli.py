@@ -60,13 +60,15 @@ def test_bench_decode_json(byte_export, capsys):
                               "--continuous", "2:3", "--new-tokens", "8", "--prompt-tokens", "4", "--repeats", "1",
                               "--min-tokens", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["clock"] == "cpu"
     assert [(s["rows"], s["prompts"], s["serving"]) for s in result["settings"]] == [(1, 2, False), (2, 2, False),
                                                                                     (2, 3, True)]
     for entry in result["settings"]:
         assert set(entry["tokens_per_s"]) == set(entry["tokens_per_cpu_s"]) == {"dense", "full", "deferred",
                                                                                 "deferred_lockstep"}
         assert all(v > 0 for v in entry["tokens_per_s"].values()) and entry["same_tokens"]
-        assert entry["speedup_cpu"] == pytest.approx(
+        # on CPU the speedups are by this process's CPU time
+        assert entry["speedup"] == pytest.approx(
             entry["tokens_per_cpu_s"]["deferred"] / entry["tokens_per_cpu_s"]["full"], abs=2e-3)
         assert entry["efficiency"] == pytest.approx(entry["speedup"] / entry["ideal_speedup"], abs=2e-3)
         assert 1 <= entry["lockstep_bound"] <= entry["ideal_speedup"] + 1e-6 and entry["work_bound"] >= 1
@@ -81,9 +83,12 @@ def test_bench_decode_synthetic_profile(capsys):
     tiny = ["--set", "hidden_size=64", "--set", "vocab_size=300", "--set", "num_layers=4", "--set", "exits=[1,2]",
             "--set", "ffn_hidden_size=96"]
     assert bench_decode.main(["--synthetic", *tiny, "--batch-sizes", "1", "--continuous", "", "--new-tokens", "6",
-                              "--min-tokens", "6", "--prompt-tokens", "3", "--repeats", "1", "--profile"]) == 0
+                              "--min-tokens", "6", "--prompt-tokens", "3", "--repeats", "1", "--profile",
+                              "--clock", "wall"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["exit_layers"] == [1, 2, 4] and result["vocab_size"] == 300
+    assert result["exit_layers"] == [1, 2, 4] and result["vocab_size"] == 300 and result["clock"] == "wall"
+    entry = result["settings"][0]
+    assert entry["speedup"] == pytest.approx(entry["tokens_per_s"]["deferred"] / entry["tokens_per_s"]["full"], abs=2e-3)
     profile = result["profile_batch1"]
     for mode in ("full", "deferred"):
         assert {"segment 0", "router", "adapter", "output", "sampling", "bookkeeping", "driver and other"} \

@@ -18,9 +18,10 @@ For every setting (batch sizes 1, 4, 16 by default, each decoding batches of pro
     deferred            N-vium, each token only up to its sampled exit, rows advancing independently
     deferred_lockstep   the same with every tick completing every current token (a lockstep batch)
 interleaved in a rotating order inside each of --repeats rounds, so load changes hit all alike; the JSON
-gives the median tokens/s (and the best), and the median tokens per CPU second of the process (one thread:
-this leaves out the time it waited for a core while other jobs ran, the main noise on a shared machine).
-All three N-vium decoders draw the same tokens (checked).
+gives the median tokens/s (and the best) and the median tokens per CPU second of the process. Speedups,
+efficiencies, call-cost fits and the profile use one clock (--clock): on CPU by default the process's CPU
+time, which with one thread leaves out the time it waited for a core while other jobs ran (the main noise
+on a shared machine); wall time on CUDA. All three N-vium decoders draw the same tokens (checked).
 
 Bounds on the deferred speedup over full depth, next to the measured one:
     ideal_speedup    L / E[exit layer] (sequential depth per token)
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int_at_least(0), default=1,
                    help="torch CPU threads (default 1: small-batch decoding is latency bound; 0 = torch default)")
     p.add_argument("--profile", action="store_true", help="also report where batch-1 time goes, per token")
+    p.add_argument("--clock", choices=["cpu", "wall"],
+                   help="time for speedups, fits and the profile: this process's CPU time (default on CPU: leaves out "
+                        "waiting for a core on a shared machine; meant for one thread) or wall time (default on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -191,13 +195,12 @@ def fit_call_costs(calls: list[tuple[int, int, float]], num_segments: int) -> li
 
 def run_setting(runs: dict, rows: int, seed: int, repeats: int, sync) -> dict:
     """runs: {name: (generator, prompts, limits, generate kwargs)}. Interleaved timed runs, rotating the order
-    each round -> {name: (seconds list, CPU seconds list, (last output, tick depths))}; tick depths are
-    recorded for the lockstep decoder (the deepest exit layer among the tokens of each tick)."""
+    each round -> {name: ({"wall": seconds list, "cpu": CPU seconds list}, (last output, tick depths))}; tick
+    depths are recorded for the lockstep decoder (the deepest exit layer among the tokens of each tick)."""
     names = [n for n in DECODERS if n in runs]
     for generator, prompts, limits, kwargs in runs.values():
         generator.generate(prompts, [min(8, n) for n in limits], seed=seed, max_batch=rows, **kwargs)
-    seconds = {name: [] for name in names}
-    cpu_seconds = {name: [] for name in names}
+    seconds = {name: {"wall": [], "cpu": []} for name in names}
     outputs = {}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -210,19 +213,21 @@ def run_setting(runs: dict, rows: int, seed: int, repeats: int, sync) -> dict:
             cpu = time.process_time()
             out = generator.generate(prompts, limits, seed=seed, max_batch=rows, on_step=on_step, **kwargs)
             sync()
-            cpu_seconds[name].append(time.process_time() - cpu)
-            seconds[name].append(out.seconds)
+            seconds[name]["cpu"].append(time.process_time() - cpu)
+            seconds[name]["wall"].append(out.seconds)
             outputs[name] = (out, depths)
-    return {name: (seconds[name], cpu_seconds[name], outputs[name]) for name in names}
+    return {name: (seconds[name], outputs[name]) for name in names}
 
 
-def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda):
+def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda, clock):
+    """-> (profiler, output, seconds of the run by `clock`)."""
     from nvium_dist.inference.profile import TickProfiler
 
-    profiler = TickProfiler(cuda)
+    profiler = TickProfiler(cuda, clock)
+    start = clock()
     out = generator.generate(prompts, limits, seed=seed, max_batch=rows, mode=mode, schedule=schedule,
                              timer=profiler)
-    return profiler, out
+    return profiler, out, clock() - start
 
 
 def main(argv=None) -> int:
@@ -249,6 +254,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock_name = args.clock or ("wall" if cuda else "cpu")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     try:
         if args.synthetic:
             nvium, dense = synthetic_models(args.set, args.first_exit_rate, args.device, args.seed)
@@ -271,7 +278,7 @@ def main(argv=None) -> int:
               "num_layers": num_layers, "exit_layers": config.exit_layers, "hidden_size": config.hidden_size,
               "vocab_size": config.vocab_size, "threads": torch.get_num_threads(), "device": args.device,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "settings": []}
+              "clock": clock_name, "settings": []}
     try:
         for rows, count, serving in settings:
             load_before = os.getloadavg()
@@ -295,21 +302,23 @@ def main(argv=None) -> int:
             timed = run_setting(runs, rows, args.seed, args.repeats, sync)
             calls = []  # segment call timings of this setting, for its work bound
             for mode, schedule in (("full", None), ("deferred", TickSchedule())):
-                profiler, _ = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda)
+                profiler, _, _ = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda, clock)
                 calls += profiler.calls
             costs = fit_call_costs(calls, config.num_heads_total)
-            entry = summarize(rows, count, serving, timed, costs, num_layers, load_before, os.getloadavg())
+            entry = summarize(rows, count, serving, timed, costs, num_layers, clock_name, load_before,
+                              os.getloadavg())
             result["settings"].append(entry)
             if not entry["same_tokens"]:
                 print("warning: full and deferred tokens differ (a floating-point tie at a sampling boundary)",
                       file=sys.stderr)
-            tps = entry["tokens_per_s"]
-            print(f"{label}: full {tps['full']:.0f} tok/s, deferred {tps['deferred']:.0f} ({entry['speedup']:.2f}x; "
+            tps = entry["tokens_per_s"] if clock_name == "wall" else entry["tokens_per_cpu_s"]
+            unit = "tok/s" if clock_name == "wall" else "tok/CPU-s"
+            print(f"{label}: full {tps['full']:.0f} {unit}, deferred {tps['deferred']:.0f} ({entry['speedup']:.2f}x; "
                   f"ideal {entry['ideal_speedup']:.2f}x, lockstep bound {entry['lockstep_bound']:.2f}x, work bound "
                   f"{entry['work_bound']:.2f}x, efficiency vs bound {entry['efficiency_vs_bound']:.2f})"
                   + (f", dense {tps['dense']:.0f}" if "dense" in tps else ""), file=sys.stderr, flush=True)
         if args.profile:
-            result["profile_batch1"] = profile_batch1(nvium, args, cuda)
+            result["profile_batch1"] = profile_batch1(nvium, args, cuda, clock)
     except GenerationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -317,29 +326,30 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_after) -> dict:
-    tokens = timed["full"][2][0].num_tokens
-    median = {name: tokens / statistics.median(s) for name, (s, _, _) in timed.items()}
-    best = {name: tokens / min(s) for name, (s, _, _) in timed.items()}
-    per_cpu_second = {name: tokens / statistics.median(c) for name, (_, c, _) in timed.items()}
-    full_out = timed["full"][2][0]
-    deferred_out = timed["deferred"][2][0]
-    lockstep_out, depths = timed["deferred_lockstep"][2]
+def summarize(rows, count, serving, timed, costs, num_layers, clock, load_before, load_after) -> dict:
+    """Speedups, bounds and efficiencies by `clock` ("cpu" or "wall"); tokens/s by both."""
+    tokens = timed["full"][1][0].num_tokens
+    per_second = {c: {name: tokens / statistics.median(s[c]) for name, (s, _) in timed.items()}
+                  for c in ("wall", "cpu")}
+    best = {name: tokens / min(s["wall"]) for name, (s, _) in timed.items()}
+    median = per_second[clock]
+    full_out = timed["full"][1][0]
+    deferred_out = timed["deferred"][1][0]
+    lockstep_out, depths = timed["deferred_lockstep"][1]
     mean_layer = deferred_out.mean_exit_layer()
     ideal = num_layers / mean_layer
     speedup = median["deferred"] / median["full"]
     # the full-depth run calls every segment once per tick; remove the fixed cost of the upper ones
-    full_seconds = statistics.median(timed["full"][0])
+    full_seconds = statistics.median(timed["full"][0][clock])
     upper_fixed = full_out.ticks * sum(a for a, _ in costs[1:])
     work = full_seconds / max(full_seconds - upper_fixed, 1e-9)
     bound = min(ideal, work)
     entry = {"rows": rows, "prompts": count, "serving": serving, "generated_tokens": tokens,
              "segment_call_cost_us": [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)} for a, b in costs],
-             "tokens_per_s": {k: round(v, 1) for k, v in median.items()},
+             "tokens_per_s": {k: round(v, 1) for k, v in per_second["wall"].items()},
              "tokens_per_s_best": {k: round(v, 1) for k, v in best.items()},
-             "tokens_per_cpu_s": {k: round(v, 1) for k, v in per_cpu_second.items()},
+             "tokens_per_cpu_s": {k: round(v, 1) for k, v in per_second["cpu"].items()},
              "speedup": round(speedup, 3),
-             "speedup_cpu": round(per_cpu_second["deferred"] / per_cpu_second["full"], 3),
              "speedup_lockstep": round(median["deferred_lockstep"] / median["full"], 3),
              "ideal_speedup": round(ideal, 3),
              "lockstep_bound": round(lockstep_bound(depths, num_layers), 3),
@@ -362,9 +372,9 @@ def summarize(rows, count, serving, timed, costs, num_layers, load_before, load_
     return entry
 
 
-def profile_batch1(nvium, args, cuda) -> dict:
-    """Microseconds per generated token by part (median of --repeats profiled runs, full depth and deferred
-    alternating), with the bound the heads leave: the full-depth time with its layers scaled by
+def profile_batch1(nvium, args, cuda, clock) -> dict:
+    """Microseconds per generated token by part, by `clock` (median of --repeats profiled runs, full depth and
+    deferred alternating), with the bound the heads leave: the full-depth time with its layers scaled by
     E[exit layer] / L and its routers by the exits actually reached."""
     from nvium_dist.inference.engine import TickSchedule
 
@@ -373,8 +383,9 @@ def profile_batch1(nvium, args, cuda) -> dict:
     histogram = None
     for _ in range(args.repeats):
         for mode, schedule in (("full", None), ("deferred", TickSchedule())):
-            profiler, out = profiled_run(nvium, prompts, [args.new_tokens], 1, args.seed, mode, schedule, cuda)
-            for name, us in profiler.report(out.num_tokens, out.seconds).items():
+            profiler, out, seconds = profiled_run(nvium, prompts, [args.new_tokens], 1, args.seed, mode, schedule,
+                                                  cuda, clock)
+            for name, us in profiler.report(out.num_tokens, seconds).items():
                 parts[mode].setdefault(name, []).append(us)
             histogram = out.exit_histogram()
     report = {mode: {name: round(statistics.median(v), 1) for name, v in values.items()}

@@ -22,11 +22,11 @@ class _Section:
 
     def __enter__(self):
         self.profiler.sync()
-        self.start = time.perf_counter()
+        self.start = self.profiler.clock()
 
     def __exit__(self, *exc):
         self.profiler.sync()
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.profiler.clock() - self.start
         self.profiler.seconds[self.name] += elapsed
         if self.call is not None:
             self.profiler.calls.append((*self.call, elapsed))
@@ -34,9 +34,12 @@ class _Section:
 
 
 class TickProfiler:
-    def __init__(self, cuda: bool = False):
+    def __init__(self, cuda: bool = False, clock=time.perf_counter):
+        """clock: wall time by default; time.process_time counts only this process's CPU time (one thread on a
+        shared machine: leaves out waiting for a core)."""
         import torch
 
+        self.clock = clock
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: list[tuple[int, int, float]] = []  # (segment, tokens, seconds) of every segment call
