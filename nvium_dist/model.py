@@ -6,7 +6,8 @@ RMSNorm, a zero-initialised residual adapter, the shared vocab-parallel output m
 exits) a router giving [continue, exit] logits. Segments and heads are callable on their own so the
 decoder and pipeline stages can run them one at a time; the mixture math lives in `mixture.py`.
 
-Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product_attention`.
+Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product_attention`. Without
+autograd at one TP rank (decoding, evaluation) the megatron layers' plain torch op runs on their weights.
 
 Memory switches for training (both off by default, neither changes a number): per-block activation
 checkpointing (`activation_checkpointing`: a block keeps only its input and is recomputed in backward)
@@ -129,6 +130,7 @@ class Rotary(NamedTuple):
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """theta^(-2i / head_dim) for i < head_dim / 2."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
@@ -389,7 +391,8 @@ class NviumModel(nn.Module):
         self.padded_vocab_size = parts.padded_vocab_size
         self.embedding = parts.embedding()
         self.layers = nn.ModuleList(parts.block(i) for i in range(config.num_layers))
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta),
+                             persistent=False)
         self.heads = nn.ModuleList(parts.head(k) for k in range(config.num_heads_total))
         # One output matrix for every head (vocab-parallel logits, never gathered).
         self.output = parts.output()

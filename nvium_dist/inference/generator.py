@@ -120,7 +120,7 @@ def ensure_process_group(device: str = "cpu"):
 
 class NviumGenerator:
     def __init__(self, model, tokenizer: Tokenizer, export_dir: str | None = None, device: str = "cpu"):
-        """Takes over `model` (an inference copy: its weights are re-laid out for decoding, engine.use_decode_layout)."""
+        """Takes over `model`, an inference copy: its weights get the decode layout (engine.use_decode_layout)."""
         self.model, self.tokenizer, self.export_dir, self.device = model, tokenizer, export_dir, device
         self.config: ModelConfig = model.config
         use_decode_layout(model)

@@ -54,7 +54,8 @@ class PipeBlock(nn.Module):
         super().__init__()
         self.index = index
         self.block = _parts(config, tensor_parallel, seed).block(index)
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config.head_dim, config.rope_theta),
+                             persistent=False)
 
     def full_name(self, local: str) -> str:
         return local.replace("block.", f"layers.{self.index}.", 1)
