@@ -52,6 +52,8 @@ class ModelConfig:
     # False: init_std like every other matrix (the paper's code).
     scaled_output_init: bool = False
     router_hidden_ratio: float = 0.66
+    # Router MLP width; 0 derives it from router_hidden_ratio. The paper's grid lists it per width.
+    router_hidden_width: int = 0
     # Megatron's make-vocab-size-divisible-by: the vocab is padded to a multiple of this times TP.
     make_vocab_size_divisible_by: int = 128
 
@@ -65,9 +67,10 @@ class ModelConfig:
 
     @property
     def router_hidden_size(self) -> int:
-        """router_hidden_ratio x hidden rounded up to a multiple of 8: the paper's grid (88, 176, 344, 512,
-        688, 1016 for d = 128 ... 1536)."""
-        return 8 * math.ceil(self.router_hidden_ratio * self.hidden_size / 8)
+        """router_hidden_width when set; else router_hidden_ratio x hidden rounded up to a multiple of 8, which
+        gives the paper's grid (88, 176, 344, 512, 1016 for d = 128, 256, 512, 768, 1536) except at d1024,
+        where the grid has 688 (the rule: 680), so its configs set the width explicitly."""
+        return self.router_hidden_width or 8 * math.ceil(self.router_hidden_ratio * self.hidden_size / 8)
 
     @property
     def has_final_adapter(self) -> bool:
@@ -97,7 +100,8 @@ class ModelConfig:
     def validate(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "seq_length",
                     "rope_theta", "norm_eps", "init_std", "router_hidden_ratio", "make_vocab_size_divisible_by")
-        check_ranges("model", self, {name: POSITIVE for name in positive} | {"adapter_init_std": NON_NEGATIVE})
+        check_ranges("model", self, {name: POSITIVE for name in positive} | {
+            "adapter_init_std": NON_NEGATIVE, "router_hidden_width": NON_NEGATIVE})
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
@@ -220,6 +224,9 @@ class TrainingConfig:
     beta: float = 0.15
     router_warmup_steps: int = 0  # the warmup lasts max(this, router_warmup_fraction * train_iters)
     router_warmup_fraction: float = 0.05
+    # Opt-in remedy for routing collapse (not in the paper): adds this weight x the mean of the K heads'
+    # own cross entropies to the loss, so every head keeps learning whatever routing mass it holds.
+    aux_head_loss: float = 0.0
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 10
@@ -243,7 +250,7 @@ class TrainingConfig:
                     "eval_interval", "eval_iters", "save_interval")
         check_ranges("training", self, {name: POSITIVE for name in positive} | {
             name: FRACTION for name in ("min_lr_ratio", "warmup_fraction", "decay_fraction", "router_warmup_fraction")
-        } | {name: NON_NEGATIVE for name in ("weight_decay", "clip_grad", "beta", "router_warmup_steps",
+        } | {name: NON_NEGATIVE for name in ("weight_decay", "clip_grad", "beta", "router_warmup_steps", "aux_head_loss",
                                               "keep_checkpoints")} | {
             "adam_beta1": ADAM_BETA, "adam_beta2": ADAM_BETA,
             "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy seeds the sample order with it)")})

@@ -106,21 +106,40 @@ class LossComponents:
     lm_loss: torch.Tensor  # mean -log p_mix(y)
     depth_loss: torch.Tensor  # mean expected normalised depth (before beta)
     warmup_loss: torch.Tensor  # mean router-warmup penalty (0 outside the warmup)
+    head_loss: torch.Tensor  # mean over heads of each head's own CE (added only with aux_head_loss > 0)
+
+    NAMES = ("loss", "lm_loss", "depth_loss", "warmup_loss", "head_loss")
+
+    def logged(self) -> torch.Tensor:
+        """The components as float64 numbers in NAMES order, on the loss's device (no host read), to add up
+        over micro-batches and ranks."""
+        return torch.stack([getattr(self, name).detach() for name in self.NAMES]).double()
 
 
-def nvium_loss(terms: MixtureTerms, loss_mask: torch.Tensor, beta: float, in_router_warmup: bool) -> LossComponents:
-    """-log p_mix + beta * E[depth] (no depth penalty during the router warmup, which adds its own term)."""
+def nvium_loss(terms: MixtureTerms, loss_mask: torch.Tensor, beta: float, in_router_warmup: bool,
+               aux_head_loss: float = 0.0) -> LossComponents:
+    """-log p_mix + beta * E[depth] (no depth penalty during the router warmup, which adds its own term).
+
+    `aux_head_loss` > 0 (opt-in; the paper's objective has none) adds that weight times the mean over the
+    K heads of each head's own cross entropy, at every step: every head then gets gradient whatever
+    routing mass it holds, which keeps heads that the routers stopped sending tokens to from dying. A
+    dense model (one head) never gets the term.
+    """
     mask = loss_mask.float()
     count = mask.sum().clamp_min(1.0)
     lm_loss = (-terms.log_p_mix * mask).sum() / count
     depth_loss = (terms.expected_depth * mask).sum() / count
+    num_heads = terms.log_p_heads.shape[-1]
+    head_loss = (-terms.log_p_heads * mask[..., None]).sum() / (count * num_heads)
     if in_router_warmup:
         warmup_loss = (terms.warmup_penalty * mask).sum() / count
         loss = lm_loss + warmup_loss
     else:
         warmup_loss = torch.zeros_like(lm_loss)
         loss = lm_loss + beta * depth_loss
-    return LossComponents(loss, lm_loss, depth_loss, warmup_loss)
+    if aux_head_loss > 0 and num_heads > 1:
+        loss = loss + aux_head_loss * head_loss
+    return LossComponents(loss, lm_loss, depth_loss, warmup_loss, head_loss)
 
 
 def evaluation_sums(terms: MixtureTerms, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,34 @@ def test_loss_components_and_warmup():
     assert router_warmup_steps(1000, 10, 0.05) == 50 and router_warmup_steps(100, 10, 0.05) == 10
 
 
+def test_aux_head_loss_is_the_mean_of_the_heads_own_cross_entropies():
+    log_p, router = random_inputs(1.0, seed=3)
+    terms = mixture_terms(log_p, router, EXIT_LAYERS, NUM_LAYERS)
+    mask = torch.ones(log_p.shape[:-1])
+    mask[1, 2:] = 0
+    per_head_ce = [-(log_p[..., k] * mask).sum() / mask.sum() for k in range(4)]
+    expected = sum(per_head_ce) / 4
+    for warmup in (False, True):
+        paper = nvium_loss(terms, mask, beta=0.3, in_router_warmup=warmup)
+        remedy = nvium_loss(terms, mask, beta=0.3, in_router_warmup=warmup, aux_head_loss=0.1)
+        torch.testing.assert_close(remedy.head_loss, expected)
+        torch.testing.assert_close(paper.head_loss, expected)  # logged either way, added only when asked
+        torch.testing.assert_close(remedy.loss, paper.loss + 0.1 * expected)
+    # its gradient reaches every head's log-prob even where the routers give that head no mass
+    log_p_req = log_p.clone().requires_grad_()
+    dead_final = router.clone()
+    dead_final[..., 0, :] = torch.tensor([-30.0, 30.0])  # everything exits at the first head
+    loss = nvium_loss(mixture_terms(log_p_req, dead_final, EXIT_LAYERS, NUM_LAYERS), mask, 0.0, False, 0.1).loss
+    loss.backward()
+    final_grad = log_p_req.grad[..., -1][mask.bool()]
+    # (p_mix's own share is the 1e-8 floor of pi: at most a few percent of it here)
+    torch.testing.assert_close(final_grad, torch.full_like(final_grad, -0.1 / 4 / mask.sum()), atol=0, rtol=0.01)
+    # a dense model (one head) never gets the term
+    dense_terms = mixture_terms(log_p[..., :1], None, [6], NUM_LAYERS)
+    torch.testing.assert_close(nvium_loss(dense_terms, mask, 0.0, False, 0.1).loss,
+                               nvium_loss(dense_terms, mask, 0.0, False).loss)
+
+
 def test_dense_model_has_single_head():
     log_p = torch.log_softmax(torch.randn(4, 5, 1, 7), -1)[..., 0]
     terms = mixture_terms(log_p, None, [6], NUM_LAYERS)

@@ -1,4 +1,5 @@
 """The model on real megatron-core layers: reference equivalence, causality, tensor parallelism, learning."""
+import functools
 import math
 
 import pytest
@@ -28,11 +29,12 @@ def build(seed=0, **overrides):
     return NviumModel(ModelConfig(**{**TINY, **overrides}))
 
 
-def reference_transformer(sd, config, tokens):
-    """A plain LLaMA forward written from scratch over the full weights: final norm -> output matrix."""
+def _rms(x, weight, config):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * weight
 
-    def rms(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * w
+
+def reference_hidden_states(sd, config, tokens):
+    """A plain LLaMA trunk written from scratch over the full weights: the residual stream after each layer."""
 
     def rope(x):
         hd = x.shape[-1]
@@ -44,18 +46,60 @@ def reference_transformer(sd, config, tokens):
     b, s = tokens.shape
     h, hd = config.num_heads, config.head_dim
     x = sd["embedding.weight"][tokens]
+    states = []
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        qkv = (rms(x, sd[p + "attn_norm.weight"]) @ sd[p + "attn.qkv.weight"].T).view(b, s, h, 3, hd)
+        qkv = (_rms(x, sd[p + "attn_norm.weight"], config) @ sd[p + "attn.qkv.weight"].T).view(b, s, h, 3, hd)
         q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))
         att = torch.softmax((rope(q) @ rope(k).transpose(-1, -2)) / math.sqrt(hd)
                             + torch.full((s, s), float("-inf")).triu(1), -1) @ v
         x = x + att.transpose(1, 2).reshape(b, s, h * hd) @ sd[p + "attn.out.weight"].T
-        n = rms(x, sd[p + "mlp_norm.weight"])
+        n = _rms(x, sd[p + "mlp_norm.weight"], config)
         x = x + (F.silu(n @ sd[p + "mlp.gate.weight"].T) * (n @ sd[p + "mlp.up.weight"].T)) @ sd[p + "mlp.down.weight"].T
+        states.append(x)
+    return states
+
+
+def reference_transformer(sd, config, tokens):
+    """Plain LLaMA: final norm -> output matrix, log-softmax over the real vocab."""
     last = config.num_heads_total - 1
-    logits = rms(x, sd[f"heads.{last}.norm.weight"]) @ sd["output.weight"].T
+    logits = _rms(reference_hidden_states(sd, config, tokens)[-1], sd[f"heads.{last}.norm.weight"], config) \
+        @ sd["output.weight"].T
     return torch.log_softmax(logits[..., : config.vocab_size], -1)
+
+
+def reference_nvium(sd, config, tokens, labels):
+    """The paper's N-vium written from scratch in its own terms (one loop over exits, probability space):
+    head k reads the stream after layer l_k through its norm n, the adapter n + W2 SiLU(W1 n) and the shared
+    output matrix; its router maps n through fc1 -> GELU -> fc2 -> RMSNorm -> [continue, exit]. Exit weights
+    are stick-breaking products of the router softmax, log p_mix = log sum_k max(pi_k, 1e-8) p_k(y), the
+    warmup term reads q clamped to [1e-6, 1 - 1e-6]."""
+    states = reference_hidden_states(sd, config, tokens)
+    K = config.num_heads_total
+    log_p, routers, pis, depth, warmup = [], [], [], 0.0, 0.0
+    reach = torch.ones(tokens.shape)
+    for k, layer in enumerate(config.exit_layers):
+        h = f"heads.{k}."
+        n = _rms(states[layer - 1], sd[h + "norm.weight"], config)
+        adapted = n + F.silu(n @ sd[h + "adapter.w1.weight"].T) @ sd[h + "adapter.w2.weight"].T
+        logits = (adapted @ sd["output.weight"].T)[..., : config.vocab_size]
+        log_p.append(torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0])
+        if k < K - 1:
+            r = h + "router."
+            body = F.gelu(n @ sd[r + "fc1.weight"].T + sd[r + "fc1.bias"]) @ sd[r + "fc2.weight"].T + sd[r + "fc2.bias"]
+            router = _rms(body, sd[r + "norm.weight"], config) @ sd[r + "logits.weight"].T + sd[r + "logits.bias"]
+            routers.append(router)
+            p_continue, p_exit = torch.softmax(router, -1).unbind(-1)
+            pis.append(reach * p_exit)
+            reach = reach * p_continue
+            warmup = warmup + (p_exit.clamp(1e-6, 1 - 1e-6) - 1 / (K - k)) ** 2
+        else:
+            pis.append(reach)
+        depth = depth + pis[-1] * layer / config.num_layers
+    log_p, pi = torch.stack(log_p, -1), torch.stack(pis, -1)
+    p_mix = (pi.clamp(1e-8, 1.0) * log_p.exp()).sum(-1)
+    return dict(log_p_heads=log_p, router_logits=torch.stack(routers, -2), pi=pi, log_p_mix=p_mix.log(),
+                mix_loss=-p_mix.log().mean(), depth_loss=depth.mean(), warmup_loss=warmup.mean())
 
 
 def test_forced_continue_equals_plain_transformer(single_process):
@@ -90,6 +134,39 @@ def test_inference_forward_skips_megatron_wrappers_with_the_same_numbers(single_
     assert {id(m) for m in calls} == {id(m) for m in wrapped}
     for field, value in plain._asdict().items():
         assert torch.equal(value, getattr(wrapped_terms, field).detach()), field
+
+
+def test_full_model_matches_the_papers_layout(single_process):
+    """Same weights -> the paper's per-head log-probs, router logits, pi, log p_mix and the three loss terms."""
+    model = build(seed=4)
+    with torch.no_grad():  # move the zero/unit inits so every path (adapters, norms, biases) is exercised
+        for name, param in model.named_parameters():
+            if "adapter.w2" in name or name.endswith("norm.weight") or name.endswith("bias"):
+                param.add_(0.05 * torch.randn_like(param))
+            if name.endswith("router.logits.weight"):  # confident routers: q reaches the clamp, pi the floor
+                param.mul_(40.0)
+    g = torch.Generator().manual_seed(9)
+    tokens, labels = torch.randint(0, 300, (2, 24), generator=g), torch.randint(0, 300, (2, 24), generator=g)
+    sd = {name: param.detach() for name, param in model.named_parameters()}
+    with torch.no_grad():
+        terms = model(tokens, labels)
+        routers = torch.stack([model.head_router(k, h)[1] for k, h in model.head_inputs(tokens) if k < 3], -2)
+        reference = reference_nvium(sd, model.config, tokens, labels)
+    mask = torch.ones_like(labels)
+    main = nvium_loss(terms, mask, beta=0.15, in_router_warmup=False)
+    warm = nvium_loss(terms, mask, beta=0.15, in_router_warmup=True)
+    close = functools.partial(torch.testing.assert_close, atol=2e-6, rtol=2e-6)
+    close(terms.log_p_heads, reference["log_p_heads"])
+    close(routers, reference["router_logits"], atol=1e-5, rtol=1e-5)  # logits up to ~50: fp32 rounding
+    close(terms.pi, reference["pi"])
+    close(terms.log_p_mix, reference["log_p_mix"])
+    close(main.lm_loss, reference["mix_loss"])
+    close(main.depth_loss, reference["depth_loss"])
+    close(warm.warmup_loss, reference["warmup_loss"])
+    close(main.loss, reference["mix_loss"] + 0.15 * reference["depth_loss"])
+    # not a degenerate case: some q beyond the warmup clamp, some pi under the floor, heads that disagree
+    q = torch.softmax(reference["router_logits"], -1)[..., 1]
+    assert q.min() < 1e-6 and (reference["pi"] < 1e-8).any() and reference["log_p_heads"].std() > 0.1
 
 
 def test_padded_vocab_is_masked(single_process):

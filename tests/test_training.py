@@ -95,6 +95,20 @@ def test_dense_baseline_pipeline_matches_single_stage(corpus, tmp_path):
     assert_same_losses(records, reference_records, "dense PP=2 vs PP=1")
 
 
+def test_aux_head_loss_is_applied_and_pipeline_matches_single_stage(corpus, reference, tmp_path):
+    """The opt-in per-head loss through the trainer: PP=2 (its loss on the last stage, PipelineLoss) equals one
+    process, the logged components add up, and it changes training (it is really applied)."""
+    aux = {"training.aux_head_loss": 0.1}
+    single, _ = train(1, corpus, tmp_path / "pp1", **aux)
+    piped, _ = train(2, corpus, tmp_path / "pp2", **aux, **{"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1})
+    assert_same_losses(piped, single, "aux_head_loss PP=2 vs PP=1")
+    for records in (single, piped):
+        r = records[5]  # after the router warmup: -log p_mix + beta E[depth] + 0.1 x mean per-head CE
+        assert abs(r["loss"] - (r["lm_loss"] + r["beta"] * r["depth_loss"] + 0.1 * r["head_loss"])) < 1e-5
+    assert abs(single[1]["loss"] - reference[0][1]["loss"] - 0.1 * single[1]["head_loss"]) < 1e-5
+    assert abs(single[5]["lm_loss"] - reference[0][5]["lm_loss"]) > 1e-4  # different updates since step 1
+
+
 def test_beta_controller_moves_with_the_gap(tmp_path):
     baseline = tmp_path / "dense_metrics.jsonl"
     baseline.write_text("\n".join(json.dumps(r) for r in [

@@ -2,7 +2,7 @@
 """What verified checkpoints cost: save time, and the sha256 manifest's share of it, on one process.
 
     python tools/bench_checkpoint.py --config pretrain/configs/tiny.yaml
-    python tools/bench_checkpoint.py --config pretrain/configs/d768-l24.yaml --set model.seq_length=64
+    python tools/bench_checkpoint.py --config pretrain/configs/grid/nvium-d768-l24.yaml --set model.seq_length=64
 
 Trains `--saves` steps with a checkpoint after each (the trainer's own save path, timed), then, over
 `--rounds` interleaved rounds on the newest checkpoint, times: reading every file (the I/O floor),

@@ -118,6 +118,19 @@ def run_logged(cmd: list[str], log: Path, env: dict | None = None, capture: bool
     return proc.stdout if capture else ""
 
 
+def train_with_torchrun(config: str, sets: list[str], nproc: int, device: str, log: Path) -> None:
+    """pretrain/pretrain_nvium.py with pretrain/configs/CONFIG and `--set` overrides on `nproc` processes."""
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), str(REPO / "pretrain" / "pretrain_nvium.py"), "--config",
+           str(REPO / "pretrain" / "configs" / config)]
+    for item in sets:
+        cmd += ["--set", item]
+    run_logged(cmd, log, env=env)
+
+
 def parse_json_output(text: str) -> dict:
     start = text.find("{")
     if start < 0:
@@ -194,15 +207,7 @@ class Replication:
         return (run_dir / "checkpoints" / "latest").exists() and any(e["step"] == self.s["steps"] for e in evals)
 
     def _torchrun(self, name: str, config: str, sets: list[str]):
-        env = dict(os.environ)
-        if self.s["device"] == "cpu":
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.args.nproc)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.args.nproc),
-               "--master-port", str(free_port()), str(REPO / "pretrain" / "pretrain_nvium.py"), "--config",
-               str(REPO / "pretrain" / "configs" / config)]
-        for item in sets:
-            cmd += ["--set", item]
-        run_logged(cmd, self.work / "logs" / f"train_{name}.log", env=env)
+        train_with_torchrun(config, sets, self.args.nproc, self.s["device"], self.work / "logs" / f"train_{name}.log")
 
     def data_prefixes(self) -> dict:
         data = self.dense_run / "data"

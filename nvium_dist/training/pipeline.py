@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nvium_dist.config import ModelConfig
-from nvium_dist.mixture import evaluation_sums, mixture_terms, nvium_loss
+from nvium_dist.mixture import LossComponents, evaluation_sums, mixture_terms, nvium_loss
 from nvium_dist.model import ModelParts, Rotary, output_label_log_probs, rope_inverse_frequencies
 
 
@@ -118,16 +118,17 @@ class PipelineLoss:
     for a host read) or running sums (eval) on the last stage.
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", aux_head_loss: float = 0.0):
         self.config = config
         self.device = torch.device(device)
+        self.aux_head_loss = aux_head_loss
         self.beta = 0.0
         self.in_router_warmup = False
         self.collect_eval = False
         self.reset()
 
     def reset(self) -> None:
-        self.train_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.train_sums = torch.zeros(len(LossComponents.NAMES), dtype=torch.float64, device=self.device)
         self.micro_batches = 0
         K = self.config.num_heads_total
         self.eval_sums = torch.zeros(3 + 2 * K, dtype=torch.float64)
@@ -136,12 +137,11 @@ class PipelineLoss:
         _, _, log_p_heads, *routers = outputs
         terms = mixture_terms(log_p_heads, routers[0] if routers else None, self.config.exit_layers,
                               self.config.num_layers)
-        losses = nvium_loss(terms, loss_mask, self.beta, self.in_router_warmup)
+        losses = nvium_loss(terms, loss_mask, self.beta, self.in_router_warmup, self.aux_head_loss)
         if self.collect_eval:
             self.eval_sums += evaluation_sums(terms, loss_mask)
         else:
-            self.train_sums += torch.stack([losses.loss, losses.lm_loss, losses.depth_loss,
-                                            losses.warmup_loss]).detach().double()
+            self.train_sums += losses.logged()
             self.micro_batches += 1
         return losses.loss
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nvium_dist.config import ConfigError, NviumConfig
-from nvium_dist.mixture import evaluation_sums, nvium_loss, router_warmup_steps
+from nvium_dist.mixture import LossComponents, evaluation_sums, nvium_loss, router_warmup_steps
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
@@ -172,7 +172,7 @@ class Trainer:
         if self.pipelined:
             from nvium_dist.training.pipeline import PipelineLoss, build_pipeline_module
 
-            self.pipeline_loss = PipelineLoss(c.model, self.info.device)
+            self.pipeline_loss = PipelineLoss(c.model, self.info.device, aux_head_loss=t.aux_head_loss)
             model = build_pipeline_module(c.model, self.info, t.seed, self.pipeline_loss,
                                           t.activation_checkpointing, t.loss_chunk_tokens)
         else:
@@ -299,24 +299,24 @@ class Trainer:
         self.engine.train_batch(data_iter=iterator)
         local = loss_fn.train_sums / max(1, loss_fn.micro_batches)
         totals = self._last_stage_sum(local) / self.info.dp_size
-        return dict(zip(("loss", "lm_loss", "depth_loss", "warmup_loss"), totals.tolist()))
+        return dict(zip(LossComponents.NAMES, totals.tolist()))
 
     def _train_step(self, iterator) -> dict:
         if self.pipelined:
             return self._train_step_pipelined(iterator)
         beta, in_warmup = self.controller.beta, self.step < self.warmup_steps
-        totals = torch.zeros(4, dtype=torch.float64, device=self.info.device)  # summed on device: no sync per micro-batch
+        totals = torch.zeros(len(LossComponents.NAMES), dtype=torch.float64, device=self.info.device)  # on device: no host read per micro-batch
         for _ in range(self.grad_accumulation):
             batch = self._micro_batch(iterator)
             terms = self.engine(batch["tokens"], batch["labels"])
-            losses = nvium_loss(terms, batch["loss_mask"], beta, in_warmup)
+            losses = nvium_loss(terms, batch["loss_mask"], beta, in_warmup, self.config.training.aux_head_loss)
             self.engine.backward(losses.loss)
             self.engine.step()
-            totals += torch.stack([losses.loss, losses.lm_loss, losses.depth_loss, losses.warmup_loss]).detach().double()
+            totals += losses.logged()
         totals /= self.grad_accumulation
         all_reduce(totals, group=self._dp_group())
         totals /= self.info.dp_size
-        return dict(zip(("loss", "lm_loss", "depth_loss", "warmup_loss"), totals.tolist()))
+        return dict(zip(LossComponents.NAMES, totals.tolist()))
 
     def _dp_group(self):
         from megatron.core import parallel_state
