@@ -75,10 +75,22 @@ def test_report_from_synthetic_records(tmp_path):
     assert RESULT_KEYS <= set(results)
     assert results["targets"]["perplexity_ratio"]["met"] is True  # 201 / 200 = 1.005
     assert results["targets"]["decode_speedup_batch1_deferred_vs_dense"]["met"] is True
+    assert results["targets"]["final_head_perplexity_ratio"] == {"target": "<= 1.5", "measured": 1.0, "met": True}
     report = paths["report"].read_text()
-    assert "| held-out perplexity" in report and "**met**" in report
+    assert "| held-out perplexity" in report and "**met**" in report and "No dead head: target met" in report
     for name in PLOTS:
         assert (tmp_path / name).stat().st_size > 5000, name
+
+
+def test_report_names_a_dead_final_head(tmp_path):
+    from nvium_dist.replicate.report import write_report
+
+    context = _synthetic_context()
+    context["nvium"]["eval"]["head_perplexity"] = [300, 250, 220, 5009.0]
+    write_report(tmp_path, context)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["targets"]["final_head_perplexity_ratio"]["met"] is False
+    assert "No dead head: target missed" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ Stages (each prints a [replicate] line; re-running the same command skips finish
 Run directories, exports and per-stage JSON live under --work-dir (default runs/replicate-SCALE, not
 committed); the report directory (--output-dir, default reports/replicate) holds only small files.
 Targets checked in the report: N-vium held-out perplexity <= 1.01 x dense; deferred N-vium decodes
->= 1.3x the dense tokens/s at batch 1.
+>= 1.3x the dense tokens/s at batch 1; no dead head (N-vium's final head alone <= 1.5 x the dense perplexity).
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--dead-band", type=float, default=0.005, help="beta controller dead band in nats")
     p.add_argument("--max-step", type=float, default=0.05, help="largest beta change per evaluation")
     p.add_argument("--router-warmup-fraction", type=float, default=0.05, help="router warmup share of the steps")
+    p.add_argument("--aux-head-loss", type=float, default=0.0,
+                   help="weight of the opt-in per-head loss (training.aux_head_loss; 0 = the paper's objective)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--nproc", type=int, default=2, help="training processes per run (torchrun --nproc-per-node)")
     p.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (default 2 on CPU, 1 on GPU)")

@@ -228,7 +228,7 @@ class Replication:
         a = self.args
         sets = self.model_sets(dense=False) + self.training_sets(self.nvium_run) + [
             f"data.train_data=[{d['train']}]", f"data.valid_data=[{d['valid']}]", f"data.tokenizer_model={d['tokenizer']}",
-            "training.beta_controller.enabled=true",
+            "training.beta_controller.enabled=true", f"training.aux_head_loss={a.aux_head_loss}",
             f"training.beta_controller.baseline_metrics={self.dense_run / 'metrics.jsonl'}",
             f"training.beta_controller.k_up={a.k_up}", f"training.beta_controller.k_down={a.k_down}",
             f"training.beta_controller.dead_band={a.dead_band}", f"training.beta_controller.max_step={a.max_step}"]

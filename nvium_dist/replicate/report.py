@@ -7,6 +7,7 @@ from pathlib import Path
 
 PPL_TARGET = 1.01  # N-vium perplexity <= 1.01 x dense
 SPEEDUP_TARGET = 1.3  # deferred N-vium tokens/s >= 1.3 x dense at batch 1
+FINAL_HEAD_TARGET = 1.5  # no dead head: N-vium's final head alone <= 1.5 x the dense perplexity
 COLORS = {"dense": "#444444", "nvium": "#1f77b4", "nvium_full": "#9ecae1", "nvium_deferred": "#1f77b4"}
 EXIT_COLORS = ["#fdae61", "#fee08b", "#abdda4", "#9db9e8"]  # exit 1..3, final head (light, text stays readable)
 
@@ -224,8 +225,11 @@ def write_report(out_dir: Path, ctx: dict) -> dict:
     plot_decode(ctx, out_dir / plots["decode"])
     plot_passage(ctx, out_dir / plots["passage"])
 
+    final_head_ratio = nv_eval["head_perplexity"][-1] / dense_eval["mixture_perplexity"]
     targets = {
         "perplexity_ratio": {"target": f"<= {PPL_TARGET}", "measured": round(ppl_ratio, 4), "met": ppl_ratio <= PPL_TARGET},
+        "final_head_perplexity_ratio": {"target": f"<= {FINAL_HEAD_TARGET}", "measured": round(final_head_ratio, 4),
+                                        "met": final_head_ratio <= FINAL_HEAD_TARGET},
         "decode_speedup_batch1_deferred_vs_dense": {"target": f">= {SPEEDUP_TARGET}", "measured": speedup,
                                                     "met": speedup >= SPEEDUP_TARGET},
     }
@@ -281,6 +285,7 @@ def render_markdown(r: dict) -> str:
     m = r["machine"]
     layers = s["exit_layers_all"]
     ppl_t, spd_t = t["perplexity_ratio"], t["decode_speedup_batch1_deferred_vs_dense"]
+    head_t = t["final_head_perplexity_ratio"]
     b1 = next((b for b in r["decode"]["batches"] if b["batch"] == 1), r["decode"]["batches"][0])
     machine = (f"{m.get('cpu_cores')}-core CPU, {m.get('memory_gib')} GiB" + (f", {m['gpu']}" if m.get("gpu") else "")
                + f"; {m.get('platform')}; torch {m.get('torch')}")
@@ -296,7 +301,9 @@ def render_markdown(r: dict) -> str:
         "| target | threshold | measured | |", "|---|---|---|---|",
         f"| held-out perplexity, N-vium / dense | <= {PPL_TARGET} | {ppl_t['measured']:.4f} | {_yes(ppl_t['met'])} |",
         f"| decode tokens/s at batch 1, deferred N-vium / dense | >= {SPEEDUP_TARGET} | {spd_t['measured']:.3f} | "
-        f"{_yes(spd_t['met'])} |", "",
+        f"{_yes(spd_t['met'])} |",
+        f"| no dead head: N-vium's final head alone / dense perplexity | <= {FINAL_HEAD_TARGET} | "
+        f"{head_t['measured']:.3f} | {_yes(head_t['met'])} |", "",
         "## Results", "", results_table(r), "",
         f"Per-head perplexity of N-vium alone (layers {layers}): {_fmt_list(p['nvium_head_perplexity'], 2)}; "
         f"held-out exit usage (mean pi_k): {_fmt_list(p['nvium_exit_usage'])}.", "",
@@ -327,7 +334,10 @@ def render_markdown(r: dict) -> str:
         f"{r['tokens_trained_per_model']:,} tokens each, same seed ({r['options']['seed']}), AdamW, lr {s['lr']} with "
         f"cosine decay, torchrun with {r['options']['nproc']} processes (DP={r['options']['nproc']}, "
         f"ZeRO-{s['zero_stage']}), {s['device']}.",
-        f"- Objective: -log p_mix + beta x E[depth]; router warmup for the first "
+        f"- Objective: -log p_mix + beta x E[depth]"
+        + (f" + {r['options']['aux_head_loss']} x the mean of the heads' own cross entropies (the opt-in remedy "
+           "for routing collapse, `training.aux_head_loss`)" if r["options"].get("aux_head_loss") else "")
+        + "; router warmup for the first "
         f"{r['options']['router_warmup_fraction']:.0%} of steps; beta starts at {r['options']['beta']} and the "
         f"controller moves it at every evaluation (every {s['eval_interval']} steps) from the gap to the dense run's "
         f"eval CE: dead band {r['options']['dead_band']}, k_up {r['options']['k_up']}, k_down {r['options']['k_down']}, "
@@ -379,6 +389,15 @@ def discussion(r: dict, b1: dict) -> list[str]:
                    "routed to them). The paper's claim is parity at 20 tokens per parameter; with more steps "
                    "(`--steps`, `--scale small`) the gap should close and the beta controller, which raised beta at "
                    "every evaluation here because N-vium stayed ahead, would settle.")
+    head_ok = t["final_head_perplexity_ratio"]
+    final_ppl = p["nvium_head_perplexity"][-1]
+    if head_ok["met"]:
+        out.append(f"- **No dead head: target met.** N-vium's final head alone reaches perplexity {final_ppl:.2f}, "
+                   f"{head_ok['measured']:.2f}x the dense model's; per-head: {_fmt_list(p['nvium_head_perplexity'], 1)}.")
+    else:
+        out.append(f"- **No dead head: target missed.** N-vium's final head alone has perplexity {final_ppl:.4g} "
+                   f"({head_ok['measured']:.3g}x dense): the routers send it little mass, so it gets little gradient "
+                   "and stops learning (routing collapse; see reports/ablations and `training.aux_head_loss`).")
     measured_full = b1["speedup_deferred_vs_full"]
     if spd_ok:
         out.append(f"- **Decode speed: target met.** At batch 1 deferred N-vium decodes "
