@@ -127,6 +127,12 @@ def test_evaluate_json(byte_export, tmp_path, capsys):
     assert torch.isfinite(log_mix.gather(-1, window[1:, None])).all()
     assert evaluate.main(["--model", str(byte_export), "--data", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+    # the random export's peaked logits are worse than uniform on text: every head counts as dead
+    assert result["dead_heads"] == [layer for layer, p in zip([1, 2, 4, 6], result["head_perplexity"]) if p >= 256]
+    assert result["dead_heads"]
+    args = ["--model", str(byte_export), "--data", prefix, "--seq-length", "32", "--require-live-heads"]
+    assert evaluate.main(args) == 3
+    assert f"dead head(s) after layer(s) {result['dead_heads']}" in capsys.readouterr().err
 
 
 def _byte_dataset(prefix: Path, docs: list[list[int]], summary_tokenizer: dict | None = None) -> str:

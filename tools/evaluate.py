@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float_above(0), default=None,
                    help="--lm-eval: documents per task (a count >= 1, or a fraction < 1 of each task's documents)")
     p.add_argument("--seed", type=int, default=1234, help="--lm-eval: sampling seed of generate_until")
+    p.add_argument("--require-live-heads", action="store_true",
+                   help="exit 3 when a head is dead: its own perplexity >= the vocabulary size (worse than uniform)")
     return p.parse_args(argv)
 
 
@@ -175,7 +177,18 @@ def main(argv=None) -> int:
         "expected_exit_layer": depth_fraction * config.num_layers,
         "ideal_deferred_speedup": 1.0 / depth_fraction if depth_fraction > 0 else None,
     }
+    # a head that does worse than the uniform distribution has stopped learning (routing collapse)
+    result["dead_heads"] = [layer for layer, ppl in zip(config.exit_layers, result["head_perplexity"])
+                            if ppl >= config.vocab_size]
     print(json.dumps(result, indent=2))
+    if args.require_live_heads and result["dead_heads"]:
+        print(f"error: dead head(s) after layer(s) {result['dead_heads']}: their perplexity is >= the vocabulary size "
+              f"{config.vocab_size} (per-head: {[round(p, 1) for p in result['head_perplexity']]}); see README "
+              "'Routing collapse' (training.aux_head_loss)", file=sys.stderr)
+        return 3
+    if args.require_live_heads:
+        print(f"every head alive: perplexities {[round(p, 1) for p in result['head_perplexity']]} < vocabulary size "
+              f"{config.vocab_size}", file=sys.stderr)
     return 0
 
 

@@ -44,7 +44,10 @@ OLD_INIT = ("model.adapter_init_std=0.02", "model.scaled_output_init=true", "mod
 ABLATIONS = [
     Ablation("dense", "dense twin (plain LLaMA, MLP 432)", dense=True),
     Ablation("faithful", "none: the paper's init, eps, objective (beta 0.15, 5% router warmup)"),
-    Ablation("old_init", "previous init: adapter W1 N(0, 0.02), out/down 0.02/sqrt(2L), eps 1e-5", OLD_INIT),
+    Ablation("dense_old_init", "dense twin, previous init (out/down 0.02/sqrt(2L), eps 1e-5)", OLD_INIT[1:],
+             dense=True),
+    Ablation("old_init", "previous init: adapter W1 N(0, 0.02), out/down 0.02/sqrt(2L), eps 1e-5", OLD_INIT,
+             dense_ref="dense_old_init"),
     Ablation("beta0", "beta 0 (no depth penalty)", ("training.beta=0.0",)),
     Ablation("warmup30", "router warmup 30% of steps (paper 5%)", ("training.router_warmup_fraction=0.3",)),
     Ablation("controller", "beta controller, the paper's 1.5B gains (k_up 8, k_down 4, max_step 100)",
