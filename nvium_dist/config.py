@@ -185,10 +185,11 @@ class DataConfig:
 class BetaControllerConfig:
     enabled: bool = False
     baseline_metrics: str = ""  # the dense run's metrics.jsonl (eval records)
+    # the paper's 1.5B run (its only controlled run): k_up 8, k_down 4, max_step 100 (no cap), max weight 10
     dead_band: float = 0.005
     k_up: float = 8.0
     k_down: float = 4.0
-    max_step: float = 0.5
+    max_step: float = 100.0
     beta_min: float = 0.0
     beta_max: float = 10.0
     # The baseline's nearest evaluation may be at most this many steps away; 0 means eval_interval.

@@ -156,8 +156,8 @@ def evaluation_sums(terms: MixtureTerms, loss_mask: torch.Tensor) -> torch.Tenso
 
 
 def router_warmup_steps(train_iters: int, warmup_steps: int, warmup_fraction: float) -> int:
-    """The router warmup lasts max(warmup_steps, fraction x total steps)."""
-    return max(warmup_steps, int(math.ceil(warmup_fraction * train_iters)))
+    """The router warmup lasts max(warmup_steps, fraction x total steps rounded down), as the paper's code."""
+    return max(warmup_steps, int(warmup_fraction * train_iters))
 
 
 def log_mixture_distribution(

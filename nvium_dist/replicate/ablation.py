@@ -89,6 +89,8 @@ class AblationRunner:
                 f"training.global_batch_size={ablation.global_batch}", "training.eval_interval=25",
                 "training.log_interval=10", f"training.save_interval={min(100, ablation.steps)}",
                 "training.keep_checkpoints=1", *ablation.sets]
+        if not ablation.dense:  # the faithful base: the paper's objective, whatever tiny.yaml opts into
+            sets.insert(0, "training.aux_head_loss=0.0")
         if ablation.name != "dense":
             d = self.data()
             sets += [f"data.train_data=[{d['train']}]", f"data.valid_data=[{d['valid']}]",
