@@ -154,6 +154,28 @@ def summarise(ablation: Ablation, result: dict, dense_result: dict, metrics: tup
     return row
 
 
+def plot_final_heads(rows: list[dict], path: Path) -> None:
+    """The final head's own held-out perplexity (trainer evaluations) over training, one line per N-vium run."""
+    from nvium_dist.replicate.report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for r in rows:
+        if r["settings"]["dense"] or not r["eval_curve"]:
+            continue
+        curve = r["eval_curve"]
+        ax.plot([e["step"] for e in curve], [e["head_ppl"][-1] for e in curve], lw=1.8,
+                ls="-" if "aux" in r["name"] else "--", label=r["name"])
+    ax.axhline(2048, color="k", lw=1, ls=":", label="vocabulary size (uniform)")
+    ax.set(yscale="log", xlabel="step", ylabel="final head perplexity (held-out)",
+           title="Final head alone: dies without the per-head term (dashed), lives with it (solid)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _fmt_ppl(x: float) -> str:
     return f"{x:.1f}" if x < 1e4 else f"{x:.1e}"
 
@@ -197,5 +219,8 @@ def write_ablation_report(work: Path, output: Path) -> dict:
         f"vocabulary size ({vocab}). `x dense`: mixture perplexity over the dense twin trained on the same "
         "tokens. Regenerate with `python tools/ablate_routing.py` (finished runs are skipped); every number is "
         "in `results.json` (with each run's evaluation curve).", "", *lines, ""]
+    if rows:
+        plot_final_heads(rows, output / "final_head.png")
+        report += ["![final head perplexity over training](final_head.png)", ""]
     (output / "report.md").write_text("\n".join(report))
     return {"results": output / "results.json", "report": output / "report.md"}
