@@ -180,6 +180,10 @@ def _fmt_ppl(x: float) -> str:
     return f"{x:.1f}" if x < 1e4 else f"{x:.1e}"
 
 
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}" if x < 100 else _fmt_ppl(x)
+
+
 def write_ablation_report(work: Path, output: Path) -> dict:
     """results.json (every number) and report.md (one table) from the finished runs under `work`."""
     from nvium_dist.config import load_config
@@ -200,17 +204,19 @@ def write_ablation_report(work: Path, output: Path) -> dict:
                "command": "python tools/ablate_routing.py", "runs": rows}
     (output / "results.json").write_text(json.dumps(results, indent=1))
     lines = ["| run | change from the faithful setup | tokens | mixture ppl | x dense | head ppl (layers "
-             "1/2/4/6) | exit usage | E[exit layer] | dead heads |", "|---|---|---|---|---|---|---|---|---|"]
+             "1/2/4/6) | final head x dense | exit usage | E[exit layer] | dead heads |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["settings"]["dense"]:
             lines.append(f"| {r['name']} | {r['change']} | {r['tokens'] / 1e6:.2f}M | {r['mixture_perplexity']:.1f} "
-                         f"| 1 | - | - | 6 | - |")
+                         f"| 1 | - | - | - | 6 | - |")
             continue
         heads = " / ".join(_fmt_ppl(p) for p in r["head_perplexity"])
         usage = " / ".join(f"{u:.2f}" for u in r["exit_usage"])
         dead = ", ".join(f"layer {r['exit_layers'][k]}" for k in r["dead_heads"]) or "none"
         lines.append(f"| {r['name']} | {r['change']} | {r['tokens'] / 1e6:.2f}M | {r['mixture_perplexity']:.1f} | "
-                     f"{r['ratio_to_dense']:.3f} | {heads} | {usage} | {r['expected_exit_layer']:.2f} | {dead} |")
+                     f"{r['ratio_to_dense']:.3f} | {heads} | {_fmt_ratio(r['final_head_vs_dense'])} | {usage} | "
+                     f"{r['expected_exit_layer']:.2f} | {dead} |")
     report = [
         "# Routing-collapse ablations", "",
         f"Base: {results['base_config']}; every run 16 sequences x 128 tokens per step unless it says otherwise, "
