@@ -184,12 +184,16 @@ def main(argv=None) -> int:
         for name in stale:
             print(f"differs from tools/make_configs.py: {out / name}")
         return 1 if stale else 0
-    for name in stale:
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(files[name])
-        tmp.replace(path)
+    try:
+        for name in stale:
+            path = out / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".yaml.tmp")
+            tmp.write_text(files[name])
+            tmp.replace(path)
+    except OSError as err:
+        print(f"error: cannot write the configs under {out}: {err}", file=sys.stderr)
+        return 2
     print(f"{len(files)} configs under {out}: {len(stale)} written, {len(files) - len(stale)} unchanged")
     return 0
 
