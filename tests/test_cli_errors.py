@@ -21,6 +21,8 @@ CLIS = sorted(f"tools/{p.name}" for p in (ROOT / "tools").glob("*.py")) + ["pret
 
 # (tool, arguments with {h} = the hostile-input directory, a fragment the last stderr line must hold)
 CASES = [
+    ("tools/ablate_routing.py", ["--only", "nosuchrun", "--work-dir", "{h}/ablations"], "unknown ablation(s)"),
+    ("tools/ablate_routing.py", ["--nproc", "0"], "--nproc: must be >= 1"),
     ("tools/bench_checkpoint.py", ["--config", "{h}/missing.yaml"], "does not exist"),
     ("tools/bench_checkpoint.py", ["--saves", "0"], "--saves: must be >= 1"),
     ("tools/bench_decode.py", ["--synthetic", "--batch-sizes", "0"], "batch sizes must be >= 1"),
@@ -63,6 +65,8 @@ CASES = [
     ("tools/merge_datasets.py", ["--inputs", "{h}/missing", "--output-prefix", "{h}/merged"], "not found"),
     ("tools/merge_datasets.py", ["--inputs", "{h}/corrupt", "--output-prefix", "{h}/merged"], "corrupt.idx"),
     ("tools/merge_datasets.py", ["--inputs", "{h}/noidx", "--output-prefix", "{h}/"], "ends in a directory"),
+    ("tools/make_configs.py", ["--output-dir", "{h}/text.txt"], "cannot write the configs"),
+    ("tools/make_configs.py", ["--output-dir", "{h}/handmade"], "was not written by this tool"),
     ("tools/model_info.py", ["--config", "{h}/junk.bin"], "cannot be read as text"),
     ("tools/model_info.py", ["--config", TINY, "--micro-batch", "0"], "--micro-batch: must be >= 1"),
     ("tools/preprocess_data.py", ["--input", "{h}/docs.jsonl", "--tokenizer-model", "{h}/text.txt",
@@ -115,6 +119,8 @@ def hostile(tmp_path_factory) -> Path:
     (h / "junk.bin").write_bytes(bytes(range(256)) * 4)
     (h / "bad.yaml").write_text("model: [unclosed\n")
     (h / "emptydir").mkdir()
+    (h / "handmade").mkdir()
+    (h / "handmade" / "tiny.yaml").write_text("model: {}\n")  # a user's file where make_configs would write
     (h / "noidx.bin").write_bytes(b"\0" * 64)
     (h / "corrupt.bin").write_bytes(b"\0" * 64)
     (h / "corrupt.idx").write_text("not an index\n")

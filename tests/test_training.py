@@ -99,8 +99,8 @@ def test_aux_head_loss_is_applied_and_pipeline_matches_single_stage(corpus, refe
     """The opt-in per-head loss through the trainer: PP=2 (its loss on the last stage, PipelineLoss) equals one
     process, the logged components add up, and it changes training (it is really applied)."""
     aux = {"training.aux_head_loss": 0.1}
-    single, _ = train(1, corpus, tmp_path / "pp1", **aux)
-    piped, _ = train(2, corpus, tmp_path / "pp2", **aux, **{"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1})
+    single, _, _ = train(1, corpus, tmp_path / "pp1", **aux)
+    piped, _, _ = train(2, corpus, tmp_path / "pp2", **aux, **{"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1})
     assert_same_losses(piped, single, "aux_head_loss PP=2 vs PP=1")
     for records in (single, piped):
         r = records[5]  # after the router warmup: -log p_mix + beta E[depth] + 0.1 x mean per-head CE
@@ -131,7 +131,8 @@ def test_beta_controller_refuses_missing_or_stale_baselines(tmp_path):
         missing.update(5, 1.0)
     baseline = tmp_path / "dense_metrics.jsonl"
     baseline.write_text(json.dumps({"step": 100, "loss": 3.0}) + "\n")
-    growing = BetaController(BetaControllerConfig(baseline_metrics=str(baseline)), beta=0.3, max_lag=100)
+    growing = BetaController(BetaControllerConfig(baseline_metrics=str(baseline), max_step=0.5), beta=0.3,
+                             max_lag=100)
     with pytest.raises(BaselineUnavailable, match="no evaluation yet"):
         growing.update(100, 1.0)
     baseline.write_text(json.dumps({"step": 100, "eval_ce": 3.0}) + "\n")

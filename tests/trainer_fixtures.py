@@ -50,6 +50,7 @@ def small_overrides(data: dict, run_dir: Path, **extra) -> list[str]:
         "training.train_iters": 5, "training.eval_interval": 5, "training.eval_iters": 2,
         "training.log_interval": 1, "training.save_interval": 100, "training.lr": 2e-3,
         "training.router_warmup_steps": 2, "parallel.zero_stage": 0,
+        "training.aux_head_loss": 0.0,  # the paper's objective, also where tiny.yaml (the CLI's base) opts in
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nvium_dist.cli import int_at_least  # noqa: E402
 from nvium_dist.replicate.ablation import ABLATIONS  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="print the runs and what each changes, then exit")
     p.add_argument("--work-dir", default="runs/ablations", help="run directories (not committed)")
     p.add_argument("--output-dir", default="reports/ablations", help="report.md and results.json")
-    p.add_argument("--nproc", type=int, default=2, help="training processes per run")
+    p.add_argument("--nproc", type=int_at_least(1), default=2, help="training processes per run")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs, train nothing")
     return p.parse_args(argv)
 

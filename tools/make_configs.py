@@ -180,6 +180,11 @@ def main(argv=None) -> int:
     files = all_files()
     stale = [name for name, text in files.items()
              if not (out / name).is_file() or (out / name).read_text() != text]
+    foreign = [name for name in stale if (out / name).is_file() and not (out / name).read_text().startswith(HEADER)]
+    if foreign and not args.check:
+        print(f"error: {out / foreign[0]} exists and was not written by this tool (no generated header); "
+              "move it away first", file=sys.stderr)
+        return 2
     if args.check:
         for name in stale:
             print(f"differs from tools/make_configs.py: {out / name}")
