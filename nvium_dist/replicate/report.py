@@ -337,11 +337,11 @@ def render_markdown(r: dict) -> str:
         f"- Objective: -log p_mix + beta x E[depth]"
         + (f" + {r['options']['aux_head_loss']} x the mean of the heads' own cross entropies (the opt-in remedy "
            "for routing collapse, `training.aux_head_loss`)" if r["options"].get("aux_head_loss") else "")
-        + "; router warmup for the first "
-        f"{r['options']['router_warmup_fraction']:.0%} of steps; beta starts at {r['options']['beta']} and the "
-        f"controller moves it at every evaluation (every {s['eval_interval']} steps) from the gap to the dense run's "
-        f"eval CE: dead band {r['options']['dead_band']}, k_up {r['options']['k_up']}, k_down {r['options']['k_down']}, "
-        f"max step {r['options']['max_step']}.",
+        + f"; router warmup for the first {r['options']['router_warmup_fraction']:.0%} of steps; "
+        + (f"beta fixed at {r['options']['beta']} (controller gains 0)." if _beta_fixed(r) else
+           f"beta starts at {r['options']['beta']} and the controller moves it at every evaluation (every "
+           f"{s['eval_interval']} steps) from the gap to the dense run's eval CE: dead band {r['options']['dead_band']}, "
+           f"k_up {r['options']['k_up']}, k_down {r['options']['k_down']}, max step {r['options']['max_step']}."),
         f"- Decoding: `nvium_dist.inference.NviumGenerator` on the exports, exact ancestral sampling, "
         f"{r['decode']['new_tokens']} new tokens after {r['decode']['prompt_tokens']}-token held-out prompts, "
         f"{r['decode']['threads']} torch thread(s); dense, N-vium full depth and N-vium deferred interleaved in every "
@@ -359,6 +359,10 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _beta_fixed(r: dict) -> bool:
+    return r["options"]["k_up"] == 0 and r["options"]["k_down"] == 0
+
+
 def discussion(r: dict, b1: dict) -> list[str]:
     p, t = r["perplexity"], r["targets"]
     ppl_ok = t["perplexity_ratio"]["met"]
@@ -369,6 +373,14 @@ def discussion(r: dict, b1: dict) -> list[str]:
         out.append(f"- **Perplexity: target met.** N-vium reaches {p['nvium']:.3f} against the dense baseline's "
                    f"{p['dense']:.3f} ({(p['ratio'] - 1) * 100:+.2f}%), with the same parameters, data, schedule "
                    f"and seed, with {early:.0%} of its held-out mixture weight on the early exits.")
+    elif _beta_fixed(r):
+        out.append(f"- **Perplexity: target missed.** N-vium {p['nvium']:.3f} vs dense {p['dense']:.3f} "
+                   f"(ratio {p['ratio']:.4f} > {PPL_TARGET}). beta is fixed at {r['options']['beta']}: the depth "
+                   f"penalty moves mass to the early exits ({1 - p['nvium_exit_usage'][-1]:.0%} of it), and at this "
+                   "budget the early heads are weaker than the final one (per-head perplexity "
+                   f"{_fmt_list(p['nvium_head_perplexity'], 1)}), so the speed is bought with perplexity. A smaller "
+                   "beta, or the controller, which lowers beta while N-vium trails, moves toward parity at the cost "
+                   "of speed; more tokens per parameter narrow the heads' gap, which is what the paper's regime has.")
     else:
         out.append(f"- **Perplexity: target missed.** N-vium {p['nvium']:.3f} vs dense {p['dense']:.3f} "
                    f"(ratio {p['ratio']:.4f} > {PPL_TARGET}). The controller trades perplexity for depth only "
