@@ -41,10 +41,13 @@ def file_prefix(text: str) -> str:
     return text
 
 
-def cuda_missing(device: str) -> str | None:
-    """The error line for `--device cuda` on a machine without CUDA, else None."""
+def torch_setup_error(device: str, threads: int = 0) -> str | None:
+    """The error line for `--device cuda` on a machine without CUDA, else None after setting torch's CPU
+    thread count (`threads` 0: torch's default)."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         return "error: --device cuda but no CUDA device is visible; use --device cpu"
+    if threads:
+        torch.set_num_threads(threads)
     return None

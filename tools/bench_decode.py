@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 
-from nvium_dist.cli import cuda_missing, int_at_least
+from nvium_dist.cli import int_at_least, torch_setup_error
 
 FIRST_EXIT_RATE = 0.7
 SYNTHETIC = dict(vocab_size=8000, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=688, exits=[2, 4, 6],
@@ -237,8 +237,9 @@ def main(argv=None) -> int:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if cuda_missing(args.device):
-        print(cuda_missing(args.device), file=sys.stderr)
+    error = torch_setup_error(args.device, args.threads)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     if args.baseline and args.synthetic:
         print("error: --baseline goes with --model (--synthetic builds its own dense twin)", file=sys.stderr)
@@ -250,8 +251,6 @@ def main(argv=None) -> int:
     from nvium_dist.inference import GenerationError, NviumGenerator
     from nvium_dist.inference.engine import TickSchedule
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     clock_name = args.clock or ("wall" if cuda else "cpu")

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from nvium_dist.cli import cuda_missing, int_at_least
+from nvium_dist.cli import int_at_least, torch_setup_error
 
 VARIANTS = {"plain": (False, False), "chunked": (False, True), "checkpointed": (True, False),
             "checkpointed+chunked": (True, True)}
@@ -64,9 +64,6 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    if cuda_missing(args.device):
-        print(cuda_missing(args.device), file=sys.stderr)
-        return 2
     import torch
 
     from nvium_dist.inference.generator import ensure_process_group
@@ -74,8 +71,10 @@ def main(argv=None) -> int:
     from nvium_dist.model_info import activation_memory, measure_training_step
     from nvium_dist.mixture import nvium_loss
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    error = torch_setup_error(args.device, args.threads)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     chunk = args.loss_chunk_tokens or config.training.loss_chunk_tokens or 1024
     seq = args.seq_length or config.model.seq_length

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from nvium_dist.cli import cuda_missing, float_above, int_at_least
+from nvium_dist.cli import float_above, int_at_least, torch_setup_error
 
 
 def parse_args(argv=None):
@@ -126,11 +126,10 @@ def main(argv=None) -> int:
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.inference import NviumGenerator
 
-    if cuda_missing(args.device):
-        print(cuda_missing(args.device), file=sys.stderr)
+    error = torch_setup_error(args.device, args.threads)
+    if error:
+        print(error, file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         generator = NviumGenerator.from_pretrained(args.model, device=args.device)
         config = generator.config

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nvium_dist.cli import cuda_missing, float_at_least, int_at_least
+from nvium_dist.cli import float_at_least, int_at_least, torch_setup_error
 
 
 def parse_args(argv=None):
@@ -82,11 +82,10 @@ def main(argv=None) -> int:
     from nvium_dist.checkpoint_io import CheckpointError
     from nvium_dist.inference import GenerationError, NviumGenerator
 
-    if cuda_missing(args.device):
-        print(cuda_missing(args.device), file=sys.stderr)
+    error = torch_setup_error(args.device, args.threads)
+    if error:
+        print(error, file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         generator = NviumGenerator.from_pretrained(args.model, device=args.device)
         if not args.threads and args.device == "cpu" and generator.config.hidden_size < 1024:
