@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig, _build, model_config_from_dict
-from nvium_dist.output_dir import check_output_dir, install_dir
+from nvium_dist.data.tokenizer import file_sha256
+from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir
 
 EXPORT_FORMAT = "nvium-export"
 EXPORT_VERSION = 1
@@ -209,16 +210,6 @@ def check_weights_usable(state: dict[str, torch.Tensor], where: str) -> None:
 
 # -- manifests -------------------------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def list_files(step_dir: Path) -> list[str]:
     """Every file under `step_dir` (relative, sorted) except the manifest; a symlink is an error."""
     found = []
@@ -263,6 +254,10 @@ def verify_manifest(step_dir: str | os.PathLike, only: list[str] | None = None) 
                                   "something other than the trainer wrote into it")
         names = sorted(listed)
     else:
+        unlisted = [n for n in only if n not in listed and (step_dir / n).exists()]
+        if unlisted:
+            raise CheckpointError(f"{step_dir} holds file(s) its manifest does not list: {unlisted}; "
+                                  "something other than the trainer wrote into it")
         names = [n for n in only if n in listed]
     for relative in names:
         path = step_dir / relative
@@ -377,7 +372,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt") from None
 
 
-CHECKPOINT_FILES_READ = [CONFIG_FILE, MODEL_FILE, SAMPLE_FILE, TRAINER_STATE_FILE, OPTIMIZER_FILE]
+CHECKPOINT_FILES_READ = [CONFIG_FILE, MODEL_FILE, SAMPLE_FILE, TRAINER_STATE_FILE]
 
 
 def read_checkpoint(path: str | os.PathLike, check_weights: bool = True, verified: bool = False
@@ -443,6 +438,8 @@ def write_resharded_checkpoint(output_run_dir: str | os.PathLike, source_step_di
     """
     source = resolve_checkpoint_dir(source_step_dir)
     config, _, _, trainer_state = read_checkpoint(source)
+    if (source / MANIFEST_FILE).is_file():  # read_checkpoint verified what it reads; this copies the moments too
+        verify_manifest(source, only=[OPTIMIZER_FILE])
     output_run_dir = Path(output_run_dir)
     source_run = run_dir_of(source)
     check_outside_run(output_run_dir, source_run)
@@ -559,11 +556,7 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
         if not Path(tokenizer_path).is_file():
             raise CheckpointError(f"tokenizer {tokenizer_path} does not exist; pass --tokenizer PATH or 'none'")
         tokenizer = {"type": "sentencepiece", "file": TOKENIZER_FILE}
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(export_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = new_tmp_dir(export_dir)
     try:
         save_tensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
         if tokenizer["type"] == "sentencepiece":

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distributed_runner import run_distributed
-from nvium_dist.checkpoint_io import write_manifest
+from nvium_dist.checkpoint_io import CheckpointError, verify_manifest, write_manifest
 from trainer_fixtures import ROOT, corpus, read_metrics, small_overrides, train  # noqa: F401
 
 TOLERANCE = 1e-5
@@ -320,3 +320,14 @@ def test_pipeline_checkpoint_sends_nothing_model_sized_through_object_collective
     assert largest < 16_384 < model_bytes // 10
     records, _ = read_metrics(tmp_path)
     assert sorted(records) == [1, 2]
+
+
+def test_a_partial_check_refuses_a_file_the_manifest_does_not_list(tmp_path):
+    """verify_manifest(only=...) (what an export reads) treats an unlisted file it would read as planted, and
+    a file that is absent and unlisted (a checkpoint saved without one) as fine."""
+    (tmp_path / "config.json").write_text("{}")
+    write_manifest(tmp_path)
+    verify_manifest(tmp_path, only=["config.json", "sample_check.safetensors"])
+    (tmp_path / "sample_check.safetensors").write_bytes(b"planted after the save")
+    with pytest.raises(CheckpointError, match="manifest does not list.*sample_check.safetensors"):
+        verify_manifest(tmp_path, only=["config.json", "sample_check.safetensors"])

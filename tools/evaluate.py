@@ -76,7 +76,7 @@ def lm_eval_main(args) -> int:
 def open_dataset(prefix: str, vocab_size: int, tokenizer_path):
     """The .bin/.idx at `prefix`, checked against the export: made with its tokenizer (when both record one),
     not empty, every token id inside the model's vocabulary."""
-    from nvium_dist.checkpoint_io import file_sha256
+    from nvium_dist.data.tokenizer import file_sha256
     from nvium_dist.data.gpt_data import recorded_tokenizer
     from nvium_dist.data.indexed import DatasetFormatError, check_dataset_usable, open_indexed_dataset
 
