@@ -252,11 +252,9 @@ class TrainingConfig:
         check_ranges("training", self, {name: POSITIVE for name in positive} | {
             name: FRACTION for name in ("min_lr_ratio", "warmup_fraction", "decay_fraction", "router_warmup_fraction")
         } | {name: NON_NEGATIVE for name in ("weight_decay", "clip_grad", "beta", "router_warmup_steps", "aux_head_loss",
-                                              "keep_checkpoints")} | {
+                                              "keep_checkpoints", "loss_chunk_tokens")} | {
             "adam_beta1": ADAM_BETA, "adam_beta2": ADAM_BETA,
             "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy seeds the sample order with it)")})
-        if self.loss_chunk_tokens < 0:
-            raise ConfigError(f"training.loss_chunk_tokens must be >= 0 (0: no chunking), got {self.loss_chunk_tokens}")
         self.beta_controller.validate()
 
 

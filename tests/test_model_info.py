@@ -104,3 +104,7 @@ def test_memory_savers_shrink_the_1_5b_estimate_below_60_gib_on_4_gpus():
     assert report["activation_estimate"]["activation_checkpointing"] and report["per_gpu_total_gib"] <= 60
     plain = activation_memory(config.model, 16, 1024)
     assert plain["peak_gib"] > 4 * report["activation_estimate"]["peak_gib"]
+    without = subprocess.run([sys.executable, "tools/model_info.py", "--config", str(CONFIGS / "nvium-1.5b.yaml"),
+                              "--micro-batch", "16", "--no-activation-checkpointing"], capture_output=True, text=True,
+                             check=True, cwd=CONFIGS.parents[1]).stdout
+    assert json.loads(without)["activation_estimate"]["activation_checkpointing"] is False  # the flag overrides the config

@@ -233,7 +233,7 @@ def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda, c
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        settings = parse_settings(args.batch_sizes, args.continuous, args.min_tokens, max(1, args.new_tokens))
+        settings = parse_settings(args.batch_sizes, args.continuous, args.min_tokens, args.new_tokens)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

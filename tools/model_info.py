@@ -28,8 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--offload", action="store_true", help="estimate with ZeRO CPU offload")
     parser.add_argument("--micro-batch", type=int_at_least(1), help="add an activation-memory estimate for this micro-batch size")
     parser.add_argument("--seq-length", type=int_at_least(1), help="sequence length of the activation estimate (default: the model's)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="estimate with per-block activation checkpointing (default: training.activation_checkpointing)")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="estimate with (or --no-activation-checkpointing: without) per-block activation "
+                             "checkpointing (default: training.activation_checkpointing)")
     parser.add_argument("--loss-chunk-tokens", type=int_at_least(0),
                         help="tokens per chunk of the vocab loss, 0 for none (default: training.loss_chunk_tokens)")
     args = parser.parse_args(argv)
@@ -61,7 +62,8 @@ def estimate(args, config) -> dict:
             config.model, args.micro_batch, args.seq_length, tensor_parallel=parallel.tensor_parallel,
             pipeline_parallel=parallel.pipeline_parallel, dtype_bytes=parallel.dtype_bytes,
             fused_norm=parallel.device == "cuda",
-            activation_checkpointing=args.activation_checkpointing or training.activation_checkpointing,
+            activation_checkpointing=(training.activation_checkpointing if args.activation_checkpointing is None
+                                      else args.activation_checkpointing),
             loss_chunk_tokens=training.loss_chunk_tokens if args.loss_chunk_tokens is None else args.loss_chunk_tokens)
         report["activation_estimate"] = activations
         if "memory_estimate" in report:

@@ -285,13 +285,14 @@ class NviumForCausalLM(NviumPreTrainedModel, GenerationMixin):
             head_log_probs.append(torch.log_softmax(self.lm_head(adapted).float(), dim=-1))
             if router is not None:
                 router_logits.append(router)
+        head_log_probs = torch.stack(head_log_probs, dim=-2)
         log_p_mix, exit_probs, log_pi = log_mixture(
-            torch.stack(head_log_probs, dim=-2), torch.stack(router_logits, dim=-2) if router_logits else None)
+            head_log_probs, torch.stack(router_logits, dim=-2) if router_logits else None)
         loss = None
         if labels is not None:
             loss = F.nll_loss(log_p_mix[:, :-1].reshape(-1, log_p_mix.shape[-1]), labels[:, 1:].reshape(-1),
                               ignore_index=-100)
         return NviumCausalLMOutput(loss=loss, logits=log_p_mix, past_key_values=cache,
-                                   head_log_probs=torch.stack(head_log_probs, dim=-2), exit_probs=exit_probs,
+                                   head_log_probs=head_log_probs, exit_probs=exit_probs,
                                    mixture_weights=log_pi.exp())
 
