@@ -24,10 +24,12 @@ def test_report_table_flags_dead_and_starved_heads(tmp_path):
     _finished(tmp_path, "dense", [100.0], [1.0])
     _finished(tmp_path, "faithful", [90.0, 3000.0, 1e9, 400.0], [0.9, 0.1, 0.0, 0.0])
     _finished(tmp_path, "aux0.1", [110.0, 105.0, 102.0, 101.0], [0.5, 0.3, 0.1, 0.1])
+    _finished(tmp_path, "dense_x4", [40.0], [1.0], step=1200)
     paths = write_ablation_report(tmp_path, tmp_path / "out")
     results = json.loads(paths["results"].read_text())
     rows = {r["name"]: r for r in results["runs"]}
-    assert sorted(rows) == ["aux0.1", "dense", "faithful"]  # unfinished runs are left out
+    assert sorted(rows) == ["aux0.1", "dense", "dense_x4", "faithful"]  # unfinished runs are left out
+    assert rows["dense_x4"]["dense_reference"] == "dense_x4" and rows["dense_x4"]["ratio_to_dense"] == 1.0
     assert rows["faithful"]["dead_heads"] == [1, 2] and rows["aux0.1"]["dead_heads"] == []
     assert rows["faithful"]["final_head_vs_dense"] == 4.0
     assert abs(rows["aux0.1"]["ratio_to_dense"] - rows["aux0.1"]["mixture_perplexity"] / 100.0) < 1e-12

@@ -34,6 +34,11 @@ class Ablation:
     controller: bool = False
 
     @property
+    def compared_with(self) -> str:
+        """The dense run of this run's ratios: its dense_ref, or itself for a dense run."""
+        return self.name if self.dense else self.dense_ref
+
+    @property
     def tokens(self) -> int:
         return self.steps * self.global_batch * TINY_SEQ_LENGTH
 
@@ -141,7 +146,7 @@ def summarise(ablation: Ablation, result: dict, dense_result: dict, metrics: tup
     dense_ppl = dense_result["mixture_perplexity"]
     _, evals = metrics
     row = {"name": ablation.name, "change": ablation.change, "settings": asdict(ablation), "tokens": ablation.tokens,
-           "mixture_perplexity": result["mixture_perplexity"], "dense_reference": ablation.dense_ref,
+           "mixture_perplexity": result["mixture_perplexity"], "dense_reference": ablation.compared_with,
            "dense_perplexity": dense_ppl, "ratio_to_dense": result["mixture_perplexity"] / dense_ppl,
            "head_perplexity": heads, "exit_usage": result["exit_usage"], "exit_layers": result["exit_layers"],
            "expected_exit_layer": result["expected_exit_layer"], "eval_tokens": result["tokens"],
@@ -154,7 +159,7 @@ def summarise(ablation: Ablation, result: dict, dense_result: dict, metrics: tup
     return row
 
 
-def plot_final_heads(rows: list[dict], path: Path) -> None:
+def plot_final_heads(rows: list[dict], path: Path, vocab: int) -> None:
     """The final head's own held-out perplexity (trainer evaluations) over training, one line per N-vium run."""
     from nvium_dist.replicate.report import _plt
 
@@ -166,7 +171,7 @@ def plot_final_heads(rows: list[dict], path: Path) -> None:
         curve = r["eval_curve"]
         ax.plot([e["step"] for e in curve], [e["head_ppl"][-1] for e in curve], lw=1.8,
                 ls="-" if "aux" in r["name"] else "--", label=r["name"])
-    ax.axhline(2048, color="k", lw=1, ls=":", label="vocabulary size (uniform)")
+    ax.axhline(vocab, color="k", lw=1, ls=":", label="vocabulary size (uniform)")
     ax.set(yscale="log", xlabel="step", ylabel="final head perplexity (held-out)",
            title="Final head alone: dies without the per-head term (dashed), lives with it (solid)")
     ax.grid(alpha=0.3)
@@ -192,7 +197,7 @@ def write_ablation_report(work: Path, output: Path) -> dict:
     rows = []
     for ablation in ABLATIONS:
         path = work / ablation.name / "eval.json"
-        dense_path = work / ablation.dense_ref / "eval.json"
+        dense_path = work / ablation.compared_with / "eval.json"
         if not (path.is_file() and dense_path.is_file()):
             continue
         rows.append(summarise(ablation, json.loads(path.read_text()), json.loads(dense_path.read_text()),
@@ -226,7 +231,7 @@ def write_ablation_report(work: Path, output: Path) -> dict:
         "tokens. Regenerate with `python tools/ablate_routing.py` (finished runs are skipped); every number is "
         "in `results.json` (with each run's evaluation curve).", "", *lines, ""]
     if rows:
-        plot_final_heads(rows, output / "final_head.png")
+        plot_final_heads(rows, output / "final_head.png", vocab)
         report += ["![final head perplexity over training](final_head.png)", ""]
     (output / "report.md").write_text("\n".join(report))
     return {"results": output / "results.json", "report": output / "report.md"}
