@@ -423,9 +423,11 @@ def discussion(r: dict, b1: dict) -> list[str]:
                    f"depth, efficiency {b1['efficiency_vs_ideal']:.2f} of its ideal). The routers put "
                    f"{p['nvium_exit_usage'][-1]:.0%} of the held-out mixture weight on the final head (expected exit "
                    f"layer {p['nvium_expected_exit_layer']:.2f} of {r['settings']['layers']}), so even the ideal "
-                   f"L / E[exit layer] = {p['nvium_ideal_deferred_speedup']:.2f}x is below the target. beta ended at "
-                   f"{r['beta']['final']:.3f}: the controller raises it only while N-vium is ahead of the dense run, "
-                   "and at this budget the early heads are still far weaker than the final one (per-head perplexity "
+                   f"L / E[exit layer] = {p['nvium_ideal_deferred_speedup']:.2f}x is below the target. "
+                   + (f"beta is fixed at {r['options']['beta']}, " if _beta_fixed(r) else
+                      f"beta ended at {r['beta']['final']:.3f}: the controller raises it only while N-vium is ahead "
+                      "of the dense run, ")
+                   + "and at this budget the early heads are still far weaker than the final one (per-head perplexity "
                    f"{_fmt_list(p['nvium_head_perplexity'], 1)}), so every early exit costs perplexity. What would move "
                    "it: more tokens per parameter (early heads catch up on easy tokens), or a fixed beta that buys "
                    "speed at some perplexity cost.")
@@ -436,7 +438,9 @@ def discussion(r: dict, b1: dict) -> list[str]:
                    "between measured and ideal is the per-exit overhead (router MLP, adapter and, on exit, the output "
                    "matrix) and the bookkeeping of deferred queues, which weigh more in a shallow, narrow model. What "
                    "would move it: a deeper model (more layers to skip per exit), a larger beta (earlier exits, at "
-                   "some perplexity cost) or more training so the controller can raise beta while N-vium stays ahead.")
+                   "some perplexity cost)"
+                   + ("." if _beta_fixed(r) else " or more training so the controller can raise beta while N-vium "
+                      "stays ahead."))
     out.append("- Batched decoding: the gain over dense shrinks with batch size (see the table). A batch step "
                "costs more arithmetic per layer, so skipping layers saves a smaller share of the per-step overhead, "
                "and rows of a batch take different exits, so the deferred engine runs more, smaller segment calls. "
