@@ -80,10 +80,11 @@ def open_dataset(prefix: str, vocab_size: int, tokenizer_path):
     from nvium_dist.data.gpt_data import recorded_tokenizer
     from nvium_dist.data.indexed import DatasetFormatError, check_dataset_usable, open_indexed_dataset
 
-    made_with = recorded_tokenizer(prefix).get("sha256")
+    recorded = recorded_tokenizer(prefix)
+    made_with = recorded.get("sha256")
     if made_with and tokenizer_path is not None and made_with != file_sha256(tokenizer_path):
         raise DatasetFormatError(
-            f"{prefix}.bin was tokenised with {recorded_tokenizer(prefix).get('model')} (sha256 {made_with[:12]}), "
+            f"{prefix}.bin was tokenised with {recorded.get('model')} (sha256 {made_with[:12]}), "
             f"not with the export's {tokenizer_path}: its token ids mean other text. Fix: evaluate on data "
             "made with the export's tokenizer (tools/preprocess_data.py --tokenizer-model EXPORT/tokenizer.model)")
     check_dataset_usable(prefix, vocab_size)

@@ -39,6 +39,8 @@ class SegmentBatch:
     query_index: torch.Tensor | None = None  # [S * n] packed token of each query slot (None: one slot per token)
     unpad_index: torch.Tensor | None = None  # [T] query slot of each packed token
     last_index: torch.Tensor | None = None  # [R] packed index of each row's last token
+    first_slot: int = 0  # the first row of the key span (when row_index is None)
+    slots: int = 1  # query groups: rows of the span, or gathered rows
 
     @property
     def single(self) -> bool:
@@ -128,7 +130,7 @@ class KVCache:
             mask = (self.arange[:kv_len] <= query_positions.unsqueeze(-1)).unsqueeze(1)
         return SegmentBatch(rows, starts, counts, token_positions_t.view(1, t), kv_len, mask, token_rows_t,
                             token_positions_t, None if isinstance(slot_rows, range) else slot_rows_t,
-                            views[4] if padded else None, views[5] if padded else None, last_t)
+                            views[4] if padded else None, views[5] if padded else None, last_t, first, slots)
 
     def attend(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Stores the batch's keys/values [1, heads, T, hd] and attends its queries over their rows' caches."""
@@ -143,13 +145,11 @@ class KVCache:
         rows_t, pos_t = batch.token_rows, batch.token_positions
         k_all[rows_t, :, pos_t] = keys[0].transpose(0, 1)
         v_all[rows_t, :, pos_t] = values[0].transpose(0, 1)
-        kv_len = batch.kv_len
+        kv_len, slots = batch.kv_len, batch.slots
         if batch.row_index is None:  # the span of the rows: views
-            r0 = min(batch.rows)
-            slots = max(batch.rows) - r0 + 1
+            r0 = batch.first_slot
             k_rows, v_rows = k_all[r0:r0 + slots, :, :kv_len], v_all[r0:r0 + slots, :, :kv_len]
         else:
-            slots = len(batch.rows)
             k_rows, v_rows = k_all[batch.row_index, :, :kv_len], v_all[batch.row_index, :, :kv_len]
         heads, hd = queries.shape[1], queries.shape[3]
         q = queries[0].transpose(0, 1)  # [T, heads, hd]
