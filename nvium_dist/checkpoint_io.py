@@ -146,12 +146,20 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, or only `names` (read without loading the rest)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    check_safetensors(path)
+    header = check_safetensors(path)
+    missing = sorted(set(names or ()) - set(header))
+    if missing:
+        raise CheckpointError(f"{path} has no tensor(s) {missing[:5]}; it is not the checkpoint of this model")
     try:
-        return load_file(str(path))
+        if names is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in names}
     except Exception as err:  # safetensors raises SafetensorError with a terse message
         raise CheckpointError(f"{path} could not be read as safetensors ({err}); the file is corrupt") from err
 

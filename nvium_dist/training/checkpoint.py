@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nvium_dist.checkpoint_io import (LATEST_FILE, TRAINER_STATE_FILE, CheckpointError, atomic_write_json,
-                                      file_record, list_files, read_checkpoint, step_dir_name, update_latest,
-                                      verify_manifest, write_manifest)
+from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
+                                      atomic_write_json, file_record, list_files, load_tensors, read_checkpoint,
+                                      step_dir_name, update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.parallel import broadcast_object, gather_object
 from nvium_dist.tp_layout import shard_named
@@ -288,8 +288,11 @@ def find_resume(run_dir: str | Path, config: NviumConfig, rank: int) -> dict | N
     return {"path": Path(choice), "trainer_state": read_trainer_state(Path(choice))}
 
 
-def read_full_state(path: Path) -> dict[str, torch.Tensor]:
-    """The chosen checkpoint's full weights (rank 0 verified them against the manifest)."""
+def read_full_state(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The chosen checkpoint's full weights, or just `names` of them (rank 0 verified them against the
+    manifest)."""
+    if names is not None:
+        return load_tensors(Path(path) / MODEL_FILE, names)
     return read_checkpoint(path, verified=True)[1]
 
 

@@ -271,7 +271,7 @@ class Trainer:
         params, dims = self._named_parameters(self.engine.module)
         tied = {id(p) for module in self.engine.module.tied_modules.values() for p in module.parameters()}
         params = {name: p for name, p in params.items() if id(p) in tied}
-        load_named(params, dims, ckpt.read_full_state(path), self.info.tp_rank, self.info.tp_size,
+        load_named(params, dims, ckpt.read_full_state(path, list(params)), self.info.tp_rank, self.info.tp_size,
                    self.config.model.vocab_size)
 
     # -- one step -----------------------------------------------------------------------------------
