@@ -14,10 +14,9 @@ Everything is read from safetensors (no unpickling); nothing is fetched from a h
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -197,22 +196,9 @@ def _pad(tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tenso
     return out
 
 
-def router_width_config(model_config: ModelConfig, width: int) -> ModelConfig:
-    """The config whose router width is the smallest one nvium can represent that is >= `width`."""
-    d = model_config.hidden_size
-    candidates = []
-    for ratio in (width / d, (width - 0.5) / d, (8 * math.ceil(width / 8) - 4) / d):
-        trial = ModelConfig(**dict(asdict(model_config), router_hidden_ratio=ratio))
-        if trial.router_hidden_size >= width:
-            candidates.append(trial)
-    if not candidates:
-        raise CheckpointError(f"no router_hidden_ratio gives a router of width >= {width} for hidden size {d}")
-    return min(candidates, key=lambda c: c.router_hidden_size)
-
-
 def reference_weights(hf_config: dict, state: dict[str, torch.Tensor], model_config: ModelConfig,
                       router_temperature: float) -> dict[str, torch.Tensor]:
-    """The reference NviumModel state dict under nvium names (fp32), narrower parts zero-padded."""
+    """The reference NviumModel state dict under nvium names (fp32), narrower adapters zero-padded."""
     d, num_exits = model_config.hidden_size, len(model_config.exits)
     out = llama_weights(hf_config, state, model_config)
     lm_head = out["output.weight"]
@@ -287,7 +273,7 @@ def reference_to_export(hf_dir: str | os.PathLike, export_dir: str | os.PathLike
         raise ConfigError(f"--router-temperature must be positive, got {router_temperature}")
     model_config = llama_model_config(hf_config, layer_exits, seq_length, ModelConfig())
     with missing_tensors_named():
-        model_config = router_width_config(model_config, state["router_layers.0.layers.0.fc1.weight"].shape[0])
+        model_config = replace(model_config, router_hidden_width=state["router_layers.0.layers.0.fc1.weight"].shape[0])
         full_state = reference_weights(hf_config, state, model_config, router_temperature)
     tokenizer = hf_dir / "tokenizer.model"
     metadata = {"converted_by": TOOL, "source": str(hf_dir.resolve()), "router_temperature": router_temperature}
