@@ -28,29 +28,46 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 SAMPLE_ROWS = 2
 
 
+def default_data_paths(data_dir: Path) -> dict[str, Path]:
+    """{"train"/"valid": output prefix of preprocess_data.py, "tokenizer": SentencePiece model} under `data_dir`."""
+    return {"train": data_dir / "shakespeare_train", "valid": data_dir / "shakespeare_valid",
+            "tokenizer": data_dir / "tokenizer.model"}
+
+
+def build_default_data(data_dir: Path, vocab_size: int, workers: int = 1, tokenizer_args: tuple = (),
+                       env: dict | None = None, stdout=None) -> dict[str, Path]:
+    """The bundled Shakespeare corpus -> SentencePiece model -> train/valid .bin/.idx under `data_dir`, through
+    the CLIs, unless an earlier call finished (its READY marker). -> default_data_paths(data_dir)."""
+    paths = default_data_paths(data_dir)
+    done = data_dir / "READY"
+    if done.is_file():
+        return paths
+
+    def tool(name, *args):
+        subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], check=True, env=env, stdout=stdout)
+
+    tool("build_default_corpus.py", "--output-dir", data_dir / "corpus")
+    tool("train_tokenizer.py", "--input", data_dir / "corpus" / "train.jsonl", "--vocab-size", vocab_size,
+         "--output-prefix", data_dir / "tokenizer", *tokenizer_args)
+    for split in ("train", "valid"):
+        tool("preprocess_data.py", "--input", data_dir / "corpus" / f"{split}.jsonl", "--json-keys", "text",
+             "--tokenizer-model", paths["tokenizer"], "--output-prefix", paths[split], "--append-eod",
+             "--workers", workers)
+    done.write_text("ok\n")
+    return paths
+
+
 def prepare_default_data(config: NviumConfig, info: ParallelInfo) -> None:
     """An empty data.train_data means: the bundled Shakespeare corpus, tokenised under RUN_DIR/data."""
     data_dir = (Path(config.training.run_dir) / "data").resolve()
-    tokenizer = data_dir / "tokenizer.model"
-    prefixes = {split: data_dir / f"shakespeare_{split}" for split in ("train", "valid")}
-    done = data_dir / "READY"
-    if info.rank == 0 and not done.is_file():
+    if info.rank == 0 and not (data_dir / "READY").is_file():
         print(f"[data] building the default corpus, tokenizer and .bin/.idx under {data_dir}", flush=True)
-
-        def tool(name, *args):
-            subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], check=True)
-
-        tool("build_default_corpus.py", "--output-dir", data_dir / "corpus")
-        tool("train_tokenizer.py", "--input", data_dir / "corpus" / "train.jsonl", "--vocab-size",
-             config.model.vocab_size, "--output-prefix", data_dir / "tokenizer")
-        for split, prefix in prefixes.items():
-            tool("preprocess_data.py", "--input", data_dir / "corpus" / f"{split}.jsonl", "--json-keys", "text",
-                 "--tokenizer-model", tokenizer, "--output-prefix", prefix, "--append-eod", "--workers", "1")
-        done.write_text("ok\n")
+        build_default_data(data_dir, config.model.vocab_size)
     dist.barrier()
-    config.data.train_data = [f"{prefixes['train']}_text_document"]
-    config.data.valid_data = [f"{prefixes['valid']}_text_document"]
-    config.data.tokenizer_model = str(tokenizer)
+    paths = default_data_paths(data_dir)
+    config.data.train_data = [f"{paths['train']}_text_document"]
+    config.data.valid_data = [f"{paths['valid']}_text_document"]
+    config.data.tokenizer_model = str(paths["tokenizer"])
 
 
 def check_data_config(config: NviumConfig) -> None:

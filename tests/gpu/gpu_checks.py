@@ -54,7 +54,7 @@ class Checks:
                 "training.activation_checkpointing": "true", "training.loss_chunk_tokens": 256,
                 "training.train_iters": steps, "training.save_interval": steps // 2, "training.eval_interval": steps,
                 "training.eval_iters": 2, "training.log_interval": 1, "training.run_dir": str(run_dir),
-                # the bundled corpus and tokenizer are built once, under the first run's directory
+                # the bundled corpus and tokenizer, built once under OUT/data (build_data)
                 "data.train_data": f"[{self.out / 'data' / 'shakespeare_train_text_document'}]",
                 "data.valid_data": f"[{self.out / 'data' / 'shakespeare_valid_text_document'}]",
                 "data.tokenizer_model": str(self.out / "data" / "tokenizer.model")}
@@ -64,23 +64,10 @@ class Checks:
         return [f"{k}={v}" for k, v in sets.items()]
 
     def build_data(self) -> None:
-        data = self.out / "data"
-        if (data / "READY").is_file():
-            return
-        tools = ROOT / "tools"
+        from nvium_dist.training.trainer import build_default_data
 
-        def tool(name, *args):
-            subprocess.run([sys.executable, str(tools / name), *map(str, args)], check=True, env=self.env,
-                           stdout=subprocess.DEVNULL)
-
-        tool("build_default_corpus.py", "--output-dir", data / "corpus")
-        tool("train_tokenizer.py", "--input", data / "corpus" / "train.jsonl", "--vocab-size", 2048,
-             "--output-prefix", data / "tokenizer", "--input-sentence-size", 20000 if self.smoke else 200000)
-        for split in ("train", "valid"):
-            tool("preprocess_data.py", "--input", data / "corpus" / f"{split}.jsonl", "--json-keys", "text",
-                 "--tokenizer-model", data / "tokenizer.model", "--output-prefix", data / f"shakespeare_{split}",
-                 "--append-eod", "--workers", 4)
-        (data / "READY").write_text("ok\n")
+        build_default_data(self.out / "data", 2048, workers=4, env=self.env, stdout=subprocess.DEVNULL,
+                           tokenizer_args=("--input-sentence-size", 20000 if self.smoke else 200000))
 
     def torchrun(self, overrides: list[str], log: Path) -> str:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
@@ -195,13 +182,13 @@ class Checks:
         from nvium_dist.config import load_config
         from nvium_dist.inference import NviumGenerator
         from nvium_dist.inference.generator import Tokenizer
-        from nvium_dist.model_info import matched_dense_ffn
+        from nvium_dist.model_info import dense_twin, matched_dense_ffn
 
         config = load_config(ROOT / "pretrain/configs/nvium-1.5b.yaml").model
         if self.smoke:
             config = dataclasses.replace(config, hidden_size=128, num_heads=4, num_layers=8, exits=[2, 4, 6],
                                          ffn_hidden_size=256, vocab_size=2048)
-        dense = dataclasses.replace(config, exits=[], ffn_hidden_size=matched_dense_ffn(config))
+        dense = dense_twin(config, matched_dense_ffn(config))
         sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
         prompts, new_tokens = [[11, 12, 13, 14, 15, 16, 17, 18]], 16 if self.smoke else 128
         tokens_per_s, exits = {}, None
