@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nvium_dist.replicate.pipeline import REPO, TOOLS, parse_json_output, read_metrics, run_logged, say, \
+from nvium_dist.replicate.pipeline import REPO, data_prefixes, evaluate_export, export_run, read_metrics, say, \
     train_with_torchrun
 
 PAPER_CONTROLLER = ["training.beta_controller.enabled=true", "training.beta_controller.k_up=8.0",
@@ -84,9 +83,7 @@ class AblationRunner:
 
     def data(self) -> dict:
         """The first dense run builds the bundled corpus, tokenizer and .bin/.idx; every run reads those."""
-        data = self.run_dir("dense") / "data"
-        return {"train": str(data / "shakespeare_train_text_document"),
-                "valid": str(data / "shakespeare_valid_text_document"), "tokenizer": str(data / "tokenizer.model")}
+        return data_prefixes(self.run_dir("dense"))
 
     def sets(self, ablation: Ablation) -> list[str]:
         run = self.run_dir(ablation.name)
@@ -119,13 +116,8 @@ class AblationRunner:
         config = "tiny-dense.yaml" if ablation.dense else "tiny.yaml"
         train_with_torchrun(config, self.sets(ablation), self.nproc, "cpu", run / "train.log")
         export = run / "export"
-        if not (export / "model.safetensors").is_file():
-            run_logged([sys.executable, str(TOOLS / "export_checkpoint.py"), "--checkpoint", str(run), "--output",
-                        str(export)], run / "export.log")
-        out = run_logged([sys.executable, str(TOOLS / "evaluate.py"), "--model", str(export), "--data",
-                          self.data()["valid"], "--max-windows", "100000", "--batch-size", "16"],
-                         run / "eval.log", capture=True)
-        result = parse_json_output(out)
+        export_run(run, export, run / "export.log")
+        result = evaluate_export(export, self.data()["valid"], 100000, "cpu", run / "eval.log")
         result["wall_s_this_invocation"] = round(time.time() - started, 1)
         result_path.write_text(json.dumps(result, indent=1))
         return result

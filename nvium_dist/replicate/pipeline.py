@@ -131,6 +131,31 @@ def train_with_torchrun(config: str, sets: list[str], nproc: int, device: str, l
     run_logged(cmd, log, env=env)
 
 
+def data_prefixes(dense_run: Path) -> dict:
+    """The .bin/.idx prefixes and tokenizer that the first dense run built (the bundled corpus) and every run reads."""
+    from nvium_dist.training.trainer import default_data_paths
+
+    paths = default_data_paths(dense_run / "data")
+    return {"train": f"{paths['train']}_text_document", "valid": f"{paths['valid']}_text_document",
+            "tokenizer": str(paths["tokenizer"])}
+
+
+def export_run(run_dir: Path, export_dir: Path, log: Path, redo: bool = False) -> bool:
+    """tools/export_checkpoint.py for a finished run unless its export is there (or `redo`); False when skipped."""
+    if not redo and (export_dir / "model.safetensors").is_file() and (export_dir / "config.json").is_file():
+        return False
+    run_logged([sys.executable, str(TOOLS / "export_checkpoint.py"), "--checkpoint", str(run_dir), "--output",
+                str(export_dir)], log)
+    return True
+
+
+def evaluate_export(export_dir: Path, data_prefix: str, max_windows: int, device: str, log: Path) -> dict:
+    """tools/evaluate.py's JSON for an export over (up to `max_windows` windows of) a dataset."""
+    out = run_logged([sys.executable, str(TOOLS / "evaluate.py"), "--model", str(export_dir), "--data", data_prefix,
+                      "--max-windows", str(max_windows), "--batch-size", "16", "--device", device], log, capture=True)
+    return parse_json_output(out)
+
+
 def parse_json_output(text: str) -> dict:
     start = text.find("{")
     if start < 0:
@@ -210,9 +235,7 @@ class Replication:
         train_with_torchrun(config, sets, self.args.nproc, self.s["device"], self.work / "logs" / f"train_{name}.log")
 
     def data_prefixes(self) -> dict:
-        data = self.dense_run / "data"
-        return {"train": str(data / "shakespeare_train_text_document"),
-                "valid": str(data / "shakespeare_valid_text_document"), "tokenizer": str(data / "tokenizer.model")}
+        return data_prefixes(self.dense_run)
 
     def train_dense(self):
         sets = self.model_sets(dense=True) + self.training_sets(self.dense_run)
@@ -241,23 +264,18 @@ class Replication:
 
     def export(self, name: str):
         out = self.exports[name]
-        if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and "export" not in self.args.force:
+        run = self.dense_run if name == "dense" else self.nvium_run
+        if not export_run(run, out, self.work / "logs" / f"export_{name}.log", redo="export" in self.args.force):
             say(f"export {out} exists; skipping")
             return False
-        run = self.dense_run if name == "dense" else self.nvium_run
-        cmd = [sys.executable, str(TOOLS / "export_checkpoint.py"), "--checkpoint", str(run), "--output", str(out)]
-        run_logged(cmd, self.work / "logs" / f"export_{name}.log")
 
     def evaluate(self, name: str):
         path = self.work / f"eval_{name}.json"
         if path.is_file() and "eval" not in self.args.force:
             say(f"{path} exists; skipping")
             return False
-        cmd = [sys.executable, str(TOOLS / "evaluate.py"), "--model", str(self.exports[name]), "--data",
-               self.data_prefixes()["valid"], "--max-windows", str(self.s["eval_windows"]), "--batch-size", "16",
-               "--device", self.s["device"]]
-        out = run_logged(cmd, self.work / "logs" / f"eval_{name}.log", capture=True)
-        result = parse_json_output(out)
+        result = evaluate_export(self.exports[name], self.data_prefixes()["valid"], self.s["eval_windows"],
+                                 self.s["device"], self.work / "logs" / f"eval_{name}.log")
         path.write_text(json.dumps(result, indent=1))
         say(f"{name}: held-out perplexity {result['mixture_perplexity']:.3f} over {result['tokens']:,} tokens")
 
