@@ -403,10 +403,15 @@ def read_checkpoint(path: str | os.PathLike, check_weights: bool = True, verifie
     if check_weights:
         check_state_matches(config.model, state, str(step_dir))
     sample = load_tensors(step_dir / SAMPLE_FILE) if (step_dir / SAMPLE_FILE).is_file() else None
-    trainer_state = _read_json(step_dir / TRAINER_STATE_FILE) if (step_dir / TRAINER_STATE_FILE).is_file() else {}
-    if not isinstance(trainer_state, dict):
-        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is not a JSON object; the checkpoint is corrupt")
+    trainer_state = read_trainer_state(step_dir) if (step_dir / TRAINER_STATE_FILE).is_file() else {}
     return config, state, sample, trainer_state
+
+
+def read_trainer_state(step_dir: Path) -> dict:
+    state = _read_json(step_dir / TRAINER_STATE_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is not a JSON object; the checkpoint is corrupt")
+    return state
 
 
 def run_dir_of(step_dir: Path) -> Path:

@@ -41,8 +41,8 @@ import signal
 import sys
 
 from nvium_dist.cli import file_prefix, int_at_least
+from nvium_dist.data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES
 
-DEFAULT_MAX_DOCUMENT_BYTES = 16 << 20  # nvium_dist.data.preprocess.DEFAULT_MAX_DOCUMENT_BYTES (no import for --help)
 
 
 def parse_args(argv=None):

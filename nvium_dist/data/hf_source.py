@@ -63,7 +63,7 @@ def open_dataset(name: str, split: str, streaming: bool, columns: list[str]):
     except (FileNotFoundError, ValueError, KeyError, ConnectionError, OSError) as err:
         raise HFSourceError(f"cannot open dataset {name!r} split {split!r} offline: {err}. Pass a save_to_disk "
                             "directory, parquet/arrow files, or a dataset already in the local cache") from None
-    present = list(dataset.column_names or []) if dataset.column_names is not None else None
+    present = list(dataset.column_names) if dataset.column_names is not None else None
     missing = [c for c in columns if present is not None and c not in present]
     if missing:
         raise HFSourceError(f"dataset {name!r} split {split!r} has no column {missing[0]!r} (columns: {present})")

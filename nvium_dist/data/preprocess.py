@@ -128,7 +128,7 @@ def _check_value(value, fmt: DocumentFormat):
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
         return None, "not_a_list"
     ids = np.asarray(value)
-    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu") or ids.dtype == bool:
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         return None, "not_a_list"
     if not ids.size:
         return None, "empty"

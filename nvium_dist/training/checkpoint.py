@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
                                       atomic_write_json, file_record, list_files, load_tensors, read_checkpoint,
-                                      step_dir_name, update_latest, verify_manifest, write_manifest)
+                                      read_trainer_state, step_dir_name, update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.parallel import broadcast_object, gather_object
 from nvium_dist.tp_layout import shard_named
@@ -178,18 +178,6 @@ def _lineage(step_dir: Path) -> str | None:
     except CheckpointError:
         return None
     return state.get("lineage")
-
-
-def read_trainer_state(step_dir: Path) -> dict:
-    import json
-
-    try:
-        state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is missing or unreadable ({err})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is not a JSON object")
-    return state
 
 
 def prune(root: Path, lineage: str, keep: int) -> None:
