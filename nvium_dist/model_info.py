@@ -239,19 +239,20 @@ class TensorMemoryTracker:
         self._mode.__exit__(*exc)
 
 
-def measure_training_step(model, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Activation bytes of one forward + backward of the N-vium loss (gradients allocated beforehand by a
-    warm-up step, as in training): `saved` alive when the forward ends, `peak` the most at any time."""
+def training_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The N-vium loss of one unmasked micro-batch after the router warmup (beta 0.15), for measurements."""
     from nvium_dist.mixture import nvium_loss
 
     mask = torch.ones_like(labels, dtype=torch.float32)
+    return nvium_loss(model(tokens, labels), mask, beta=0.15, in_router_warmup=False).loss
 
-    def loss():
-        return nvium_loss(model(tokens, labels), mask, beta=0.15, in_router_warmup=False).loss
 
-    loss().backward()
+def measure_training_step(model, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Activation bytes of one forward + backward of the N-vium loss (gradients allocated beforehand by a
+    warm-up step, as in training): `saved` alive when the forward ends, `peak` the most at any time."""
+    training_loss(model, tokens, labels).backward()
     with TensorMemoryTracker() as tracker:
-        value = loss()
+        value = training_loss(model, tokens, labels)
         saved = tracker.live
         value.backward()
         del value

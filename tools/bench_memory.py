@@ -68,8 +68,7 @@ def main(argv=None) -> int:
 
     from nvium_dist.inference.generator import ensure_process_group
     from nvium_dist.model import NviumModel
-    from nvium_dist.model_info import activation_memory, measure_training_step
-    from nvium_dist.mixture import nvium_loss
+    from nvium_dist.model_info import activation_memory, measure_training_step, training_loss
 
     error = torch_setup_error(args.device, args.threads)
     if error:
@@ -97,7 +96,6 @@ def main(argv=None) -> int:
         generator = torch.Generator().manual_seed(batch)
         tokens, labels = (torch.randint(0, config.model.vocab_size, (2, batch, seq), generator=generator)
                           .to(device).unbind(0))
-        mask = torch.ones_like(labels, dtype=torch.float32)
         rows = {}
         for variant in variants:
             configure(variant)
@@ -118,7 +116,7 @@ def main(argv=None) -> int:
                     torch.cuda.reset_peak_memory_stats()
                     start_bytes = torch.cuda.memory_allocated()
                 started = time.perf_counter()
-                nvium_loss(model(tokens, labels), mask, beta=0.15, in_router_warmup=False).loss.backward()
+                training_loss(model, tokens, labels).backward()
                 sync()
                 rows[variant]["seconds"].append(time.perf_counter() - started)
                 if args.device == "cuda":
