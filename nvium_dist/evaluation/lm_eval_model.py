@@ -26,7 +26,6 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
-from nvium_dist.mixture import log_mixture_distribution
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -55,7 +54,7 @@ class NviumLM(TemplateLM):
         self.generator = NviumGenerator.from_pretrained(export, device=device)
         if self.generator.tokenizer.kind == "none":
             raise ValueError(f"{export} has no tokenizer; lm-eval needs text in and out (export with a tokenizer)")
-        self.export, self._device = str(export), device
+        self.export = str(export)
         self.batch_size = _batch_size(batch_size)
         self.max_length = int(max_length or self.generator.config.seq_length)
         if not 1 < self.max_length <= self.generator.config.seq_length:
@@ -91,18 +90,9 @@ class NviumLM(TemplateLM):
     @torch.inference_mode()
     def _mixture_at(self, tokens: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
         """log p_mix [n_i, V] after the given positions of each row (one full-depth forward of the batch)."""
-        model, vocab = self.generator.model, self.generator.config.vocab_size
         rows = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
         cols = torch.tensor([i for p in positions for i in p], dtype=torch.long)
-        head_log_probs, routers = [], []
-        for head, hidden in model.head_inputs(tokens.to(self._device)):
-            normed, router = model.head_router(head, hidden[rows, cols])
-            logits = model.head_vocab_logits(head, normed)[..., :vocab]
-            head_log_probs.append(torch.log_softmax(logits.float(), dim=-1))
-            if router is not None:
-                routers.append(router.float())
-        mixed = log_mixture_distribution(torch.stack(head_log_probs, -2),
-                                         torch.stack(routers, -2) if routers else None).cpu()
+        mixed = self.generator.mixture_logprobs(tokens, at=(rows, cols)).cpu()
         return list(mixed.split([len(p) for p in positions]))
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

@@ -163,21 +163,26 @@ class NviumGenerator:
         return tokens.to(self.device)
 
     @torch.inference_mode()
-    def head_outputs(self, token_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Full forward: (per-head log-softmax [b, s, K, V], router logits [b, s, K-1, 2] or None)."""
+    def head_outputs(self, token_ids, at: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Full forward: (per-head log-softmax [b, s, K, V], router logits [b, s, K-1, 2] or None); with `at`
+        = (rows, positions) only those tokens' heads run: [n, K, V], [n, K-1, 2]."""
         tokens = self._as_batch(token_ids)
         log_heads, routers = [], []
         for k, hidden in self.model.head_inputs(tokens):
+            if at is not None:
+                hidden = hidden[at[0].to(hidden.device), at[1].to(hidden.device)]
             logits, router = self.model.head_logits(k, hidden)
             log_heads.append(torch.log_softmax(logits[..., :self.config.vocab_size].float(), -1))
             if router is not None:
                 routers.append(router.float())
         return torch.stack(log_heads, -2), (torch.stack(routers, -2) if routers else None)
 
-    def mixture_logprobs(self, token_ids) -> torch.Tensor:
-        """log p_mix over the vocab after every position: [b, s, V] (or [s, V] for a 1-d input)."""
-        squeeze = torch.as_tensor(token_ids).dim() == 1
-        log_heads, routers = self.head_outputs(token_ids)
+    def mixture_logprobs(self, token_ids, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """log p_mix over the vocab after every position: [b, s, V] (or [s, V] for a 1-d input; [n, V] after
+        the (rows, positions) `at`)."""
+        squeeze = torch.as_tensor(token_ids).dim() == 1 and at is None
+        log_heads, routers = self.head_outputs(token_ids, at)
         log_mix = log_mixture_distribution(log_heads, routers)
         return log_mix[0] if squeeze else log_mix
 
