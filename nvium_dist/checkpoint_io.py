@@ -441,16 +441,17 @@ def _same_or_inside(path: Path, other: Path) -> bool:
 
 
 def write_resharded_checkpoint(output_run_dir: str | os.PathLike, source_step_dir: str | os.PathLike,
-                               tensor_parallel: int, pipeline_parallel: int, check=None) -> Path:
+                               config: NviumConfig, trainer_state: dict, tensor_parallel: int, pipeline_parallel: int,
+                               check=None) -> Path:
     """A training checkpoint for another TP/PP layout: OUTPUT/checkpoints/step_X/ (+ latest), no deepspeed/.
 
     Weights and Adam moments are layout independent, so resharding copies model.safetensors and
     optimizer.safetensors and rewrites parallel.tensor_parallel/pipeline_parallel (validated against the
     model); the trainer shards both at load time. The step is built under a temporary name, `check(tmp)`
-    runs on it, and only then is it renamed into place and `latest` written.
+    runs on it, and only then is it renamed into place and `latest` written. `config` and `trainer_state` are
+    the source's, as read_checkpoint returned them (which verified the files it reads against the manifest).
     """
     source = resolve_checkpoint_dir(source_step_dir)
-    config, _, _, trainer_state = read_checkpoint(source)
     if (source / MANIFEST_FILE).is_file():  # read_checkpoint verified what it reads; this copies the moments too
         verify_manifest(source, only=[OPTIMIZER_FILE])
     output_run_dir = Path(output_run_dir)

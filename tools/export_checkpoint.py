@@ -103,10 +103,10 @@ def main(argv=None) -> int:
             pp = args.pp if args.pp is not None else config.parallel.pipeline_parallel
 
             def check_reshard(tmp_step):
-                new_config, new_state, _, _ = read_checkpoint(tmp_step)
+                new_config, new_state, _, _ = read_checkpoint(tmp_step, verified=True)  # its manifest was just written
                 self_check(new_config.model, new_state, sample, tolerance, "resharded checkpoint", dtype_name)
 
-            new_dir = write_resharded_checkpoint(args.output, step_dir, tp, pp,
+            new_dir = write_resharded_checkpoint(args.output, step_dir, config, trainer_state, tp, pp,
                                                  check=check_reshard if checking else None)
             print(f"wrote {new_dir} for TP={tp} PP={pp} (weights and Adam moments; DeepSpeed's layout-specific state "
                   "is rebuilt by the trainer)", flush=True)
