@@ -90,6 +90,9 @@ def test_llama_becomes_a_run_the_trainer_continues(corpus, tmp_path):
     assert config.data.tokenizer_model == str(run_dir / "data" / "tokenizer.model")
     step0 = run_dir / "checkpoints" / "step_00000000"
     imported = load_file(step0 / "model.safetensors")
+    exported = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), "--checkpoint", str(step0),
+                               "--output", str(tmp_path / "export0")], capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0 and "self-check" in exported.stdout, exported.stderr  # weights and sample agree
 
     # with the routers forced to continue, the converted model is the LLaMA (the final adapter starts as identity)
     ensure_process_group("cpu")

@@ -96,21 +96,9 @@ def llama_weights(hf_config: dict, hf_state: dict[str, torch.Tensor], model_conf
     return out
 
 
-def fresh_state(model_config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The full state a new training run with this seed starts from."""
-    from nvium_dist.model import NviumModel
-    from nvium_dist.tp_layout import gather_full_state_dict
-
-    return gather_full_state_dict(NviumModel(model_config, seed=seed))
-
-
-def sample_outputs(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The sample-check batch export_checkpoint.py verifies a checkpoint's weights against."""
-    from nvium_dist.model import NviumModel
-    from nvium_dist.tp_layout import load_full_state_dict
-
-    model = NviumModel(model_config, initialise=False)
-    load_full_state_dict(model, state)
+def sample_outputs(model) -> dict[str, torch.Tensor]:
+    """The sample-check batch export_checkpoint.py verifies a checkpoint's weights against, from `model`."""
+    model_config = model.config
     generator = torch.Generator().manual_seed(0)
     length = min(SAMPLE_TOKENS, model_config.seq_length)
     tokens = torch.randint(0, model_config.vocab_size, (2, length), generator=generator)
@@ -140,6 +128,8 @@ def llama_to_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
 
     from nvium_dist.checkpoint_io import write_weights_only_checkpoint
     from nvium_dist.inference.generator import ensure_process_group
+    from nvium_dist.model import NviumModel
+    from nvium_dist.tp_layout import gather_full_state_dict, load_full_state_dict
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     check_output_dir(run_dir, lambda path: written_by(path, TOOL), force, TOOL)
@@ -155,7 +145,8 @@ def llama_to_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
         config.data.tokenizer_model = str(run_dir / "data" / "tokenizer.model")
     config.validate()
     ensure_process_group("cpu")
-    state = fresh_state(config.model, config.training.seed)
+    model = NviumModel(config.model, seed=config.training.seed)  # what a new run with this seed starts from
+    state = gather_full_state_dict(model)
     with missing_tensors_named():
         copied = llama_weights(hf_config, hf_state, config.model)
     final_norm = copied[f"heads.{config.model.num_heads_total - 1}.norm.weight"]
@@ -163,11 +154,12 @@ def llama_to_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
         copied[f"heads.{k}.norm.weight"] = final_norm.clone()
     state.update(copied)
     check_state_matches(config.model, state, f"{hf_dir} converted")
+    load_full_state_dict(model, state)
     trainer_state = {"step": 0, "consumed_samples": 0, "controller": {"beta": config.training.beta, "history": []},
                      "converted_from": str(hf_dir.resolve())}
     tmp = new_tmp_dir(run_dir)
     try:
-        step_dir = write_weights_only_checkpoint(tmp, config, state, sample_outputs(config.model, state), trainer_state)
+        step_dir = write_weights_only_checkpoint(tmp, config, state, sample_outputs(model), trainer_state)
         if tokenizer.is_file():
             (tmp / "data").mkdir()
             shutil.copyfile(tokenizer, tmp / "data" / "tokenizer.model")
