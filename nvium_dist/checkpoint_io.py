@@ -182,11 +182,16 @@ def expected_parameter_shapes(model_config: ModelConfig) -> dict[str, tuple[int,
 
 def check_state_matches(model_config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
     """Raises CheckpointError when the weights in `where` do not belong to a model with this config."""
+    check_shapes_match(model_config, {name: tuple(t.shape) for name, t in state.items()}, where)
+
+
+def check_shapes_match(model_config: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """check_state_matches on parameter shapes alone (e.g. a safetensors header)."""
     expected = expected_parameter_shapes(model_config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{n}: file {tuple(state[n].shape)} vs config {expected[n]}"
-             for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != expected[n]]
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{n}: file {shapes[n]} vs config {expected[n]}"
+             for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -383,12 +388,13 @@ def _read_json(path: Path) -> Any:
 CHECKPOINT_FILES_READ = [CONFIG_FILE, MODEL_FILE, SAMPLE_FILE, TRAINER_STATE_FILE]
 
 
-def read_checkpoint(path: str | os.PathLike, check_weights: bool = True, verified: bool = False
-                    ) -> tuple[NviumConfig, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
+def read_checkpoint(path: str | os.PathLike, verified: bool = False, load_weights: bool = True
+                    ) -> tuple[NviumConfig, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None, dict]:
     """-> (config, full_state, sample or None, trainer_state) of a training checkpoint (RUN_DIR resolves to latest).
 
     The files read are checked against the step's manifest when it has one (`verified`: the caller already
-    checked the whole directory)."""
+    checked the whole directory). The weights must fit the config; `load_weights=False` checks that from the
+    file's header and returns None for them."""
     step_dir = resolve_checkpoint_dir(path)
     if not verified and (step_dir / MANIFEST_FILE).is_file():
         verify_manifest(step_dir, only=CHECKPOINT_FILES_READ)
@@ -399,9 +405,14 @@ def read_checkpoint(path: str | os.PathLike, check_weights: bool = True, verifie
         raise CheckpointError(f"{step_dir / CONFIG_FILE}: {err}") from None
     if not (step_dir / MODEL_FILE).is_file():
         raise CheckpointError(f"{step_dir} has no {MODEL_FILE}; the checkpoint is incomplete (use an earlier step)")
-    state = load_tensors(step_dir / MODEL_FILE)
-    if check_weights:
+    if load_weights:
+        state = load_tensors(step_dir / MODEL_FILE)
         check_state_matches(config.model, state, str(step_dir))
+    else:
+        state = None
+        header = check_safetensors(step_dir / MODEL_FILE)
+        check_shapes_match(config.model, {name: tuple(info.get("shape", ())) for name, info in header.items()
+                                          if name != "__metadata__"}, str(step_dir))
     sample = load_tensors(step_dir / SAMPLE_FILE) if (step_dir / SAMPLE_FILE).is_file() else None
     trainer_state = read_trainer_state(step_dir) if (step_dir / TRAINER_STATE_FILE).is_file() else {}
     return config, state, sample, trainer_state

@@ -228,7 +228,7 @@ def _check_same_run(checkpoint_config: NviumConfig, config: NviumConfig, path: P
 def _verify(path: Path, config: NviumConfig) -> None:
     """Everything a resume reads, checked: the manifest (every file, sha256), config, weights, trainer state."""
     verify_manifest(path)
-    checkpoint_config, _, _, trainer_state = read_checkpoint(path, verified=True)
+    checkpoint_config, _, _, trainer_state = read_checkpoint(path, verified=True, load_weights=False)
     if "step" not in trainer_state or "consumed_samples" not in trainer_state:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} lacks step or consumed_samples")
     _check_same_run(checkpoint_config, config, path)
