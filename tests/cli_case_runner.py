@@ -4,8 +4,7 @@ exception that escapes `main` printed as the interpreter would print it (a trace
 
     python tests/cli_case_runner.py CASES.json     # [[script, [args...]], ...] -> one JSON result per line
 
-Each result: {"code": exit status, "stderr": ..., "stdout_chars": ..., "torch_imported": whether torch was
-imported by then}. One process instead of one per case keeps the CLI error tests fast: the heavy imports
+Each result: {"code": exit status, "stderr": ...}. One process instead of one per case keeps the CLI error tests fast: the heavy imports
 happen once.
 """
 from __future__ import annotations
@@ -33,8 +32,7 @@ def run_case(script: str, args: list[str]) -> dict:
         if code is not None and not isinstance(code, int):  # sys.exit("message") prints it and exits 1
             print(code, file=sys.stderr)
             code = 1
-    return {"code": code or 0, "stderr": stderr.getvalue(), "stdout_chars": len(stdout.getvalue()),
-            "torch_imported": "torch" in sys.modules}
+    return {"code": code or 0, "stderr": stderr.getvalue()}
 
 
 def main() -> None:

@@ -178,9 +178,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     files = all_files()
-    stale = [name for name, text in files.items()
-             if not (out / name).is_file() or (out / name).read_text() != text]
-    foreign = [name for name in stale if (out / name).is_file() and not (out / name).read_text().startswith(HEADER)]
+    present = {name: (out / name).read_text() for name in files if (out / name).is_file()}
+    stale = [name for name, text in files.items() if present.get(name) != text]
+    foreign = [name for name in stale if name in present and not present[name].startswith(HEADER)]
     if foreign and not args.check:
         print(f"error: {out / foreign[0]} exists and was not written by this tool (no generated header); "
               "move it away first", file=sys.stderr)
