@@ -256,8 +256,8 @@ def verify_manifest(step_dir: str | os.PathLike, only: list[str] | None = None) 
     """Raises CheckpointError unless every file of `step_dir` is in its manifest with the same size and
     sha256, and every file the manifest lists exists. `only`: check just these files (and no extra ones)."""
     step_dir = Path(step_dir)
-    raw = _read_json(step_dir / MANIFEST_FILE)
-    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or not isinstance(raw.get("files"), dict):
+    raw = read_json_object(step_dir / MANIFEST_FILE)
+    if raw.get("format") != MANIFEST_FORMAT or not isinstance(raw.get("files"), dict):
         raise CheckpointError(f"{step_dir / MANIFEST_FILE} is not an nvium checkpoint manifest")
     listed = raw["files"]
     if only is None:
@@ -376,13 +376,18 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         f"or a step directory with {MODEL_FILE}{hint}")
 
 
-def _read_json(path: Path) -> Any:
+def read_json_object(path: Path) -> dict:
+    """The object in a JSON file (every config, trainer state and manifest file holds one); CheckpointError
+    for a missing file, one that is not JSON (or not text), or JSON that is not an object."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt") from None
+        raw = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object; the file is corrupt")
+    return raw
 
 
 CHECKPOINT_FILES_READ = [CONFIG_FILE, MODEL_FILE, SAMPLE_FILE, TRAINER_STATE_FILE]
@@ -398,7 +403,7 @@ def read_checkpoint(path: str | os.PathLike, verified: bool = False, load_weight
     step_dir = resolve_checkpoint_dir(path)
     if not verified and (step_dir / MANIFEST_FILE).is_file():
         verify_manifest(step_dir, only=CHECKPOINT_FILES_READ)
-    raw = _read_json(step_dir / CONFIG_FILE)
+    raw = read_json_object(step_dir / CONFIG_FILE)
     try:
         config = config_from_dict(raw)
     except ConfigError as err:
@@ -414,15 +419,8 @@ def read_checkpoint(path: str | os.PathLike, verified: bool = False, load_weight
         check_shapes_match(config.model, {name: tuple(info.get("shape", ())) for name, info in header.items()
                                           if name != "__metadata__"}, str(step_dir))
     sample = load_tensors(step_dir / SAMPLE_FILE) if (step_dir / SAMPLE_FILE).is_file() else None
-    trainer_state = read_trainer_state(step_dir) if (step_dir / TRAINER_STATE_FILE).is_file() else {}
+    trainer_state = read_json_object(step_dir / TRAINER_STATE_FILE) if (step_dir / TRAINER_STATE_FILE).is_file() else {}
     return config, state, sample, trainer_state
-
-
-def read_trainer_state(step_dir: Path) -> dict:
-    state = _read_json(step_dir / TRAINER_STATE_FILE)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{step_dir / TRAINER_STATE_FILE} is not a JSON object; the checkpoint is corrupt")
-    return state
 
 
 def run_dir_of(step_dir: Path) -> Path:
@@ -611,11 +609,11 @@ def read_export_config(export_dir: str | os.PathLike) -> dict:
             raise CheckpointError(f"{export_dir} is a training run directory, not an export: {export_it}")
         raise CheckpointError(f"{export_dir} is not an nvium export (it has no {CONFIG_FILE}); create one with "
                               "tools/export_checkpoint.py")
-    raw = _read_json(export_dir / CONFIG_FILE)
-    if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
-        if isinstance(raw, dict) and "parallel" in raw:
+    raw = read_json_object(export_dir / CONFIG_FILE)
+    if raw.get("format") != EXPORT_FORMAT:
+        if "parallel" in raw:
             hint = f" (this looks like a training checkpoint: {export_it})"
-        elif isinstance(raw, dict) and "architectures" in raw:
+        elif "architectures" in raw:
             hint = " (this looks like a transformers directory: convert it with tools/convert_from_hf.py)"
         else:
             hint = ""

@@ -41,6 +41,7 @@ CASES = [
     ("tools/convert_from_hf.py", ["{h}/missing", "{h}/out"], "is not a directory"),
     ("tools/convert_from_hf.py", ["{h}/emptydir", "{h}/out"], "no config.json"),
     ("tools/convert_from_hf.py", ["{h}/export", "{h}/out"], "is an nvium export already"),
+    ("tools/convert_from_hf.py", ["{h}/list_config", "{h}/out"], "holds a JSON list, not an object"),
     ("tools/convert_from_hf.py", ["{h}/hf", "{h}/out", "--paper", "--router-temperature", "0"], "must be > 0"),
     ("tools/convert_to_hf.py", ["{h}/run", "{h}/out"], "is a training run directory, not an export"),
     ("tools/convert_to_hf.py", ["{h}/hf", "{h}/out"], "looks like a transformers directory"),
@@ -52,6 +53,8 @@ CASES = [
     ("tools/export_checkpoint.py", ["--checkpoint", "{h}/text.txt", "--output", "{h}/out"], "is a file"),
     ("tools/export_checkpoint.py", ["--checkpoint", "{h}/emptydir", "--output", "{h}/out"], "is not a checkpoint"),
     ("tools/export_checkpoint.py", ["--checkpoint", "{h}/export", "--output", "{h}/out"], "is an export"),
+    ("tools/export_checkpoint.py", ["--checkpoint", "{h}/list_config", "--output", "{h}/out"],
+     "holds a JSON list, not an object"),
     ("tools/export_checkpoint.py", ["--checkpoint", "{h}/run", "--output", "{h}/out", "--tp", "0"], "must be >= 1"),
     ("tools/generate.py", ["--model", "{h}/run", "--prompt", "x"], "is a training run directory, not an export"),
     ("tools/generate.py", ["--model", "{h}/emptydir", "--prompt", "x"], "has no config.json"),
@@ -120,6 +123,9 @@ def hostile(tmp_path_factory) -> Path:
     (h / "bad.yaml").write_text("model: [unclosed\n")
     (h / "emptydir").mkdir()
     (h / "handmade").mkdir()
+    (h / "list_config").mkdir()  # config.json (of a transformers dir or a step dir) that is JSON but not an object
+    (h / "list_config" / "config.json").write_text("[]")
+    (h / "list_config" / "model.safetensors").write_bytes(b"")
     (h / "handmade" / "tiny.yaml").write_text("model: {}\n")  # a user's file where make_configs would write
     (h / "noidx.bin").write_bytes(b"\0" * 64)
     (h / "corrupt.bin").write_bytes(b"\0" * 64)

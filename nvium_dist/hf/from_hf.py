@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from nvium_dist.checkpoint_io import EXPORT_FORMAT, CheckpointError, check_state_matches
+from nvium_dist.checkpoint_io import (EXPORT_FORMAT, CheckpointError, check_state_matches, is_export_dir,
+                                      read_json_object)
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig
 from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_state, rope_theta
 from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
@@ -237,13 +238,11 @@ def reference_to_export(hf_dir: str | os.PathLike, export_dir: str | os.PathLike
     hf_dir, export_dir = Path(hf_dir), Path(export_dir)
 
     def own_export(path: Path) -> bool:
-        import json
-
         try:
-            raw = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
+            metadata = read_json_object(path / "config.json").get("metadata")
+        except CheckpointError:
             return False
-        return raw.get("format") == EXPORT_FORMAT and raw.get("metadata", {}).get("converted_by") == TOOL
+        return is_export_dir(path) and isinstance(metadata, dict) and metadata.get("converted_by") == TOOL
 
     check_output_dir(export_dir, own_export, force, TOOL)
     hf_config, state = read_llama(hf_dir)

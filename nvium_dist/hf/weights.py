@@ -7,13 +7,12 @@ transformers keeps q_proj / k_proj / v_proj [d, d] separately. Everything else i
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from nvium_dist.checkpoint_io import CheckpointError, load_tensors
+from nvium_dist.checkpoint_io import CheckpointError, load_tensors, read_json_object
 
 # nvium name inside layers.{i} -> transformers name inside model.layers.{i}
 LAYER_RENAMES = {
@@ -63,10 +62,7 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{directory} is not a directory; pass a transformers model directory")
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; it is not a transformers model directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    return read_json_object(path)
 
 
 def read_hf_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -74,10 +70,10 @@ def read_hf_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r})") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map of tensor -> file)")
+        shards = sorted(set(weight_map.values()))
         state = {}
         for shard in shards:
             state.update(load_tensors(directory / shard))

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
                                       atomic_write_json, file_record, list_files, load_tensors, read_checkpoint,
-                                      read_trainer_state, step_dir_name, update_latest, verify_manifest, write_manifest)
+                                      read_json_object, step_dir_name, update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.parallel import broadcast_object, gather_object
 from nvium_dist.tp_layout import shard_named
@@ -174,7 +174,7 @@ def _step_dirs(root: Path) -> dict[int, Path]:
 
 def _lineage(step_dir: Path) -> str | None:
     try:
-        state = read_trainer_state(step_dir)
+        state = read_json_object(step_dir / TRAINER_STATE_FILE)
     except CheckpointError:
         return None
     return state.get("lineage")
@@ -273,7 +273,7 @@ def find_resume(run_dir: str | Path, config: NviumConfig, rank: int) -> dict | N
     choice = broadcast_object(str(choice) if choice is not None else None)
     if choice is None:
         return None
-    return {"path": Path(choice), "trainer_state": read_trainer_state(Path(choice))}
+    return {"path": Path(choice), "trainer_state": read_json_object(Path(choice) / TRAINER_STATE_FILE)}
 
 
 def read_full_state(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
