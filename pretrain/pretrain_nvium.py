@@ -13,7 +13,14 @@ A run directory with a checkpoint resumes automatically (see README: Checkpoints
 trainer with `model.exits: []` and the matched MLP width (pretrain/configs/*-dense.yaml).
 """
 import argparse
+import os
 import sys
+
+
+def report_config_error(error) -> None:
+    """Every rank finds the same config error; under torchrun only the first says so."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"config error: {error}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -29,7 +36,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.set)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        report_config_error(error)
         return 2
     from nvium_dist.training.beta_controller import BaselineUnavailable
     from nvium_dist.training.checkpoint import RankZeroError
@@ -39,7 +46,7 @@ def main(argv=None) -> int:
     try:
         return Trainer(config).train()
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        report_config_error(error)
     except RankZeroError:
         pass  # rank 0 reports it
     except (BaselineUnavailable, CheckpointError, RunDirInUseError, OSError, ValueError) as error:

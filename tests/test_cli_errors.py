@@ -199,3 +199,14 @@ def test_pretrain_run_dir_that_is_a_file(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last == f"error: training.run_dir {tmp_path / 'run'} is a file; choose a directory"
     assert (tmp_path / "run").read_text() == "mine\n"
+
+
+def test_config_error_under_torchrun_is_said_once():
+    """Every rank finds the same typo; one line says so (torchrun then adds its own failure summary, exit 1)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "pretrain/pretrain_nvium.py", "--config", TINY, "--set", "training.train_iter=10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert done.returncode != 0
+    assert done.stderr.count("config error:") == 1, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr or "exitcode: 2" in done.stderr, done.stderr[-3000:]

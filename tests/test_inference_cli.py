@@ -189,3 +189,35 @@ def test_generate_refuses_undecodable_prompts(byte_export, tmp_path):
         err = done.stderr.decode()
         assert done.returncode == 2 and "Traceback" not in err, err
         assert ("not UTF-8 text" in err or "is not valid UTF-8" in err or "must be >= 0" in err), err
+
+
+def test_generate_keeps_the_spaces_sentencepiece_pieces_carry(tmp_path, corpus, capsys):  # noqa: F811
+    """Streamed, with --show-exits, and batched: the text is the decoded whole ("ROMEO: we", not "ROMEO:we")."""
+    import re
+
+    import generate
+    from nvium_dist.inference import NviumGenerator
+
+    export = make_export(tmp_path / "spm", tokenizer=corpus["tokenizer"], vocab_size=512,
+                         make_vocab_size_divisible_by=128, seq_length=64)
+    generator = NviumGenerator.from_pretrained(str(export))
+    tok = generator.tokenizer
+    prompts = [tok.encode("ROMEO:"), tok.encode("Enter KING")]
+    expected = []
+    for prompt in prompts:
+        out = generator.generate([prompt], 30, seed=0)
+        expected.append(tok.decode(prompt + out.tokens[0]))
+    assert all(text.count(" ") >= 5 for text in expected), expected  # the samples are words (the test's premise)
+
+    def without_exits(text):
+        return re.sub(r"\[\d\]", "", text)
+
+    for flags in ([], ["--show-exits"]):
+        assert generate.main(["--model", str(export), "--prompt", "ROMEO:", "--max-new-tokens", "30", *flags]) == 0
+        assert without_exits(capsys.readouterr().out).rstrip("\n") == expected[0]
+    batch = generator.generate(prompts, 30, seed=0)
+    assert generate.main(["--model", str(export), "ROMEO:", "Enter KING", "--max-new-tokens", "30",
+                          "--show-exits"]) == 0
+    rows = re.split(r"--- sequence \d\n", capsys.readouterr().out)[1:]
+    assert [without_exits(row).rstrip("\n") for row in rows] == [
+        tok.decode(prompt + tokens) for prompt, tokens in zip(batch.prompts, batch.tokens)]

@@ -19,6 +19,24 @@ import sys
 from nvium_dist.cli import float_at_least, int_at_least, torch_setup_error
 
 
+class TextStream:
+    """Text of a growing token sequence, one token's worth at a time. SentencePiece pieces carry their
+    leading space ("▁we"), which decoding a piece alone drops: each token's text is what it adds to the
+    decoded whole. A token that ends inside a multi-byte character adds nothing until the character completes."""
+
+    def __init__(self, tokenizer, prompt: list[int]):
+        self.tokenizer, self.ids = tokenizer, list(prompt)
+        self.text = tokenizer.decode(self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""  # an incomplete character: wait for the bytes that complete it
+        new, self.text = text[len(self.text):], text
+        return new
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export directory (tools/export_checkpoint.py --output)")
@@ -96,23 +114,16 @@ def main(argv=None) -> int:
         if args.stop_at_eos and eos is None:
             print("warning: this export's tokenizer has no EOS token; --stop-at-eos is ignored", file=sys.stderr)
         streaming = len(prompts) == 1 and args.pipeline_stages == 1
-        shown = {"text": ""}
-        generated: list[int] = []
+        if streaming:
+            stream = TextStream(tok, prompts[0])
+            sys.stdout.write(stream.text)
+            sys.stdout.flush()
 
         def on_step(tick, sampled):  # {sequence: (token, exit)} of one engine tick
             token, exit = sampled[0]
-            generated.append(token)
-            if args.show_exits:
-                sys.stdout.write(tok.decode([token]) + f"[{exit}]")
-            else:
-                text = tok.decode(generated)
-                sys.stdout.write(text[len(shown["text"]):])
-                shown["text"] = text
+            sys.stdout.write(stream.add(token) + (f"[{exit}]" if args.show_exits else ""))
             sys.stdout.flush()
 
-        if streaming:
-            sys.stdout.write(tok.decode(prompts[0]))
-            sys.stdout.flush()
         out = generator.generate(prompts, args.max_new_tokens, seed=args.seed, mode=args.mode,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
                                  eos_id=eos, pipeline_stages=args.pipeline_stages, max_batch=args.max_batch,
@@ -126,7 +137,8 @@ def main(argv=None) -> int:
         for i, (prompt, tokens, exits) in enumerate(zip(out.prompts, out.tokens, out.exits)):
             print(f"--- sequence {i}")
             if args.show_exits:
-                print(tok.decode(prompt) + "".join(tok.decode([t]) + f"[{e}]" for t, e in zip(tokens, exits)))
+                stream = TextStream(tok, prompt)
+                print(stream.text + "".join(stream.add(t) + f"[{e}]" for t, e in zip(tokens, exits)))
             else:
                 print(tok.decode(prompt + tokens))
     hist = out.exit_histogram()
