@@ -228,3 +228,20 @@ def test_cli_output_dir_rules(tmp_path, nvium_pair):
     assert not (foreign / "notes.txt").exists() and (foreign / "config.json").is_file()
     missing = run_cli(tmp_path / "nope", tmp_path / "x")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_exported_and_converted_files_follow_the_umask(tmp_path):
+    """Weights are as readable as every other file (safetensors alone creates 0600): a shared file system's
+    group can read an export and its transformers directory."""
+    from nvium_dist.hf.to_hf import convert_export
+
+    previous = os.umask(0o002)
+    try:
+        export = make_export(tmp_path / "export", vocab_size=300, exits=[])
+        convert_export(export, tmp_path / "hf")
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+             for p in tmp_path.rglob("*") if p.is_file()}
+    assert "export/model.safetensors" in modes and "hf/model.safetensors" in modes
+    assert set(modes.values()) == {oct(0o664)}, modes

@@ -62,7 +62,7 @@ def convert_state(model_config, state: dict[str, torch.Tensor], special_ids: dic
 def write_model(conversion: Conversion, generation_config, out_dir: Path) -> None:
     """config.json, model.safetensors, generation_config.json (and modeling_nvium.py with its auto_map),
     written directly: no model is instantiated, so a large model costs no random initialisation."""
-    from safetensors.torch import save_file
+    from nvium_dist.checkpoint_io import save_tensors
 
     config = conversion.hf_config
     if conversion.kind == "nvium":
@@ -71,8 +71,7 @@ def write_model(conversion: Conversion, generation_config, out_dir: Path) -> Non
         (out_dir / "modeling_nvium.py").write_bytes(Path(__file__).with_name("modeling_nvium.py").read_bytes())
     config.save_pretrained(str(out_dir))
     generation_config.save_pretrained(str(out_dir))
-    save_file({k: v.contiguous() for k, v in conversion.hf_state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_tensors(out_dir / "model.safetensors", conversion.hf_state, metadata={"format": "pt"})
 
 
 def sampling_generation_config(special_ids: dict[str, int | None], max_length: int):
