@@ -18,6 +18,16 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which field and what to change."""
 
 
+def quadrivium_exits(num_layers: int) -> list[int]:
+    """The paper's "Quadrivium" (K=4): early exits after L/4, L/2 and 3L/4 layers, rounded down, except at L=6,
+    where the paper's grid puts them after layers 1, 2 and 4. The one rule for configs, replication and imports."""
+    if num_layers < 4:
+        raise ConfigError(f"a Quadrivium needs at least 4 layers (3 early exits inside 1..L-1); got {num_layers}")
+    if num_layers == 6:
+        return [1, 2, 4]
+    return [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
+
+
 POSITIVE = (lambda v: v > 0, "> 0")
 NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")

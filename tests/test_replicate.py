@@ -1,5 +1,6 @@
 """tools/replicate.py: the Quadrivium exit placement, the report writer on synthetic records (fast), and the
 whole command end to end at micro scale (slow: two torchrun trainings, exports, evaluation, benchmark)."""
+import argparse
 import json
 import math
 import subprocess
@@ -14,15 +15,27 @@ RESULT_KEYS = {"date", "machine", "command", "settings", "parameters", "timings_
                "perplexity", "trainer_final_eval", "beta", "decode", "passage", "eval_curves", "train_curves"}
 
 
-def test_quadrivium_exits():
-    from nvium_dist.replicate.pipeline import quadrivium_exits
+def test_quadrivium_exits_are_one_rule_everywhere():
+    """make_configs, replicate and convert_from_hf once gave [1,2,4], [1,3,4] and [2,3,4] at L=6."""
+    import yaml
 
-    assert quadrivium_exits(12) == [3, 6, 9]
-    assert quadrivium_exits(8) == [2, 4, 6]
-    assert quadrivium_exits(4) == [1, 2, 3]
-    assert quadrivium_exits(6) == [1, 3, 4]
-    with pytest.raises(SystemExit):
+    from nvium_dist.config import ConfigError, quadrivium_exits
+    from nvium_dist.hf.from_hf import parse_exits
+    from nvium_dist.replicate.pipeline import Replication
+
+    assert [quadrivium_exits(L) for L in (4, 6, 8, 10, 12, 48)] == [
+        [1, 2, 3], [1, 2, 4], [2, 4, 6], [2, 5, 7], [3, 6, 9], [12, 24, 36]]
+    for layers in range(4, 49):
+        assert parse_exits("quadrivium", layers) == quadrivium_exits(layers)
+    for path in (REPO / "pretrain" / "configs" / "grid").glob("nvium-*.yaml"):  # tools/make_configs.py's output
+        model = yaml.safe_load(path.read_text())["model"]
+        assert model["exits"] == quadrivium_exits(model["num_layers"]), path
+    args = argparse.Namespace(scale="micro", layers=6, zero_stage=None, output_dir="reports/x", work_dir=None)
+    assert Replication(args).s["exits"] == [1, 2, 4]
+    with pytest.raises(ConfigError):
         quadrivium_exits(3)
+    with pytest.raises(SystemExit):
+        Replication(argparse.Namespace(**{**vars(args), "layers": 3}))
 
 
 def test_help_runs_without_torch_distributed():

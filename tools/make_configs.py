@@ -49,10 +49,6 @@ DENSE_STEPS = {128: [2924, 3292, 4016, 4740, 5488], 256: [3348, 4072, 5530, 6978
 VOCAB, CONTEXT, BETA, ROUTER_WARMUP, EVAL_FRACTION = 32000, 1024, 0.15, 0.05, 0.05
 
 
-def quadrivium_exits(layers: int) -> list[int]:
-    return [1, 2, 4] if layers == 6 else [layers // 4, layers // 2, 3 * layers // 4]
-
-
 @dataclass
 class Pair:
     """One N-vium config and its dense twin, as nested dicts in YAML order, with their header comments."""
@@ -95,6 +91,8 @@ def _pair(nvium_name: str, dense_name: str, model: dict, parallel: dict, nvium_t
 
 
 def grid_pairs() -> list[Pair]:
+    from nvium_dist.config import quadrivium_exits
+
     pairs = []
     for width, w in WIDTHS.items():
         for i, layers in enumerate(DEPTHS):

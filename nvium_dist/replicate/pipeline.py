@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from nvium_dist.config import ConfigError, quadrivium_exits
+
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 
@@ -39,16 +41,6 @@ SCALES = {
 def say(message: str) -> None:
     print(f"[replicate {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-
-def quadrivium_exits(layers: int) -> list[int]:
-    """Exits at L/4, L/2, 3L/4 (rounded down, kept strictly increasing inside 1..L-1)."""
-    if layers < 4:
-        raise SystemExit(f"error: a Quadrivium needs at least 4 layers (3 early exits); got --layers {layers}")
-    exits = []
-    for fraction in (0.25, 0.5, 0.75):
-        e = max(int(layers * fraction), exits[-1] + 1 if exits else 1)
-        exits.append(min(e, layers - 1))
-    return exits
 
 
 def free_port() -> int:
@@ -172,7 +164,10 @@ class Replication:
             value = getattr(args, key, None)
             if value is not None:
                 s[key] = value
-        s["exits"] = quadrivium_exits(s["layers"])
+        try:
+            s["exits"] = quadrivium_exits(s["layers"])
+        except ConfigError as err:
+            raise SystemExit(f"error: --layers: {err}") from None
         s["zero_stage"] = args.zero_stage if args.zero_stage is not None else (1 if s["device"] == "cuda" else 2)
         self.s = s
         self.out = (REPO / args.output_dir) if not Path(args.output_dir).is_absolute() else Path(args.output_dir)
