@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import warnings
 
 
 def _at_least(kind, minimum, what: str, strict: bool = False):
@@ -51,3 +52,13 @@ def torch_setup_error(device: str, threads: int = 0) -> str | None:
     if threads:
         torch.set_num_threads(threads)
     return None
+
+
+def quiet_training_noise(device: str) -> None:
+    """Silences what a training process prints that no user can act on: DeepSpeed's warning (once per rank)
+    that it fell back to its CPU accelerator, and torch's deprecation of the all_gather_into_tensor that
+    DeepSpeed's ZeRO calls. Call before DeepSpeed is imported."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, said up front
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nvium_dist.checkpoint_io import CheckpointError
+    from nvium_dist.cli import quiet_training_noise
     from nvium_dist.config import ConfigError, load_config
 
     try:
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         report_config_error(error)
         return 2
+    quiet_training_noise(config.parallel.device)
     from nvium_dist.training.beta_controller import BaselineUnavailable
     from nvium_dist.training.checkpoint import RankZeroError
     from nvium_dist.training.run_lock import RunDirInUseError

@@ -140,9 +140,10 @@ def chi_square_pvalue(counts, probs):
     return chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue
 
 
-def test_transformers_generate_samples_the_mixture(nvium_pair):
+def test_transformers_generate_samples_the_mixture(nvium_pair, capfd, caplog):
     """20,000 next tokens drawn by transformers' generate(do_sample=True) with the shipped generation
-    config against p_mix (chi-square); the final head alone and transformers' default top-k 50 both fail."""
+    config against p_mix (chi-square); the final head alone and transformers' default top-k 50 both fail.
+    generate(max_new_tokens=...) says nothing about max_length (the shipped config sets none)."""
     export, hf_dir = nvium_pair
     model, generator = load_hf(hf_dir, remote=True), load_generator(export)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -155,6 +156,7 @@ def test_transformers_generate_samples_the_mixture(nvium_pair):
         for _ in range(4):
             out = model.generate(torch.tensor([prompt] * 5000), max_new_tokens=1)
             draws.append(out[:, -1])
+    assert "max_length" not in capfd.readouterr().err + caplog.text
     counts = np.bincount(torch.cat(draws).numpy(), minlength=300)
     assert chi_square_pvalue(counts, p_mix) > 1e-3
     assert chi_square_pvalue(counts, p_final) < 1e-6

@@ -454,3 +454,23 @@ def test_optimizer_offload_and_wandb_offline(corpus, tmp_path, monkeypatch):
                                                 "training.eval_interval": 2})
     assert sorted(records) == [1, 2] and all(r["loss"] > 0 for r in records.values())
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
+
+
+@pytest.mark.slow  # two torchrun processes through the real entry point (~40 s)
+def test_training_command_prints_no_third_party_noise(corpus, tmp_path):  # noqa: F811
+    """torchrun + ZeRO-2 through the real entry point: no DeepSpeed accelerator warning per rank and no torch
+    deprecation warning about DeepSpeed's collectives, only nvium's own lines."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # as a user's shell has it
+    sets = [arg for kv in small_overrides(corpus, tmp_path / "run", **{"training.train_iters": 2,
+                                                                       "training.eval_interval": 2,
+                                                                       "parallel.zero_stage": 2})
+            for arg in ("--set", kv)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "pretrain/pretrain_nvium.py", "--config", "pretrain/configs/tiny.yaml", *sets],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "[checkpoint] step 2" in output
+    for noise in ("real_accelerator", "FutureWarning", "all_gather_into_tensor"):
+        assert noise not in output, noise

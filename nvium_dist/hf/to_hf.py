@@ -74,12 +74,12 @@ def write_model(conversion: Conversion, generation_config, out_dir: Path) -> Non
     save_tensors(out_dir / "model.safetensors", conversion.hf_state, metadata={"format": "pt"})
 
 
-def sampling_generation_config(special_ids: dict[str, int | None], max_length: int):
-    """Plain ancestral sampling: transformers' defaults would apply top-k 50 to do_sample."""
+def sampling_generation_config(special_ids: dict[str, int | None]):
+    """Plain ancestral sampling: transformers' defaults would apply top-k 50 to do_sample. No max_length: with
+    one set, every generate(max_new_tokens=...) warns; without, transformers caps at max_position_embeddings."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_length=max_length,
-                            **special_ids)
+    return GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, **special_ids)
 
 
 def special_token_ids(export) -> dict[str, int | None]:
@@ -127,7 +127,7 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
     export = load_export(export_dir)
     special_ids = special_token_ids(export)
     conversion = convert_state(export.model_config, {k: v.float() for k, v in export.state.items()}, special_ids)
-    generation_config = sampling_generation_config(special_ids, export.model_config.seq_length)
+    generation_config = sampling_generation_config(special_ids)
     summary = {"output": str(out_dir), "class": conversion.hf_config.architectures[0],
                "source": str(export_dir.resolve()),
                "exits": list(export.model_config.exits), "tokenizer": None, "notes": []}
