@@ -35,6 +35,27 @@ def float_above(minimum: float):
     return _at_least(float, minimum, "a number", strict=True)
 
 
+def parse_int_list(text: str) -> list[int]:
+    """"1, 4,16" -> [1, 4, 16] (empty items are skipped); ValueError says what was wrong with the text."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def int_list(minimum: int):
+    """argparse type: a non-empty comma-separated list of integers, each >= `minimum`."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = parse_int_list(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"must be integers >= {minimum}, got {text!r}")
+        return values
+    return parse
+
+
 def file_prefix(text: str) -> str:
     """argparse type: an output prefix (PREFIX.bin, PREFIX.model, ...) that ends in a name, not in a directory."""
     if not os.path.basename(text):

@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 
-from nvium_dist.cli import int_at_least, torch_setup_error
+from nvium_dist.cli import int_at_least, int_list, torch_setup_error
 
 FIRST_EXIT_RATE = 0.7
 SYNTHETIC = dict(vocab_size=8000, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=688, exits=[2, 4, 6],
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="--synthetic: override a ModelConfig field (repeatable)")
     p.add_argument("--first-exit-rate", type=float, default=FIRST_EXIT_RATE,
                    help="--synthetic: share of tokens the routers send out at the first exit")
-    p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
+    p.add_argument("--batch-sizes", type=int_list(1), default="1,4,16", help="comma-separated batch sizes")
     p.add_argument("--continuous", default="16:48", help="ROWS:PROMPTS continuous-batching setting ('' = none)")
     p.add_argument("--new-tokens", type=int_at_least(1), default=64, help="tokens generated per sequence")
     p.add_argument("--min-tokens", type=int_at_least(0), default=256,
@@ -85,14 +85,12 @@ class BenchError(ValueError):
     """Bad benchmark input; main() prints it as one line."""
 
 
-def parse_settings(batch_sizes: str, continuous: str, min_tokens: int, new_tokens: int) -> list[tuple[int, int, bool]]:
+def parse_settings(batch_sizes: list[int], continuous: str, min_tokens: int, new_tokens: int
+                   ) -> list[tuple[int, int, bool]]:
     """-> [(rows, prompts, serving)]: one per batch size (enough prompts, decoded one batch after another, for
     at least `min_tokens` tokens), then the continuous-batching (serving) setting."""
+    settings = [(b, max(b, b * math.ceil(min_tokens / (b * new_tokens))), False) for b in batch_sizes]
     try:
-        sizes = [int(x) for x in batch_sizes.split(",") if x]
-        settings = [(b, max(b, b * math.ceil(min_tokens / (b * new_tokens))), False) for b in sizes if b > 0]
-        if len(settings) < len(sizes):
-            raise BenchError("batch sizes must be >= 1")
         if continuous:
             rows, prompts = (int(x) for x in continuous.split(":"))
             if not 1 <= rows <= prompts:
@@ -101,8 +99,7 @@ def parse_settings(batch_sizes: str, continuous: str, min_tokens: int, new_token
     except ValueError as err:
         if isinstance(err, BenchError):
             raise
-        raise BenchError(f"--batch-sizes {batch_sizes!r} must be comma-separated integers and --continuous "
-                         f"{continuous!r} ROWS:PROMPTS") from None
+        raise BenchError(f"--continuous {continuous!r} must be ROWS:PROMPTS") from None
     return settings
 
 

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from nvium_dist.cli import int_at_least, torch_setup_error
+from nvium_dist.cli import int_at_least, int_list, torch_setup_error
 
 VARIANTS = {"plain": (False, False), "chunked": (False, True), "checkpointed": (True, False),
             "checkpointed+chunked": (True, True)}
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (its model section is used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    p.add_argument("--micro-batches", default="4", help="comma-separated micro-batch sizes")
+    p.add_argument("--micro-batches", type=int_list(1), default="4", help="comma-separated micro-batch sizes")
     p.add_argument("--seq-length", type=int_at_least(1), help="tokens per sequence (default: the model's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--loss-chunk-tokens", type=int_at_least(0), default=0,
@@ -50,12 +50,7 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.config, args.set)
-        try:
-            micro_batches = [int(x) for x in args.micro_batches.split(",") if x]
-        except ValueError:
-            micro_batches = []
-        if not micro_batches or min(micro_batches) < 1:
-            raise ConfigError(f"--micro-batches must be comma-separated integers >= 1, got {args.micro_batches!r}")
+        micro_batches = args.micro_batches
         variants = [v for v in args.variants.split(",") if v]
         unknown = sorted(set(variants) - set(VARIANTS))
         if unknown or not variants:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nvium_dist.cli import float_at_least, int_at_least, torch_setup_error
+from nvium_dist.cli import float_at_least, int_at_least, int_list, torch_setup_error
 
 
 class TextStream:
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("prompts", nargs="*", help="prompt texts (one batch row each); same as --prompt")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable: one batch row each)")
     p.add_argument("--prompt-file", help="file with one prompt per line (blank lines skipped)")
-    p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--prompt-ids", action="append", type=int_list(0), default=[],
+                   help="comma-separated token ids (repeatable)")
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=["deferred", "full"], default="deferred")
@@ -84,13 +85,7 @@ def main(argv=None) -> int:
             print(f"error: --prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: {err.reason}); "
                   "give one prompt per line in UTF-8", file=sys.stderr)
             return 2
-    id_prompts = []
-    for spec in args.prompt_ids:
-        try:
-            id_prompts.append([int(x) for x in spec.replace(" ", "").split(",") if x])
-        except ValueError:
-            print(f"error: --prompt-ids {spec!r} is not a comma-separated list of integers", file=sys.stderr)
-            return 2
+    id_prompts = args.prompt_ids
     if not texts and not id_prompts:
         print("error: give at least one prompt (positional, --prompt, --prompt-file or --prompt-ids)", file=sys.stderr)
         return 2

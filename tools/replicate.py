@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nvium_dist.cli import int_list  # noqa: E402
 from nvium_dist.replicate.pipeline import SCALES  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=2, help="training processes per run (torchrun --nproc-per-node)")
     p.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (default 2 on CPU, 1 on GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="training/decoding device (default: the scale's)")
-    p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, comma-separated")
+    p.add_argument("--batch-sizes", type=int_list(1), default="1,8", help="decode batch sizes, comma-separated")
     p.add_argument("--repeats", type=int, help="timed decode runs per model and batch size (best is reported)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per sequence in the decode benchmark")
     p.add_argument("--threads", type=int, default=1, help="torch threads for decoding (1: latency-bound small batch)")

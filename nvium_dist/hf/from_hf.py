@@ -23,6 +23,7 @@ import torch
 
 from nvium_dist.checkpoint_io import (EXPORT_FORMAT, CheckpointError, check_state_matches, is_export_dir,
                                       read_json_object)
+from nvium_dist.cli import parse_int_list
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig, quadrivium_exits
 from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_state, rope_theta
 from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
@@ -38,7 +39,7 @@ def parse_exits(spec: str, num_layers: int) -> list[int]:
     if spec == "quadrivium":
         return quadrivium_exits(num_layers)
     try:
-        return [int(part) for part in spec.split(",") if part.strip()]
+        return parse_int_list(spec)
     except ValueError:
         raise ConfigError(f"--exits {spec!r}: give 'quadrivium', 'none' or layer counts like 6,12,18") from None
 

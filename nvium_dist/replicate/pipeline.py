@@ -281,7 +281,7 @@ class Replication:
             return False
         from nvium_dist.replicate.bench import bench_decode
 
-        batch_sizes = [int(x) for x in self.args.batch_sizes.split(",") if x]
+        batch_sizes = self.args.batch_sizes
         say(f"decode benchmark: dense vs N-vium full vs N-vium deferred, batch sizes {batch_sizes}, "
             f"{self.s['new_tokens']} new tokens, best of {self.s['repeats']} interleaved repeats, "
             f"{self.args.threads} thread(s)")
