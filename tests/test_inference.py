@@ -1,5 +1,6 @@
 """Exact deferred decoding: KV equivalence, per-step distributions, statistics, seeds, transforms, bad input."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -420,3 +421,20 @@ def test_pipeline_stage_devices(export_dir):
     with pytest.raises(ValueError, match=f"pipeline_stages={gpus + 1} on CUDA needs {gpus + 1} GPUs but {gpus} are"):
         run_pipeline(str(export_dir), gpus + 1, [[1, 2]], [4], seed=0, mode="deferred", eos_id=None,
                      sequence_ids=[0], flush=False, device="cuda")
+
+
+def test_inference_modules_import_each_other_without_a_circle():
+    """Every import between nvium_dist.inference modules, function-local ones included, points one way."""
+    import ast
+    import graphlib
+
+    package = Path(__file__).resolve().parents[1] / "nvium_dist" / "inference"
+    graph = {}
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nvium_dist.inference."):
+                imported.add(node.module.rsplit(".", 1)[1])
+        graph[path.stem] = imported - {path.stem}
+    assert graph["generator"] >= {"pipeline", "driver"}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle

@@ -28,6 +28,9 @@ import traceback
 
 import torch
 
+from nvium_dist.inference.driver import Driver, load_decode_model
+from nvium_dist.inference.engine import StageEngine, use_decode_layout
+
 WORK, STOP = 1, 0
 _PRELOAD = ("torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture",
             "nvium_dist.inference.generator")
@@ -125,8 +128,6 @@ def _driver_loop(engine, model, stages: int, prompts, sequence_ids, max_new_toke
     """Stage 0: the single-process Driver, with the upper stages in other processes."""
     import torch.distributed as dist
 
-    from nvium_dist.inference.generator import Driver
-
     batch = engine.batch
     message = torch.zeros(1 + 3 * batch, dtype=torch.long, device=device)
 
@@ -173,8 +174,7 @@ def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(job["threads"])
     try:
-        from nvium_dist.inference.engine import StageEngine
-        from nvium_dist.inference.generator import NviumGenerator
+        from nvium_dist.checkpoint_io import load_export
 
         device = job["device"]
         if device == "cuda":
@@ -183,8 +183,8 @@ def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
         ranges = export_config.segment_ranges
         segments = stage_segments(len(ranges), [b - a for a, b in ranges], stages)[rank]
         keep = {i for j in segments for i in range(*ranges[j])}
-        generator = NviumGenerator.from_pretrained(job["export_dir"], device=device, keep_layers=keep)
-        model = generator.model
+        model = load_decode_model(load_export(job["export_dir"]), device=device, keep_layers=keep)
+        use_decode_layout(model)
         device = next(model.parameters()).device
         prompts, max_new_tokens = job["prompts"], job["max_new_tokens"]
         max_len = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
