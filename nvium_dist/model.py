@@ -405,15 +405,19 @@ class NviumModel(nn.Module):
             return F.embedding(tokens, self.embedding.weight)
         return self.embedding(tokens)
 
-    def run_segment(self, segment: int, hidden: torch.Tensor, positions: torch.Tensor,
+    def rotary(self, positions: torch.Tensor) -> Rotary:
+        """RoPE tables at `positions` [b, s], built once per forward and shared by every segment that runs there."""
+        return Rotary.at(positions, self.inv_freq)
+
+    def run_segment(self, segment: int, hidden: torch.Tensor, rotary: Rotary,
                     caches: list[KVCacheLayer] | None = None) -> torch.Tensor:
-        """Runs the layers between head `segment - 1` and head `segment`; `caches` is indexed by layer.
+        """Runs the layers between head `segment - 1` and head `segment` at the positions of `rotary`
+        (self.rotary); `caches` is indexed by layer.
 
         With activation checkpointing (training: no caches, gradients on) each block keeps only its input
         and runs again in backward."""
         start, end = self.config.segment_ranges[segment]
         recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
-        rotary = Rotary.at(positions, self.inv_freq)
         for layer in range(start, end):
             if recompute:
                 hidden = checkpoint(self.layers[layer], hidden, rotary, use_reentrant=False)
@@ -449,10 +453,10 @@ class NviumModel(nn.Module):
 
     def head_inputs(self, tokens: torch.Tensor):
         """Full-depth pass: yields (head index, the hidden state that head reads) in order."""
-        positions = self.default_positions(tokens)
+        rotary = self.rotary(self.default_positions(tokens))
         hidden = self.embed(tokens)
         for head in range(self.config.num_heads_total):
-            hidden = self.run_segment(head, hidden, positions)
+            hidden = self.run_segment(head, hidden, rotary)
             yield head, hidden
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, force_continue: bool = False) -> MixtureTerms:

@@ -76,7 +76,7 @@ def full_forward_kv(generator, sequence):
         hidden, positions = model.embed(tokens), model.default_positions(tokens)
         caches = [Recorder(layer) for layer in range(model.config.num_layers)]
         for k in range(model.config.num_heads_total):
-            hidden = model.run_segment(k, hidden, positions, caches)
+            hidden = model.run_segment(k, hidden, model.rotary(positions), caches)
     return recorded
 
 

@@ -115,6 +115,20 @@ def test_forced_continue_equals_plain_transformer(single_process):
     torch.testing.assert_close(terms.log_p_mix, reference.gather(-1, labels[..., None])[..., 0], atol=2e-5, rtol=1e-5)
 
 
+def test_rope_tables_are_built_once_per_forward(single_process, monkeypatch):
+    from nvium_dist import model as model_module
+
+    built = []
+    original = model_module.Rotary.at
+    monkeypatch.setattr(model_module.Rotary, "at", lambda positions, inv_freq: built.append(1) or original(positions,
+                                                                                                        inv_freq))
+    model = build()
+    tokens = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        model(tokens, tokens)
+    assert model.config.num_heads_total > 1 and len(built) == 1
+
+
 def test_inference_forward_skips_megatron_wrappers_with_the_same_numbers(single_process):
     """Without autograd at one TP rank the linear layers and the embedding run the plain torch op on their
     weight (megatron's wrappers are never entered) and every output is bitwise what the wrappers give."""
@@ -192,7 +206,7 @@ def test_causality_every_head_and_router(single_process):
             hidden, positions = model.embed(toks), model.default_positions(toks)
             per_head = []
             for k in range(model.config.num_heads_total):
-                hidden = model.run_segment(k, hidden, positions)
+                hidden = model.run_segment(k, hidden, model.rotary(positions))
                 per_head.append(model.head_logits(k, hidden))
             outputs.append(per_head)
     for (logits_a, router_a), (logits_b, router_b) in zip(*outputs):

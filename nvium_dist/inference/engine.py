@@ -229,7 +229,7 @@ class StageEngine:
                 else:
                     hidden = source[batch.token_rows, batch.token_positions].unsqueeze(0)
         with timer(f"segment {j}", (j, batch.total)):
-            hidden = self.model.run_segment(j, hidden, batch.positions, self.caches)
+            hidden = self.model.run_segment(j, hidden, self.model.rotary(batch.positions), self.caches)
         if j < self.num_heads - 1:
             with timer("bookkeeping"):
                 if batch.single:
