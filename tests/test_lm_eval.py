@@ -179,3 +179,7 @@ def test_evaluate_tool_runs_lm_eval_tasks(export, task_dir):
     unknown = evaluate("--lm-eval", "no_such_task_anywhere")
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     assert unknown.stderr.strip().splitlines()[-1].startswith("error: lm-eval:")
+    hub_task = evaluate("--lm-eval", "hellaswag", "--limit", "1")  # its data lives on the Hub; offline here
+    assert hub_task.returncode == 2 and "Traceback" not in hub_task.stderr, hub_task.stderr[-3000:]
+    last = hub_task.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: lm-eval could not fetch") and "--include-path" in last

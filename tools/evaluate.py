@@ -68,6 +68,11 @@ def lm_eval_main(args) -> int:
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as err:  # no export, unknown task, no data
         print(f"error: lm-eval: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # ConnectionError and the hub's offline errors are OSErrors
+        print(f"error: lm-eval could not fetch a task's data ({err}): built-in tasks such as hellaswag and "
+              "arc_easy download it from the Hugging Face Hub; offline, use a YAML task over local files "
+              "(--include-path DIR)", file=sys.stderr)
+        return 2
     print(json.dumps({"model": args.model, "tasks": tasks, "results": results["results"],
                       "num_fewshot": results.get("n-shot", {})}, indent=2, default=str))
     return 0
