@@ -43,4 +43,9 @@ Everything went to $RUN_DIR:
   data           $RUN_DIR/data/           (corpus JSONL, tokenizer.model, .bin/.idx)
   export         $RUN_DIR/export/         (config.json, model.safetensors, tokenizer.model)
   evaluation     $RUN_DIR/eval.json
+
+To run the tools yourself, activate the environment first (without it: ModuleNotFoundError):
+  . .venv/bin/activate
+  python tools/generate.py --model $RUN_DIR/export --prompt "ROMEO:" --max-new-tokens 40 --show-exits
+Your own text, step by step: README.md ("Train on your own text"); everything else: docs/.
 DONE

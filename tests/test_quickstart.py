@@ -22,3 +22,4 @@ def test_quickstart_model_has_every_head_alive(tmp_path):
     assert result["dead_heads"] == [] and max(result["head_perplexity"]) < 2048, result["head_perplexity"]
     assert "every head alive" in out.stderr
     assert (run_dir / "export" / "model.safetensors").is_file()
+    assert ". .venv/bin/activate" in out.stdout  # the tools need the environment the script installed
