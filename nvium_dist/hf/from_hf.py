@@ -139,8 +139,9 @@ def llama_to_run_dir(hf_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
     if any(name.startswith("early_norms.") for name in hf_state):
         raise CheckpointError(f"{hf_dir} is an N-vium checkpoint of the paper's code, not a plain LLaMA: convert it to "
                               "an export with --paper")
-    num_layers = int(hf_config.get("num_hidden_layers", 0))
-    config.model = llama_model_config(hf_config, parse_exits(exits, num_layers), seq_length, config.model)
+    config.model = llama_model_config(hf_config, [], seq_length, config.model)  # refuses what nvium cannot represent
+    config.model.exits = parse_exits(exits, config.model.num_layers)
+    config.model.validate()
     config.training.run_dir = str(run_dir)
     tokenizer = hf_dir / "tokenizer.model"
     if tokenizer.is_file() and not config.data.tokenizer_model:
