@@ -7,7 +7,6 @@ counter-based uniforms keyed by (seed, sequence, position, exit) (nvium_dist.inf
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
