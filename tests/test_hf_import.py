@@ -124,11 +124,11 @@ def test_llama_import_refusals(tmp_path):
     gqa.save_pretrained(tmp_path / "gqa")
     result = run_cli(tmp_path / "gqa", tmp_path / "out")
     assert result.returncode == 2 and "num_key_value_heads=2" in result.stderr and "Traceback" not in result.stderr
-    gqa.config.num_key_value_heads = 4
-    gqa.config.save_pretrained(tmp_path / "partial")
     from safetensors.torch import save_file
 
-    weights = {k: v for k, v in tiny_llama(vocab=64, layers=2).state_dict().items() if "layers.1.mlp.up" not in k}
+    llama = tiny_llama(vocab=64, layers=2)
+    llama.config.save_pretrained(tmp_path / "partial")
+    weights = {k: v for k, v in llama.state_dict().items() if "layers.1.mlp.up" not in k}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "partial" / "model.safetensors"))
     result = run_cli(tmp_path / "partial", tmp_path / "out", "--exits", "1")
     assert result.returncode == 2 and "model.layers.1.mlp.up_proj.weight" in result.stderr, result.stderr
