@@ -70,14 +70,17 @@ class NviumLM(TemplateLM):
         self.seed = int(seed)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "NviumLM":
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "NviumLM":
         """--model_args win over lm-eval's own --batch_size/--device (lm-eval passes both: batch_size given twice
         would be Python's "got multiple values for keyword argument")."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "NviumLM":
         from lm_eval import utils
 
-        args = utils.simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
-        return cls(**args, **extra)
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
     # -- tokenizer ---------------------------------------------------------------------------------------
 
