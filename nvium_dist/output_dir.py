@@ -183,11 +183,12 @@ def building(out: Path):
 
 
 def is_disk_full(err: BaseException) -> bool:
-    """An OSError ENOSPC/EDQUOT, or a library's wrapped one (safetensors, torch.save) that says so."""
+    """An OSError ENOSPC/EDQUOT, or a library's wrapped one: safetensors says so, torch.save's zip writer reports
+    the short write as "unexpected pos"."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return "No space left on device" in text or "Disk quota exceeded" in text
+    return any(sign in text for sign in ("No space left on device", "Disk quota exceeded", "unexpected pos"))
 
 
 def disk_full_message(path: Path, err: BaseException) -> str:
