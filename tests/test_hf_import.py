@@ -332,3 +332,45 @@ def test_paper_checkpoint_becomes_a_run_the_trainer_continues(paper_checkpoint, 
     torch.testing.assert_close(generator.mixture_logprobs(tokens), expected_mix, rtol=0, atol=1e-5)
     code, (train, _) = run_distributed(resume_one_step, 1, str(run_dir / "config.yaml"), timeout=600)[0]
     assert code == 0 and sorted(train) == [1]
+
+
+def documented_paper_names(num_exits: int) -> dict[str, str]:
+    """nvium HF name -> the paper's name, from the table in docs/hostile-input.md ({k}, {K-1}, {weight,bias})."""
+    import re
+
+    text = (ROOT / "docs" / "hostile-input.md").read_text()
+    rows = re.findall(r"^\| `(heads\.[^`]+)` \| `([^`]+)`", text, flags=re.M)
+    assert len(rows) == 10, rows
+    mapping = {}
+    for ours, theirs in rows:
+        for suffix in (["weight", "bias"] if "{weight,bias}" in ours else [None]):
+            a, b = (ours, theirs) if suffix is None else (ours.replace("{weight,bias}", suffix),
+                                                          theirs.replace("{weight,bias}", suffix))
+            if "{K-1}" in a:
+                mapping[a.replace("{K-1}", str(num_exits))] = b
+            else:
+                mapping.update({a.replace("{k}", str(k)): b.replace("{k}", str(k)) for k in range(num_exits)})
+    return mapping
+
+
+def test_documented_paper_name_mapping(paper_checkpoint, tmp_path):
+    """Issue 22 case 17: the documented renaming turns convert_to_hf's N-vium names back into the paper's
+    NviumModel state dict (router logits times router_temp; adapters narrower than nvium's zero-padded)."""
+    from safetensors.torch import load_file
+
+    from nvium_dist.checkpoint_io import load_export
+    from nvium_dist.hf.to_hf import convert_state
+
+    _, _, hf_dir = paper_checkpoint
+    result = run_cli(hf_dir, tmp_path / "export", "--paper", "--exits", "1,2,4", "--router-temperature", "2.0")
+    assert result.returncode == 0, result.stderr
+    export = load_export(tmp_path / "export")
+    ours = convert_state(export.model_config, export.state, {}).hf_state
+    mapping = documented_paper_names(len(EXITS))
+    assert {name for name in ours if name.startswith("heads.")} == set(mapping)
+    paper = {k: v for k, v in load_file(hf_dir / "model.safetensors").items() if not k.startswith("early_lm_heads")}
+    renamed = {mapping.get(name, name): tensor for name, tensor in ours.items()}
+    assert set(renamed) == set(paper)
+    for name, tensor in paper.items():
+        got = renamed[name] * (2.0 if name.startswith("router_heads") else 1.0)
+        torch.testing.assert_close(got[tuple(slice(0, n) for n in tensor.shape)], tensor.float(), rtol=1e-6, atol=0)
