@@ -16,19 +16,11 @@ import pytest
 import torch
 
 from cli_case_runner import run_case
+from test_hf_export import offline_modules  # noqa: F401 - one thread, remote code cached in tmp
 from test_inference import make_export
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["HF_MODULES_CACHE"] = str(tmp_path_factory.mktemp("hf_modules"))
-    yield
-    torch.set_num_threads(previous)
 
 
 def tool(script: str, *args) -> dict:
