@@ -133,15 +133,12 @@ def _writer_is_gone(tmp: Path) -> bool:
     return False
 
 
-def remove_stale_tmp_dirs(out: Path) -> list[Path]:
+def remove_stale_tmp_dirs(out: Path) -> None:
     """Removes `<out>.tmp-<pid>` directories that a writer of this module left behind when it was killed (they
-    hold PARTIAL_FILE naming a process that no longer exists); returns them."""
-    removed = []
+    hold PARTIAL_FILE naming a process that no longer exists)."""
     for tmp in out.parent.glob(f"{out.name}.tmp-*"):
         if tmp.is_dir() and not tmp.is_symlink() and _writer_is_gone(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
 
 
 def new_tmp_dir(out: Path) -> Path:
@@ -206,7 +203,3 @@ def write_marker(directory: Path, tool: str, **info) -> None:
     files = {name: file_sha256(str(directory / name)) for name in _files(directory) if name != PARTIAL_FILE}
     (directory / MARKER_FILE).write_text(json.dumps({"tool": tool, **info, "files": files}, indent=2) + "\n")
 
-
-def written_by(directory: Path, tool: str) -> bool:
-    marker = read_marker(directory)
-    return marker is not None and marker.get("tool") == tool
