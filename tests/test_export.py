@@ -99,7 +99,7 @@ def test_export_round_trip_logits_equal(tp2_run, tmp_path, capsys):
                                    "--tokenizer", "none"]) == 0
     printed = capsys.readouterr().out
     assert "self-check (export): max |diff|" in printed
-    assert sorted(os.listdir(tmp_path / "exp")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "exp")) == ["config.json", "model.safetensors", "nvium_conversion.json"]
     _, _, sample, _ = read_checkpoint(run_dir)
     generator = NviumGenerator.from_pretrained(tmp_path / "exp")
     log_heads, _ = generator.head_outputs(sample["tokens"])
