@@ -38,7 +38,7 @@ import torch
 
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig, _build, model_config_from_dict
 from nvium_dist.data.tokenizer import file_sha256
-from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir
+from nvium_dist.output_dir import same_or_inside, building, check_output_dir, install_dir, write_marker
 
 EXPORT_FORMAT = "nvium-export"
 EXPORT_VERSION = 1
@@ -447,11 +447,6 @@ def find_tokenizer(config: NviumConfig, checkpoint_path: str | os.PathLike) -> P
     return None
 
 
-def _same_or_inside(path: Path, other: Path) -> bool:
-    path, other = path.resolve(), other.resolve()
-    return path == other or other in path.parents
-
-
 def write_resharded_checkpoint(output_run_dir: str | os.PathLike, source_step_dir: str | os.PathLike,
                                config: NviumConfig, trainer_state: dict, tensor_parallel: int, pipeline_parallel: int,
                                check=None) -> Path:
@@ -536,7 +531,7 @@ class Export:
 def check_outside_run(output: Path, run_dir: Path) -> None:
     """Raises unless writing `output` leaves `run_dir` alone: `output` is neither the run directory, nor
     anything that holds it, nor anything inside its checkpoints."""
-    if _same_or_inside(run_dir, output) or _same_or_inside(output, run_dir / "checkpoints"):
+    if same_or_inside(run_dir, output) or same_or_inside(output, run_dir / "checkpoints"):
         raise CheckpointError(f"--output {output} would replace or write into the checkpoint's run directory "
                               f"{run_dir}; choose another directory")
 
@@ -548,28 +543,39 @@ def is_export_dir(path: Path) -> bool:
         return False
 
 
-def check_export_target(export_dir: Path, force: bool, protected: Path | None = None) -> None:
-    """Raises unless `export_dir` may be written: new, an empty directory or an earlier export; anything
-    else only with `force`. Never `protected` (the source checkpoint's run directory), anything that holds
-    it, or anything inside its checkpoints."""
+def check_export_target(export_dir: Path, force: bool, protected: Path | None = None,
+                        tool: str = "export_checkpoint.py", sources: tuple[Path, ...] = ()) -> None:
+    """Raises unless `export_dir` may be written (nvium_dist.output_dir's rules: new, an empty directory or an
+    earlier export of `tool`, apart from `sources`; an export of an older version only with `force`). Never
+    `protected` (the source checkpoint's run directory), anything that holds it, or anything inside its
+    checkpoints."""
     if protected is not None:
         check_outside_run(export_dir, protected)
-    check_output_dir(export_dir, is_export_dir, force, "export_checkpoint.py")
+
+    def older_export(path: Path) -> bool:  # an export of this tool from before exports carried a file list
+        if not is_export_dir(path):
+            return False
+        metadata = read_json_object(path / CONFIG_FILE).get("metadata")
+        converted_by = metadata.get("converted_by") if isinstance(metadata, dict) else None
+        return converted_by == (tool if tool != "export_checkpoint.py" else None)
+
+    check_output_dir(export_dir, tool, force, sources, older_output=older_export)
 
 
 def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_state: dict[str, torch.Tensor],
                 tokenizer_path: str | os.PathLike | None, metadata: dict | None = None, check=None,
-                force: bool = False, protected: str | os.PathLike | None = None) -> Path:
-    """Writes EXPORT_DIR (config.json, model.safetensors, tokenizer.model) atomically.
+                force: bool = False, protected: str | os.PathLike | None = None, tool: str = "export_checkpoint.py",
+                sources: tuple[Path, ...] = ()) -> Path:
+    """Writes EXPORT_DIR (config.json, model.safetensors, tokenizer.model, nvium_conversion.json) atomically.
 
     `tokenizer_path`: a SentencePiece .model file, the string "bytes" (ids are byte values, vocab >= 256),
     or None (no tokenizer; generate with token ids). The export is built under a temporary name and
     `check(tmp_dir)` runs on it first; only when it passes does it replace EXPORT_DIR, which must be new,
-    empty or an earlier export unless `force` (see `check_export_target`; `protected`: a run directory
-    that is never touched).
+    empty or an earlier export of `tool` (see `check_export_target`; `protected`: a run directory that is
+    never touched; `sources`: inputs the export may not be, hold or sit inside).
     """
     export_dir = Path(export_dir)
-    check_export_target(export_dir, force, Path(protected) if protected is not None else None)
+    check_export_target(export_dir, force, Path(protected) if protected is not None else None, tool, sources)
     check_state_matches(model_config, full_state, "export")
     check_weights_usable(full_state, "export")
     if tokenizer_path is None:
@@ -582,19 +588,16 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
         if not Path(tokenizer_path).is_file():
             raise CheckpointError(f"tokenizer {tokenizer_path} does not exist; pass --tokenizer PATH or 'none'")
         tokenizer = {"type": "sentencepiece", "file": TOKENIZER_FILE}
-    tmp = new_tmp_dir(export_dir)
-    try:
+    with building(export_dir) as tmp:
         save_tensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
         if tokenizer["type"] == "sentencepiece":
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
                                                "model": asdict(model_config), "tokenizer": tokenizer,
                                                "metadata": metadata or {}})
+        write_marker(tmp, tool)
         if check is not None:
             check(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     install_dir(tmp, export_dir)
     return export_dir
 

@@ -56,6 +56,14 @@ def int_list(minimum: int):
     return parse
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = float_above(0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def file_prefix(text: str) -> str:
     """argparse type: an output prefix (PREFIX.bin, PREFIX.model, ...) that ends in a name, not in a directory."""
     if not os.path.basename(text):

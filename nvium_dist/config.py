@@ -226,7 +226,10 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     lr_schedule: str = "cosine"  # "cosine" or "wsd"
     warmup_fraction: float = 0.01
-    decay_fraction: float = 0.1  # wsd: the final fraction of steps decays linearly to min_lr
+    decay_fraction: float = 0.1  # wsd: the final fraction of steps decays to min_lr
+    # wsd's shape. "cosine": the paper's code (transformers' get_wsd_schedule defaults with min_lr_ratio: linear
+    # warmup from min_lr_ratio x lr, cosine decay, step counts floored); "linear": warmup from ~0, linear decay.
+    wsd_decay: str = "cosine"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -257,6 +260,8 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.lr_schedule not in ("cosine", "wsd"):
             raise ConfigError(f"training.lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
+        if self.wsd_decay not in ("cosine", "linear"):
+            raise ConfigError(f"training.wsd_decay must be 'cosine' or 'linear', got {self.wsd_decay!r}")
         positive = ("train_iters", "micro_batch_size", "global_batch_size", "lr", "adam_eps", "log_interval",
                     "eval_interval", "eval_iters", "save_interval")
         check_ranges("training", self, {name: POSITIVE for name in positive} | {

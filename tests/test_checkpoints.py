@@ -152,22 +152,52 @@ def test_planted_pickle_is_refused_and_never_runs(zero1_run, corpus, tmp_path, c
     assert not marker.exists()
 
 
-def test_planted_pickle_with_a_forged_manifest_still_never_runs(zero1_run, corpus, tmp_path):  # noqa: F811
-    """Whoever can rewrite the manifest too gets past it, but DeepSpeed's files load with weights_only=True:
-    the resume fails with an error naming the file instead of running the payload."""
+def test_planted_pickle_with_a_forged_manifest_still_never_runs(zero1_run, corpus, tmp_path, capsys):  # noqa: F811
+    """Whoever can rewrite the manifest too gets past it, but the pickles' globals are read without running them:
+    the checkpoint is refused naming the file and the run falls back to the previous one (issue 22 case 11: it
+    aborted); DeepSpeed's files load with weights_only=True anyway."""
     from nvium_dist.training.checkpoint import load_weights_only
 
     marker = tmp_path / "payload-ran"
-    checkpoints = copy_checkpoints(zero1_run, tmp_path / "run", STEP4)
+    checkpoints = copy_checkpoints(zero1_run, tmp_path / "run", "step_00000002", STEP4)
     planted = checkpoints / STEP4 / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": PlantedPayload(marker)}, planted)
     write_manifest(checkpoints / STEP4)
-    with pytest.raises(RuntimeError, match="could not be loaded with weights_only=True"):
-        train(1, corpus, tmp_path / "run", **{"training.train_iters": 6, "parallel.zero_stage": 1})
+    settings = {"training.train_iters": 6, "training.save_interval": 2, "parallel.zero_stage": 1}
+    assert choose(tmp_path / "run", corpus, settings) == checkpoints / "step_00000002"
+    err = capsys.readouterr().err
+    assert f"WARNING: checkpoint {checkpoints / STEP4} is unusable ({planted} names " in err, err
+    assert "makedirs, which weights_only loading refuses" in err, err
+    with pytest.raises(CheckpointError, match="could not be loaded with weights_only=True"):
+        load_weights_only(planted)
+    records, _, resumed = train(1, corpus, tmp_path / "run", **settings)  # replaces the planted step 4
+    assert resumed == 2 and sorted(records) == [3, 4, 5, 6]
     assert not marker.exists()
     # DeepSpeed's real files load through the same allowlist
     original = zero1_run / "checkpoints" / STEP4 / "deepspeed" / "state" / planted.name
     assert load_weights_only(original)["optimizer_state_dict"]["zero_stage"] == 1
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(zero1_run, corpus, tmp_path):  # noqa: F811
+    """Issue 22 case 10 on a real full tmpfs: the save fails with "no space left" naming the path and the free
+    space (today torch's "[enforce fail ...] unexpected pos"); step 2 and `latest` survive, no partial step stays."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        checkpoints = copy_checkpoints(zero1_run, disk / "run", "step_00000002")
+        before = sorted(p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*"))
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * (shutil.disk_usage(disk).free - 1024 * 1024))  # room for the index cache only
+        settings = {"training.train_iters": 4, "training.save_interval": 2, "parallel.zero_stage": 1}
+        with pytest.raises(RuntimeError, match=r"no space left on the device writing .*\.tmp_step_00000004 \(\d\.\d MiB "
+                                               r"free there.*latest still names the last good checkpoint"):
+            train(1, corpus, disk / "run", **settings)
+        assert sorted(p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*")) == before
+        assert (checkpoints / "latest").read_text().strip() == "step_00000002"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 # -- fallback, fresh starts and pruning ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,21 @@ CASES = [
                                   "--output-prefix", "{h}/text.txt/out"], "text.txt"),
     ("tools/preprocess_data.py", ["--input", "{h}/docs.jsonl", "--workers", "0", "--output-prefix", "{h}/out"],
      "--workers: must be >= 1"),
+    ("tools/preprocess_data.py", ["--input", "{h}/ids.jsonl", "--input-ids-key", "input_ids", "--tokenizer-model",
+                                  "{h}/tok.model", "--vocab-size", "65536", "--output-prefix", "{h}/ids"],
+     "--vocab-size 65536 exceeds the 400 pieces of"),
+    ("tools/merge_datasets.py", ["--inputs", "{h}/ds_text_document", "{h}/nosummary",
+                                 "--output-prefix", "{h}/merged_unverified"], "no summary names the tokenizer of"),
+    ("tools/evaluate.py", ["--model", "{h}/export", "--lm-eval", "x", "--include-path", "{h}/no_tasks"],
+     "--include-path"),
+    ("tools/generate.py", ["--model", "{h}/real_export", "--prompt-ids", "1,99999"],
+     "token id 99999 is outside the vocabulary 0..299"),
+    ("tools/generate.py", ["--model", "{h}/real_export", "--prompt-ids", "1", "--mode", "full", "--top-p", "1.5"],
+     "--top-p: must be in (0, 1], got 1.5"),
+    ("tools/generate.py", ["--model", "{h}/real_export", "--prompt-ids", "1", "--mode", "full", "--top-p", "0"],
+     "--top-p: must be > 0"),
+    ("tools/generate.py", ["--model", "{h}/real_export", "--prompt-ids", "1", "--mode", "full", "--temperature", "0"],
+     "--temperature: must be > 0"),
     ("tools/replicate.py", ["--layers", "2", "--work-dir", "{h}/out", "--output-dir", "{h}/report"], "4 layers"),
     ("tools/replicate.py", ["--batch-sizes", "1,,0"], "--batch-sizes: must be integers >= 1"),
     ("tools/generate.py", ["--model", "{h}/missing", "--prompt-ids", "1,2;3"], "is not a comma-separated list"),
@@ -117,7 +133,10 @@ def hostile(tmp_path_factory) -> Path:
     """A directory of wrong inputs: text, binary junk, broken YAML, an empty directory, a .bin without .idx, a
     corrupt .idx, a training run directory, an export without weights, one whose weights are text, a
     transformers config; plus a real 400-piece tokenizer and a few JSONL documents."""
+    from test_inference import make_export
+
     from nvium_dist.data.default_corpus import iter_documents
+    from nvium_dist.data.preprocess import preprocess
     from nvium_dist.data.spm_train import train_sentencepiece
 
     h = tmp_path_factory.mktemp("hostile")
@@ -146,6 +165,11 @@ def hostile(tmp_path_factory) -> Path:
     docs = [d.text for _, d in zip(range(5), iter_documents("scene"))]
     (h / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     train_sentencepiece(iter(docs), str(h / "tok"), vocab_size=400, num_threads=1)
+    (h / "ids.jsonl").write_text(json.dumps({"input_ids": [1, 60000]}) + "\n")  # ids no 400-piece tokenizer makes
+    preprocess([str(h / "docs.jsonl")], str(h / "ds"), str(h / "tok.model"), append_eod=True, progress=False)
+    for suffix in (".bin", ".idx"):  # the same corpus without the summary that names its tokenizer
+        shutil.copyfile(h / f"ds_text_document{suffix}", h / f"nosummary{suffix}")
+    make_export(h / "real_export", vocab_size=300)
     return h
 
 
@@ -213,3 +237,19 @@ def test_config_error_under_torchrun_is_said_once():
     assert done.returncode != 0
     assert done.stderr.count("config error:") == 1, done.stderr[-3000:]
     assert "exitcode  : 2" in done.stderr or "exitcode: 2" in done.stderr, done.stderr[-3000:]
+
+
+def test_merged_summary_records_the_tokenizer(hostile, tmp_path):
+    """Issue 22 case 7: a merge of inputs made with one tokenizer records it (so training's tokenizer check covers
+    the result); with --allow-unverified an input without a summary is merged and the result vouches for none."""
+    from nvium_dist.data.gpt_data import recorded_tokenizer
+    from nvium_dist.data.merge import merge_datasets
+
+    made_with = recorded_tokenizer(str(hostile / "ds_text_document"))
+    assert made_with["sha256"]
+    merged = merge_datasets([str(hostile / "ds_text_document")] * 2, str(tmp_path / "both"))
+    assert merged["tokenizer"] == made_with and recorded_tokenizer(str(tmp_path / "both")) == made_with
+    unverified = merge_datasets([str(hostile / "ds_text_document"), str(hostile / "nosummary")],
+                                str(tmp_path / "mixed"), allow_unverified=True)
+    assert "tokenizer" not in unverified and unverified["unverified_inputs"] == [str(hostile / "nosummary")]
+    assert recorded_tokenizer(str(tmp_path / "mixed")) == {}

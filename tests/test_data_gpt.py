@@ -116,3 +116,20 @@ def test_build_with_torch_distributed_initialised(corpus, tokenizer, tmp_path): 
     ranks = run_distributed(_build_with_and_without_process_group, 2, prefixes, corpus["model"], tmp_path)
     train, _, _ = _build(corpus, tokenizer, ["0.5", corpus["a"], "0.5", corpus["b"]], tmp_path / "here")
     assert ranks[0] == ranks[1] == [train[i]["tokens"].tolist() for i in range(20)]
+
+
+def test_pickled_index_cache_is_named(corpus, tokenizer, tmp_path):  # noqa: F811
+    """Issue 22 case 12: an index-cache .npy holding pickled objects is refused naming the file and the fix
+    (today numpy's unnamed "Array can't be memory-mapped"), and never loaded; a clean cache builds again."""
+    import numpy as np
+
+    from nvium_dist.data.indexed import DatasetFormatError
+
+    cache = tmp_path / "cache"
+    _build(corpus, tokenizer, [corpus["a"]], cache)
+    index = sorted(cache.rglob("*shuffle_index.npy"))[0]
+    np.save(index, np.array([{"planted": True}], dtype=object), allow_pickle=True)
+    with pytest.raises(DatasetFormatError, match=f"{index} holds pickled Python objects.*Delete {cache}"):
+        _build(corpus, tokenizer, [corpus["a"]], cache)
+    index.unlink()
+    assert _build(corpus, tokenizer, [corpus["a"]], cache)[0] is not None

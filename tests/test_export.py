@@ -99,7 +99,7 @@ def test_export_round_trip_logits_equal(tp2_run, tmp_path, capsys):
                                    "--tokenizer", "none"]) == 0
     printed = capsys.readouterr().out
     assert "self-check (export): max |diff|" in printed
-    assert sorted(os.listdir(tmp_path / "exp")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "exp")) == ["config.json", "model.safetensors", "nvium_conversion.json"]
     _, _, sample, _ = read_checkpoint(run_dir)
     generator = NviumGenerator.from_pretrained(tmp_path / "exp")
     log_heads, _ = generator.head_outputs(sample["tokens"])
@@ -171,8 +171,8 @@ def test_truncated_and_mismatched_files_fail_clearly(tp2_run, tmp_path):
 
 
 def test_export_output_never_replaces_what_is_not_an_export(tp2_run, tmp_path, capsys):
-    """--output naming a run directory, an unrelated folder or a file is refused (exit 2, untouched); --force
-    replaces a folder or file but never the checkpoint's run directory; an earlier export is replaced."""
+    """--output naming a run directory, an unrelated folder or a file is refused (exit 2, untouched), with --force
+    too (it only replaces the tool's own exports); an earlier export is replaced."""
     sys.path.insert(0, str(ROOT / "tools"))
     import export_checkpoint
 
@@ -194,14 +194,13 @@ def test_export_output_never_replaces_what_is_not_an_export(tp2_run, tmp_path, c
     a_file = tmp_path / "file.txt"
     a_file.write_text("keep me too")
     for output in (unrelated, a_file):
-        assert export(output) == 2
-        assert "pass --force" in capsys.readouterr().err
+        for extra in ([], ["--force"]):
+            assert export(output, *extra) == 2
+            assert "choose another path" in capsys.readouterr().err.lower()
     assert (unrelated / "todo.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
-    assert export(unrelated, "--force") == 0 and (unrelated / "model.safetensors").is_file()
-    assert not (unrelated / "todo.txt").exists()
-    assert export(unrelated) == 0  # now an export: replaced without --force
-    assert export(a_file, "--force") == 0 and (a_file / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "notes"]  # no temporaries left
+    assert export(tmp_path / "exp") == 0 and (tmp_path / "exp" / "model.safetensors").is_file()
+    assert export(tmp_path / "exp") == 0  # an earlier export: replaced without --force
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "file.txt", "notes"]  # no temporaries left
 
 
 def test_failed_self_check_keeps_the_previous_export(tp2_run, tmp_path, capsys):

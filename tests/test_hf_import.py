@@ -124,11 +124,11 @@ def test_llama_import_refusals(tmp_path):
     gqa.save_pretrained(tmp_path / "gqa")
     result = run_cli(tmp_path / "gqa", tmp_path / "out")
     assert result.returncode == 2 and "num_key_value_heads=2" in result.stderr and "Traceback" not in result.stderr
-    gqa.config.num_key_value_heads = 4
-    gqa.config.save_pretrained(tmp_path / "partial")
     from safetensors.torch import save_file
 
-    weights = {k: v for k, v in tiny_llama(vocab=64, layers=2).state_dict().items() if "layers.1.mlp.up" not in k}
+    llama = tiny_llama(vocab=64, layers=2)
+    llama.config.save_pretrained(tmp_path / "partial")
+    weights = {k: v for k, v in llama.state_dict().items() if "layers.1.mlp.up" not in k}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "partial" / "model.safetensors"))
     result = run_cli(tmp_path / "partial", tmp_path / "out", "--exits", "1")
     assert result.returncode == 2 and "model.layers.1.mlp.up_proj.weight" in result.stderr, result.stderr
@@ -214,7 +214,7 @@ def paper_checkpoint(tmp_path_factory):
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("paper")
-    llama = tiny_llama(vocab=300, layers=6, seed=1)
+    llama = tiny_llama(vocab=512, layers=6, seed=1)  # the small corpus tokenizer's size
     torch.manual_seed(2)
     extras = ReferenceExtras()
     state = {**llama.state_dict(), **extras.state_dict()}
@@ -235,7 +235,7 @@ def test_paper_checkpoint_matches_its_plain_forward(paper_checkpoint, tmp_path):
     assert json.loads(result.stdout)["router_hidden_size"] == 44  # the checkpoint's router width, kept
     generator = NviumGenerator.from_pretrained(tmp_path / "export")
     assert generator.config.norm_eps == 1e-6 and generator.config.exits == EXITS
-    tokens = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(3))
     expected_heads, expected_routers, expected_mix = reference_forward(llama, extras, tokens, 2.0)
     head_log_probs, routers = generator.head_outputs(tokens)
     torch.testing.assert_close(head_log_probs, expected_heads, rtol=0, atol=1e-5)
@@ -261,5 +261,116 @@ def test_paper_checkpoint_refusals(paper_checkpoint, tmp_path):
     state = load_file(hf_dir / "model.safetensors")
     state["early_lm_heads.1.weight"] = state["lm_head.weight"] + 1.0
     save_file(state, str(untied / "model.safetensors"))
-    result = run_cli(untied, tmp_path / "export", "--paper", "--exits", "1,2,4")
+    result = run_cli(untied, tmp_path / "export", "--paper", "--exits", "1,2,4", "--router-temperature", "1")
     assert result.returncode == 2 and "not tied" in result.stderr
+    # the router temperature never defaults silently (the paper's config.json does not record it)
+    result = run_cli(hf_dir, tmp_path / "export", "--paper", "--exits", "1,2,4")
+    assert result.returncode == 2 and "pass --router-temperature" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def paper_run_layout(paper_checkpoint, root: Path, run_config: str) -> Path:
+    """The paper's run directory: RUN/.hydra/config.yaml and RUN/checkpoints/checkpoint-10/ (the HF checkpoint)."""
+    _, _, hf_dir = paper_checkpoint
+    checkpoint = root / "run" / "checkpoints" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (checkpoint / name).write_bytes((hf_dir / name).read_bytes())
+    (root / "run" / ".hydra").mkdir()
+    (root / "run" / ".hydra" / "config.yaml").write_text(run_config)
+    return checkpoint
+
+
+def test_paper_settings_come_from_the_hydra_config(paper_checkpoint, tmp_path):
+    """Case 14: early_layer_idx and router.router_temp are read from the run's .hydra/config.yaml (two levels
+    above checkpoints/checkpoint-N); the flags still override them."""
+    from nvium_dist.inference import NviumGenerator
+
+    llama, extras, _ = paper_checkpoint
+    checkpoint = paper_run_layout(paper_checkpoint, tmp_path, "early_layer_idx: [1, 2, 4]\nrouter:\n  router_temp: 2.0\n")
+    result = run_cli(checkpoint, tmp_path / "export", "--paper")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    hydra = str(tmp_path / "run" / "checkpoints" / "checkpoint-10" / "../../.hydra/config.yaml")
+    assert summary["exits"] == EXITS and summary["router_temperature"] == 2.0
+    assert summary["settings_from"] == {"exits": hydra, "router_temperature": hydra}
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    _, expected_routers, expected_mix = reference_forward(llama, extras, tokens, 2.0)
+    generator = NviumGenerator.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(generator.head_outputs(tokens)[1], expected_routers, rtol=0, atol=1e-5)
+    torch.testing.assert_close(generator.mixture_logprobs(tokens), expected_mix, rtol=0, atol=1e-5)
+    result = run_cli(checkpoint, tmp_path / "export1", "--paper", "--router-temperature", "1.5")
+    assert result.returncode == 0 and json.loads(result.stdout)["settings_from"]["router_temperature"] == \
+        "--router-temperature"
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("early_layer_idx: [1, 2, 4]\nrouter: {}\n")
+    result = run_cli(checkpoint, tmp_path / "export2", "--paper")
+    assert result.returncode == 2 and "pass --router-temperature" in result.stderr
+
+
+@pytest.mark.slow  # builds the small corpus and trains a step (~60 s)
+def test_paper_checkpoint_becomes_a_run_the_trainer_continues(paper_checkpoint, corpus, tmp_path):
+    """Case 13: --paper --to run writes a run directory whose step 0 holds the paper's weights (every part,
+    the routers' temperature folded in) and which the trainer continues."""
+    from nvium_dist.inference import NviumGenerator
+
+    llama, extras, _ = paper_checkpoint
+    checkpoint = paper_run_layout(paper_checkpoint, tmp_path, "early_layer_idx: [1, 2, 4]\nrouter:\n  router_temp: 2.0\n")
+    run_dir = tmp_path / "nvium_run"
+    overrides = [o for o in small_overrides(corpus, run_dir) if not o.startswith(("model.", "data.tokenizer_model"))]
+    overrides.append(f"data.tokenizer_model={corpus['tokenizer']}")
+    result = run_cli(checkpoint, run_dir, "--paper", "--to", "run", *[arg for o in overrides for arg in ("--set", o)])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["router_temperature"] == 2.0
+    step0 = run_dir / "checkpoints" / "step_00000000"
+    exported = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), "--checkpoint", str(step0),
+                               "--output", str(tmp_path / "export0"), "--tokenizer", "none"],
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert exported.returncode == 0 and "self-check" in exported.stdout, exported.stderr
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(4))
+    _, _, expected_mix = reference_forward(llama, extras, tokens, 2.0)
+    generator = NviumGenerator.from_pretrained(tmp_path / "export0")
+    torch.testing.assert_close(generator.mixture_logprobs(tokens), expected_mix, rtol=0, atol=1e-5)
+    code, (train, _) = run_distributed(resume_one_step, 1, str(run_dir / "config.yaml"), timeout=600)[0]
+    assert code == 0 and sorted(train) == [1]
+
+
+def documented_paper_names(num_exits: int) -> dict[str, str]:
+    """nvium HF name -> the paper's name, from the table in docs/hostile-input.md ({k}, {K-1}, {weight,bias})."""
+    import re
+
+    text = (ROOT / "docs" / "hostile-input.md").read_text()
+    rows = re.findall(r"^\| `(heads\.[^`]+)` \| `([^`]+)`", text, flags=re.M)
+    assert len(rows) == 10, rows
+    mapping = {}
+    for ours, theirs in rows:
+        for suffix in (["weight", "bias"] if "{weight,bias}" in ours else [None]):
+            a, b = (ours, theirs) if suffix is None else (ours.replace("{weight,bias}", suffix),
+                                                          theirs.replace("{weight,bias}", suffix))
+            if "{K-1}" in a:
+                mapping[a.replace("{K-1}", str(num_exits))] = b
+            else:
+                mapping.update({a.replace("{k}", str(k)): b.replace("{k}", str(k)) for k in range(num_exits)})
+    return mapping
+
+
+def test_documented_paper_name_mapping(paper_checkpoint, tmp_path):
+    """Issue 22 case 17: the documented renaming turns convert_to_hf's N-vium names back into the paper's
+    NviumModel state dict (router logits times router_temp; adapters narrower than nvium's zero-padded)."""
+    from safetensors.torch import load_file
+
+    from nvium_dist.checkpoint_io import load_export
+    from nvium_dist.hf.to_hf import convert_state
+
+    _, _, hf_dir = paper_checkpoint
+    result = run_cli(hf_dir, tmp_path / "export", "--paper", "--exits", "1,2,4", "--router-temperature", "2.0")
+    assert result.returncode == 0, result.stderr
+    export = load_export(tmp_path / "export")
+    ours = convert_state(export.model_config, export.state, {}).hf_state
+    mapping = documented_paper_names(len(EXITS))
+    assert {name for name in ours if name.startswith("heads.")} == set(mapping)
+    paper = {k: v for k, v in load_file(hf_dir / "model.safetensors").items() if not k.startswith("early_lm_heads")}
+    renamed = {mapping.get(name, name): tensor for name, tensor in ours.items()}
+    assert set(renamed) == set(paper)
+    for name, tensor in paper.items():
+        got = renamed[name] * (2.0 if name.startswith("router_heads") else 1.0)
+        torch.testing.assert_close(got[tuple(slice(0, n) for n in tensor.shape)], tensor.float(), rtol=1e-6, atol=0)

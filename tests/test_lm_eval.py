@@ -106,15 +106,23 @@ def test_lm_eval_command_finds_the_nvium_model(export, task_dir, tmp_path):
     assert (Path(sysconfig.get_paths()["purelib"]) / PTH_FILE).is_file(), \
         "the lm_eval site hook is not installed: run scripts/setup.sh " \
         "(python -m nvium_dist.evaluation.lm_eval_hook install)"
-    command = [str(Path(sys.executable).with_name("lm_eval")), "--model", "nvium", "--model_args",
-               f"export={export}", "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
-               "--output_path", str(tmp_path / "out")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    def lm_eval(model_args):
+        command = [str(Path(sys.executable).with_name("lm_eval")), "--model", "nvium", "--model_args", model_args,
+                   "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "4",
+                   "--output_path", str(tmp_path / "out")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    # batch_size in --model_args (a documented model argument) and lm-eval's own --batch_size: the first wins
+    result = lm_eval(f"export={export},batch_size=8")
     assert result.returncode == 0, result.stderr[-3000:]
     (results_file,) = list((tmp_path / "out").rglob("results_*.json"))
     expected_acc = expected_accuracy(direct_choice_scores(export))
     assert json.loads(results_file.read_text())["results"][TASK]["acc,none"] == pytest.approx(expected_acc)
+    # a wrong export path is one line, no traceback (issue 22 case 12)
+    result = lm_eval(f"export={tmp_path / 'nowhere'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: nvium: export directory {tmp_path / 'nowhere'}")
 
 
 @pytest.fixture(scope="module")

@@ -441,9 +441,35 @@ def test_lr_schedules():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[9:], values[10:]))  # monotone decay after warmup
     assert values[-1] == pytest.approx(0.1, abs=1e-3)
-    wsd = TrainingConfig(train_iters=100, warmup_fraction=0.01, decay_fraction=0.1, min_lr_ratio=0.1, lr_schedule="wsd")
+    wsd = TrainingConfig(train_iters=100, warmup_fraction=0.01, decay_fraction=0.1, min_lr_ratio=0.1, lr_schedule="wsd",
+                         wsd_decay="linear")
     assert [lr_multiplier(s, wsd) for s in (0, 50, 89)] == [1.0, 1.0, 1.0]
     assert lr_multiplier(95, wsd) == pytest.approx(0.55) and lr_multiplier(100, wsd) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("steps", [100, 1234, 12207])
+def test_wsd_matches_the_papers_schedule(steps):
+    """Issue 22 case 15: the default wsd is the paper's code's: transformers' get_wsd_schedule (linear warmup from
+    min_lr_ratio x lr, cosine decay) with floor(fraction x steps) warmup and decay steps, at every step."""
+    from transformers.optimization import get_wsd_schedule
+
+    from nvium_dist.config import TrainingConfig
+    from nvium_dist.training.schedule import lr_multiplier
+
+    config = TrainingConfig(train_iters=steps, warmup_fraction=0.01, decay_fraction=0.1, min_lr_ratio=0.1,
+                            lr_schedule="wsd")
+    warmup, decay = int(0.01 * steps), int(0.1 * steps)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
+                                 num_stable_steps=steps - warmup - decay, min_lr_ratio=0.1)
+    theirs = []
+    for _ in range(steps + 3):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [lr_multiplier(step, config) for step in range(steps + 3)]
+    assert ours == pytest.approx(theirs, abs=1e-12, rel=0)
+    assert ours[0] == pytest.approx(0.1 if warmup else 1.0)  # nvium's earlier wsd started near 0
 
 
 def test_optimizer_offload_and_wandb_offline(corpus, tmp_path, monkeypatch):

@@ -13,8 +13,11 @@ generation_config.json is set for plain sampling (top_k=0: transformers otherwis
 SentencePiece tokenizer is written as tokenizer.json (+ tokenizer.model) giving the same ids as nvium (no BOS).
 
 The result is loaded back with transformers and its log-probabilities compared with nvium's (--tolerance)
-before it is moved into place. OUT must be absent, empty or an earlier output of this tool (--force replaces
-anything).
+before it is moved into place. OUT may not be, hold or sit inside EXPORT. It must be absent, empty or an earlier
+output of this tool; files this tool did not write there are never replaced (it names them and stops), and --force
+only replaces its own files changed since. nvium_conversion.json records the sha256 of every file written:
+convert_from_hf.py and this tool's self-check refuse a directory whose files (modeling_nvium.py above all)
+changed since.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", help="nvium export directory (tools/export_checkpoint.py or convert_from_hf.py)")
     p.add_argument("output", help="transformers directory to write")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT even if this tool did not write it")
+    p.add_argument("--force", action="store_true", help="replace an earlier output of this tool even where its files were changed since")
     p.add_argument("--tolerance", type=float_at_least(0), default=1e-4,
                    help="max |difference| of the self-check log-probabilities (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip loading the result back with transformers")

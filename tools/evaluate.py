@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from nvium_dist.cli import float_above, int_at_least, torch_setup_error
@@ -53,6 +54,11 @@ def lm_eval_main(args) -> int:
         read_export_config(args.model)  # before lm-eval's slow import
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        what = "is not a directory" if os.path.exists(args.include_path) else "does not exist"
+        print(f"error: --include-path {args.include_path} {what}; give the directory of your task YAML files",
+              file=sys.stderr)
         return 2
     import lm_eval
     from lm_eval.tasks import TaskManager

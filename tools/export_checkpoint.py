@@ -11,8 +11,9 @@ the trainer resumes from its weights and Adam moments (optimizer.safetensors). B
 before they replace anything: the written model's log-probabilities on the checkpoint's sample batch,
 computed in the dtype the run trained in, are compared with those the training model computed (tolerance
 by that dtype: 1e-4 for fp32, 0.1 for bf16, where CPU and GPU kernels round differently). --output may
-name a new path, an empty directory or an earlier export (replaced only after the check passes); anything
-else needs --force, and the checkpoint's own run directory is never written.
+name a new path, an empty directory or an earlier export of this tool (replaced only after the check passes);
+files it did not write are never replaced (not even with --force, which only replaces an earlier export changed
+since or written by an older version), and the checkpoint's own run directory is never written.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def parse_args(argv=None):
                              f"the run trained in: {SELF_CHECK_TOLERANCE})")
     parser.add_argument("--no-check", action="store_true", help="skip the self-check forward pass")
     parser.add_argument("--force", action="store_true",
-                        help="export: replace --output even when it is not an earlier export (a file or another "
-                             "directory); never the checkpoint's own run directory")
+                        help="export: replace an earlier export of this tool even where its files were changed "
+                             "since; never a file or directory it did not write")
     return parser.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nvium_dist.cli import float_at_least, int_at_least, int_list, torch_setup_error
+from nvium_dist.cli import float_above, int_at_least, int_list, probability, torch_setup_error
 
 
 class TextStream:
@@ -48,9 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=["deferred", "full"], default="deferred")
-    p.add_argument("--temperature", type=float_at_least(0), default=1.0, help="needs --mode full when != 1")
+    p.add_argument("--temperature", type=float_above(0), default=1.0,
+                   help="> 0; needs --mode full when != 1 (the argmax: --greedy)")
     p.add_argument("--top-k", type=int_at_least(0), default=0, help="needs --mode full (0 = off)")
-    p.add_argument("--top-p", type=float_at_least(0), default=1.0, help="needs --mode full (1 = off)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; needs --mode full (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax of p_mix; needs --mode full")
     p.add_argument("--pipeline-stages", type=int_at_least(1), default=1, help="decode with this many stage processes")
     p.add_argument("--max-batch", type=int_at_least(1), default=None,
@@ -104,6 +105,13 @@ def main(argv=None) -> int:
         if not args.threads and args.device == "cpu" and generator.config.hidden_size < 1024:
             torch.set_num_threads(1)  # small-batch decoding of a small model: thread barriers cost more than they give
         tok = generator.tokenizer
+        vocab = generator.config.vocab_size
+        for spec, ids in zip(args.prompt_ids, id_prompts):
+            outside = [i for i in ids if not 0 <= i < vocab]
+            if outside:
+                print(f"error: --prompt-ids {spec!r}: token id {outside[0]} is outside the vocabulary 0..{vocab - 1} "
+                      f"of {args.model}", file=sys.stderr)
+                return 2
         prompts = [tok.encode(t) for t in texts] + id_prompts
         eos = tok.eos_id if args.stop_at_eos else None
         if args.stop_at_eos and eos is None:

@@ -130,6 +130,30 @@ def _process_group_for_build(needed: bool):
         dist.destroy_process_group()
 
 
+def check_index_caches(cache_dirs: list[str]) -> None:
+    """Raises DatasetFormatError naming an index-cache .npy that holds Python objects (a pickle: megatron only
+    writes integer arrays, and such a file is never loaded, so the build would stop with numpy's unnamed "Array
+    can't be memory-mapped")."""
+    import numpy as np
+
+    for directory in cache_dirs:
+        for root, _, files in os.walk(directory):
+            for name in sorted(f for f in files if f.endswith(".npy")):
+                path = os.path.join(root, name)
+                try:
+                    with open(path, "rb") as f:
+                        version = np.lib.format.read_magic(f)
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        _, _, dtype = read_header(f)
+                except (OSError, ValueError) as err:
+                    raise DatasetFormatError(f"{path} is not a readable numpy index ({err}); delete {directory} "
+                                             "(megatron rebuilds its index cache)") from None
+                if dtype.hasobject:
+                    raise DatasetFormatError(f"{path} holds pickled Python objects, not an index megatron wrote; it "
+                                             f"is not loaded. Delete {directory} (megatron rebuilds its index cache)")
+
+
 def build_gpt_datasets(
     blend: list[str],
     split: str,
@@ -198,8 +222,18 @@ def build_gpt_datasets(
         _drop_empty_splits(config, prefixes, sizes, split)
         if all(m is None for m in config.split_matrix):
             return (None, None, None)
+    cache_dirs = [cache_dir] if cache_dir is not None else [
+        os.path.join(p, "cache") for p in prefixes + (valid[0] if valid else [])]
+    check_index_caches(cache_dirs)
     with _process_group_for_build(needed=cache_dir is not None and n_datasets > 1):
-        datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        try:
+            datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        except ValueError as err:
+            if "memory-mapped" not in str(err):
+                raise
+            check_index_caches(cache_dirs)  # names the file when it is in a cache this code knows of
+            raise DatasetFormatError(f"a megatron index cache file cannot be memory-mapped ({err}); delete the "
+                                     f"index caches ({', '.join(cache_dirs)}): they are rebuilt") from None
     out = []
     for ds, n in zip(datasets, sizes):
         out.append(None if ds is None or n == 0 or len(ds) == 0 else ds)

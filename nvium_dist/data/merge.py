@@ -9,12 +9,15 @@ import time
 from .indexed import DatasetFormatError, normalize_prefix, validate_indexed_files
 
 
-def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
+def merge_datasets(prefixes: list[str], output_prefix: str, allow_unverified: bool = False) -> dict:
     """Merge ``prefixes`` (in order) into ``output_prefix``.bin/.idx; documents keep their order.
 
-    All inputs are validated first and must share a token dtype. The output is written under
-    ``.tmp`` names and renamed when complete; a ``.summary.json`` is written next to it.
+    All inputs are validated first and must share a token dtype and the tokenizer their summaries record; an
+    input whose summary records none is refused unless `allow_unverified` (the merged summary then records no
+    tokenizer, so training checks the ids). The output is written under ``.tmp`` names and renamed when
+    complete; a ``.summary.json`` (with the inputs' tokenizer) is written next to it.
     """
+    from .gpt_data import recorded_tokenizer
     from .preprocess import _import_builder
 
     if not prefixes:
@@ -31,19 +34,20 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
             f"cannot merge datasets with different token dtypes ({listing}); they were made with tokenizers "
             f"of different vocabulary sizes. Fix: re-run tools/preprocess_data.py on all inputs with one tokenizer."
         )
-    tokenizers = set()
-    for p in prefixes:
-        try:
-            with open(p + ".summary.json") as f:
-                tokenizers.add(json.load(f)["tokenizer"]["sha256"])
-        except (OSError, KeyError, ValueError):
-            tokenizers.add(None)
-    if len(tokenizers - {None}) > 1:
+    made_with = {p: recorded_tokenizer(p) for p in prefixes}
+    hashes = {p: made.get("sha256") for p, made in made_with.items()}
+    if len(set(hashes.values()) - {None}) > 1:
+        listing = ", ".join(f"{p}: {made_with[p].get('model')} (sha256 {h[:12]})" for p, h in hashes.items() if h)
         raise DatasetFormatError(
-            f"the inputs were tokenised with different tokenizers (summary .json files show "
-            f"{len(tokenizers - {None})} model hashes); merging them would mix incompatible ids. "
-            f"Fix: re-run tools/preprocess_data.py on all inputs with one --tokenizer-model."
-        )
+            f"the inputs were tokenised with different tokenizers ({listing}); merging them would mix incompatible "
+            f"ids. Fix: re-run tools/preprocess_data.py on all inputs with one --tokenizer-model.")
+    unverified = [p for p, h in hashes.items() if h is None]
+    if unverified and not allow_unverified:
+        raise DatasetFormatError(
+            f"no summary names the tokenizer of {', '.join(unverified[:3])} (a .summary.json of "
+            f"tools/preprocess_data.py with --tokenizer-model), so nothing shows it matches the other inputs. Fix: "
+            f"re-run tools/preprocess_data.py on it, or pass --allow-unverified (the merged summary then vouches for "
+            f"no tokenizer and training checks every id)")
     IndexedDatasetBuilder = _import_builder()
     t0 = time.time()
     dtype = dtypes.pop()
@@ -71,10 +75,10 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
         "dtype": dtype.__name__,
         "seconds": round(time.time() - t0, 3),
     }
-    sha = tokenizers - {None}
-    if len(sha) == 1 and None not in tokenizers:
-        with open(prefixes[0] + ".summary.json") as f:
-            summary["tokenizer"] = json.load(f)["tokenizer"]
+    if unverified:
+        summary["unverified_inputs"] = unverified
+    else:
+        summary["tokenizer"] = made_with[prefixes[0]]
     with open(output_prefix + ".summary.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")

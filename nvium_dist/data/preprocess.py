@@ -485,6 +485,10 @@ def _document_format(tokenizer_model, keys, append_eod, dtype, max_document_byte
         if vocab_size is not None and not pretokenized and vocab_size != tok.vocab_size:
             raise PreprocessError(f"--vocab-size {vocab_size} disagrees with the tokenizer's {tok.vocab_size}; "
                                   "--vocab-size is for pre-tokenized input (--input-ids-key)")
+        if vocab_size is not None and vocab_size > tok.vocab_size:  # the summary would vouch for ids it cannot make
+            raise PreprocessError(f"--vocab-size {vocab_size} exceeds the {tok.vocab_size} pieces of "
+                                  f"{tokenizer_model}: that tokenizer cannot have made such ids. Give the tokenizer "
+                                  "that made them, or drop --tokenizer-model (the summary then vouches for none)")
         vocab = vocab_size or tok.vocab_size
         eod = tok.eod if eod_id is None else eod_id
         made_with = {"model": os.path.abspath(tokenizer_model), "sha256": tok.sha256, "vocab_size": vocab, "eod": eod}

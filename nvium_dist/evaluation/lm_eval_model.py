@@ -26,6 +26,8 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
+from nvium_dist.checkpoint_io import CheckpointError
+
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -51,7 +53,12 @@ class NviumLM(TemplateLM):
         if device == "cuda" and not torch.cuda.is_available():  # lm_eval's command line defaults to cuda
             warnings.warn("device cuda requested but no CUDA device is visible; evaluating on the CPU")
             device = "cpu"
-        self.generator = NviumGenerator.from_pretrained(export, device=device)
+        try:
+            self.generator = NviumGenerator.from_pretrained(export, device=device)
+        except CheckpointError as err:
+            # lm-eval's command line prints a traceback for any exception of a model's constructor; its
+            # message is the whole answer (tools/evaluate.py checks the export before it gets here)
+            raise SystemExit(f"error: nvium: {err}") from None
         if self.generator.tokenizer.kind == "none":
             raise ValueError(f"{export} has no tokenizer; lm-eval needs text in and out (export with a tokenizer)")
         self.export = str(export)
@@ -61,6 +68,19 @@ class NviumLM(TemplateLM):
             raise ValueError(f"max_length {self.max_length} must be in 2..{self.generator.config.seq_length} "
                              "(the model's seq_length)")
         self.seed = int(seed)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "NviumLM":
+        """--model_args win over lm-eval's own --batch_size/--device (lm-eval passes both: batch_size given twice
+        would be Python's "got multiple values for keyword argument")."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "NviumLM":
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
     # -- tokenizer ---------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nvium_dist.hf.weights import backbone_to_llama
-from nvium_dist.output_dir import check_output_dir, install_dir, new_tmp_dir, write_marker, written_by
+from nvium_dist.output_dir import building, check_output_dir, install_dir, verify_marker, write_marker
 
 TOOL = "convert_to_hf.py"
 
@@ -103,6 +103,7 @@ def self_check(export_dir: Path, out_dir: Path, kind: str, length: int, toleranc
     tokens = torch.randint(0, generator.config.vocab_size, (2, min(length, generator.config.seq_length)),
                            generator=torch.Generator().manual_seed(0))
     expected = generator.mixture_logprobs(tokens)
+    verify_marker(out_dir)  # the remote code about to run is the one this tool wrote
     model = AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=kind == "nvium",
                                                  dtype=torch.float32).eval()
     with torch.no_grad():
@@ -123,7 +124,7 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
     from nvium_dist.hf.tokenizer import TokenizerConversionError, write_hf_tokenizer
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    check_output_dir(out_dir, lambda path: written_by(path, TOOL), force, TOOL)
+    check_output_dir(out_dir, TOOL, force, sources=[export_dir])
     export = load_export(export_dir)
     special_ids = special_token_ids(export)
     conversion = convert_state(export.model_config, {k: v.float() for k, v in export.state.items()}, special_ids)
@@ -131,8 +132,7 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
     summary = {"output": str(out_dir), "class": conversion.hf_config.architectures[0],
                "source": str(export_dir.resolve()),
                "exits": list(export.model_config.exits), "tokenizer": None, "notes": []}
-    tmp = new_tmp_dir(out_dir)
-    try:
+    with building(out_dir) as tmp:
         write_model(conversion, generation_config, tmp)
         if export.tokenizer_type == "sentencepiece":
             try:
@@ -145,10 +145,5 @@ def convert_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, fo
         write_marker(tmp, TOOL, source=summary["source"], model_class=summary["class"])
         if check:
             summary["self_check_max_abs_diff"] = self_check(export_dir, tmp, conversion.kind, 32, tolerance)
-        install_dir(tmp, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    install_dir(tmp, out_dir)
     return summary

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from nvium_dist.checkpoint_io import CheckpointError, load_tensors, read_json_object
+from nvium_dist.output_dir import verify_marker
 
 # nvium name inside layers.{i} -> transformers name inside model.layers.{i}
 LAYER_RENAMES = {
@@ -62,6 +63,7 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{directory} is not a directory; pass a transformers model directory")
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; it is not a transformers model directory")
+    verify_marker(Path(directory))  # a directory convert_to_hf.py wrote: its files are still the ones it wrote
     return read_json_object(path)
 
 

@@ -34,6 +34,7 @@ from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FIL
                                       atomic_write_json, file_record, list_files, load_tensors, read_checkpoint,
                                       read_json_object, step_dir_name, update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
+from nvium_dist.output_dir import disk_full_message, is_disk_full
 from nvium_dist.parallel import broadcast_object, gather_object
 from nvium_dist.tp_layout import shard_named
 
@@ -144,9 +145,16 @@ def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict,
             shutil.rmtree(leftover)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    write_parts(tmp)
+    try:
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        write_parts(tmp)
+    except (OSError, RuntimeError) as err:  # torch.save on a full disk: "[enforce fail ...] unexpected pos"
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints and `latest` are untouched
+        raise CheckpointError(disk_full_message(tmp, err) + f"; {root / LATEST_FILE} still names the last good "
+                              "checkpoint") from None
     dist.barrier()
     if rank == 0:
         for script in DEEPSPEED_SCRIPTS:
@@ -225,9 +233,26 @@ def _check_same_run(checkpoint_config: NviumConfig, config: NviumConfig, path: P
             "fixes the sample order; use the checkpoint's values, or a fresh training.run_dir")
 
 
+def check_pickles(step_dir: Path) -> None:
+    """Every torch.save file of a step directory names only globals that weights_only loading allows, read from
+    its pickle without running it: a planted pickle behind a forged manifest sends choose_checkpoint to the
+    previous checkpoint, instead of failing one rank in the middle of DeepSpeed's collective load."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for path in sorted(step_dir.rglob("*.pt")):
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            except Exception as err:  # noqa: BLE001 - zip and pickle errors carry many types; name the file
+                raise CheckpointError(f"{path} is not a readable torch.save file ({err})") from None
+            if unsafe:
+                raise CheckpointError(f"{path} names {', '.join(unsafe[:3])}, which weights_only loading refuses "
+                                      "(a pickle DeepSpeed did not write)")
+
+
 def _verify(path: Path, config: NviumConfig) -> None:
-    """Everything a resume reads, checked: the manifest (every file, sha256), config, weights, trainer state."""
+    """Everything a resume reads, checked: the manifest (every file, sha256), the pickles' globals, config,
+    weights, trainer state."""
     verify_manifest(path)
+    check_pickles(path)
     checkpoint_config, _, _, trainer_state = read_checkpoint(path, verified=True, load_weights=False)
     if "step" not in trainer_state or "consumed_samples" not in trainer_state:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} lacks step or consumed_samples")

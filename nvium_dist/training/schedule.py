@@ -39,6 +39,8 @@ def build_optimizer(model: nn.Module, training: TrainingConfig, device: str, off
 
 def lr_multiplier(step: int, training: TrainingConfig) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0-based)."""
+    if training.lr_schedule == "wsd" and training.wsd_decay == "cosine":
+        return paper_wsd_multiplier(step, training)
     total = training.train_iters
     warmup = max(1, round(training.warmup_fraction * total))
     floor = training.min_lr_ratio
@@ -52,3 +54,19 @@ def lr_multiplier(step: int, training: TrainingConfig) -> float:
         return 1.0 - (1.0 - floor) * min(1.0, progress)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def paper_wsd_multiplier(step: int, training: TrainingConfig) -> float:
+    """The paper's warmup-stable-decay (its 1.5B run): transformers' get_wsd_schedule with its default shapes
+    (linear warmup, cosine decay) and min_lr_ratio, laid out as the paper's code does: warmup and decay steps are
+    floor(fraction x steps), the rest is stable."""
+    total, floor = training.train_iters, training.min_lr_ratio
+    warmup, decay = int(training.warmup_fraction * total), int(training.decay_fraction * total)
+    decay_start = total - decay
+    if step < warmup:
+        return floor + (1.0 - floor) * step / warmup  # from min_lr_ratio x lr, not from 0
+    if step < decay_start:
+        return 1.0
+    if step < total:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (step - decay_start) / decay))
+    return floor
