@@ -177,10 +177,10 @@ def test_sixteen_concurrent_clients_get_their_seeded_tokens(server, client, gene
     assert metric(server, "nvium_active_rows") == 0 and metric(server, "nvium_queue_depth") == 0
 
 
-def _open_stream(url, max_tokens=CONTEXT - 10, seed=0):
-    """A raw streaming request; returns the socket after the first chunk arrived."""
+def _open_stream(url, max_tokens=CONTEXT - 10, seed=0, stream=True):
+    """A raw completion request (streaming by default); returns its socket."""
     body = json.dumps({"model": "tiny", "prompt": "x" * 4, "max_tokens": max_tokens, "seed": seed,
-                       "stream": True}).encode()
+                       "stream": stream}).encode()
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -201,8 +201,12 @@ def _disconnects(url, client, generator, count):
     tokens = metric(url, "nvium_generated_tokens_total")
     rss = metric(url, "process_resident_memory_bytes")
     for i in range(count):
-        sock = _open_stream(url, seed=i)
-        assert b"data:" in sock.recv(65536) or b"data:" in sock.recv(65536)
+        if i % 8 == 7:  # a client that gives up waiting for a whole (non-streamed) completion
+            sock = _open_stream(url, seed=i, stream=False)
+            time.sleep(0.05)
+        else:
+            sock = _open_stream(url, seed=i)
+            assert b"data:" in sock.recv(65536) or b"data:" in sock.recv(65536)
         sock.close()
         if i % 16 == 15:
             _wait_idle(url)
@@ -319,10 +323,30 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(export):
             process.kill()
 
 
+@pytest.mark.slow
+def test_bench_serve_compares_three_servers(tmp_path, export):
+    dense = make_export(tmp_path / "dense", vocab_size=256, seq_length=CONTEXT, exits=[])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_serve.py"), "--model", str(export),
+                           "--baseline", str(dense), "--rates", "50", "--requests", "4", "--max-tokens", "8"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    entry, = result["rates"]
+    for name in ("deferred", "full", "dense"):
+        assert entry[name]["tokens"] == 32 and entry[name]["itl_ms_p50"] > 0
+    assert entry["full"]["speedup_gauge"] == 1.0 and entry["deferred"]["speedup_gauge"] > 1.0
+
+
 def test_cli_errors_are_one_line(tmp_path, server):
     port = server.rsplit(":", 1)[1]
     for args, message in [(["--model", str(tmp_path / "missing")], "error:"),
                           (["--model", str(tmp_path), "--port", port], "cannot listen")]:
         done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "serve.py"), *args], capture_output=True,
                               text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    for args, message in [(["--synthetic", str(tmp_path), "--rates", "fast"], "--rates"),
+                          (["--model", str(tmp_path)], "--baseline"),
+                          (["--model", str(tmp_path / "missing"), "--baseline", str(tmp_path)], "error:")]:
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_serve.py"), *args],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -102,7 +102,12 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int, seed
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
                 count = sum(len(c.get("nvium", {}).get("exit_layers", [])) for c in chunk["choices"])
-                times += [time.perf_counter()] * count
+                now = time.perf_counter()
+                if times and count:  # a chunk that carries several tokens: spread its gap over them
+                    gap = (now - times[-1]) / count
+                    times += [times[-1] + gap * (i + 1) for i in range(count)]
+                else:
+                    times += [now] * count
     return sent, times
 
 
