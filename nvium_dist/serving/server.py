@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from nvium_dist.cli import float_at_least, int_at_least, torch_setup_error
+from nvium_dist.cli import float_at_least, int_at_least, load_generator
 
 
 def parse_args(argv=None):
@@ -50,26 +50,16 @@ def main(argv=None) -> int:
               "(0: any free one) or --host", file=sys.stderr)
         return 2
 
-    import torch
     import uvicorn
 
-    from nvium_dist.checkpoint_io import CheckpointError
-    from nvium_dist.inference import GenerationError, NviumGenerator
     from nvium_dist.serving.app import create_app
     from nvium_dist.serving.metrics import ServerMetrics
     from nvium_dist.serving.scheduler import Scheduler
 
-    error = torch_setup_error(args.device, args.threads)
+    generator, error = load_generator(args.model, args.device, args.threads)
     if error:
         print(error, file=sys.stderr)
         return 2
-    try:
-        generator = NviumGenerator.from_pretrained(args.model, device=args.device)
-    except (GenerationError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not args.threads and args.device == "cpu" and generator.config.hidden_size < 1024:
-        torch.set_num_threads(1)  # small-batch decoding of a small model: thread barriers cost more than they give
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     metrics = ServerMetrics(generator.config.exit_layers)
     scheduler = Scheduler(generator, args.max_batch, args.max_queue, full_depth=args.mode == "full", metrics=metrics)
