@@ -35,7 +35,6 @@ import time
 from nvium_dist.cli import float_above, int_at_least
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVERS = ("deferred", "full", "dense")
 
 
 def parse_args(argv=None):
@@ -51,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int_at_least(1), default=64)
     p.add_argument("--max-batch", type=int_at_least(1), default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anchor", metavar="URL",
+                   help="a running OpenAI-compatible server on 127.0.0.1 serving the dense twin as model 'bench' "
+                        "(e.g. vLLM on its transformers conversion): a fourth row under the same load")
     return p.parse_args(argv)
 
 
@@ -94,14 +96,20 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int, seed
     """Sends at `at` s after `start`; -> (token arrival times, first-token latency) relative to sending."""
     await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
     sent = time.perf_counter()
-    times = []
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "seed": seed, "stream": True}
+    times, counted = [], 0
+    # continuous usage stats and ignore_eos: vLLM's names, for the anchor server (nvium's server ignores them)
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "ignore_eos": True}
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
-                count = sum(len(c.get("nvium", {}).get("exit_layers", [])) for c in chunk["choices"])
+                if any("nvium" in c for c in chunk["choices"]):
+                    count = sum(len(c["nvium"]["exit_layers"]) for c in chunk["choices"])
+                else:  # another server: tokens from the running usage count
+                    total = (chunk.get("usage") or {}).get("completion_tokens", counted)
+                    count, counted = total - counted, total
                 now = time.perf_counter()
                 if times and count:  # a chunk that carries several tokens: spread its gap over them
                     gap = (now - times[-1]) / count
@@ -134,15 +142,16 @@ async def run_load(url: str, prompts, arrivals, max_tokens: int, seed: int) -> d
         ttft.append(times[0] - sent)
         itl += [b - a for a, b in zip(times, times[1:])]
     tokens = sum(len(times) for _, times in results)
-    ticks = after["nvium_tick_rows_count"] - before["nvium_tick_rows_count"]
-    rows = after["nvium_tick_rows_sum"] - before["nvium_tick_rows_sum"]
+    ticks = after.get("nvium_tick_rows_count", 0) - before.get("nvium_tick_rows_count", 0)
+    rows = after.get("nvium_tick_rows_sum", 0) - before.get("nvium_tick_rows_sum", 0)
     ms = lambda v: None if v is None else round(1000 * v, 2)  # noqa: E731
     return {"requests": len(results), "tokens": tokens, "seconds": round(end - start, 3),
             "tokens_per_s": round(tokens / (end - start), 1),
             "ttft_ms_p50": ms(percentile(ttft, 0.5)), "ttft_ms_p99": ms(percentile(ttft, 0.99)),
             "itl_ms_p50": ms(percentile(itl, 0.5)), "itl_ms_p99": ms(percentile(itl, 0.99)),
             "mean_rows_per_tick": round(rows / ticks, 2) if ticks else None,
-            "speedup_gauge": round(after.get("nvium_speedup_over_full_depth", float("nan")), 3)}
+            "speedup_gauge": (round(after["nvium_speedup_over_full_depth"], 3)
+                              if "nvium_speedup_over_full_depth" in after else None)}
 
 
 def main(argv=None) -> int:
@@ -153,6 +162,10 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         print(f"error: --rates {args.rates!r} must be comma-separated positive numbers, e.g. 2,8,32", file=sys.stderr)
+        return 2
+    if args.anchor and not re.fullmatch(r"http://127\.0\.0\.1:\d+", args.anchor):
+        print(f"error: --anchor {args.anchor!r} must be http://127.0.0.1:PORT (this benchmark stays on the machine)",
+              file=sys.stderr)
         return 2
     if args.model and not args.baseline:
         print("error: --model needs --baseline (the dense twin export); or use --synthetic DIR", file=sys.stderr)
@@ -177,7 +190,11 @@ def main(argv=None) -> int:
         for name, export, mode in (("deferred", model, "deferred"), ("full", model, "full"),
                                    ("dense", baseline, "full")):
             servers[name] = start_server(export, mode, args.max_batch, args.requests)
-            asyncio.run(run_load(servers[name][1], prompts[:1], [0.0], 4, args.seed))  # warm-up, not measured
+        urls = {name: url for name, (_, url) in servers.items()}
+        if args.anchor:
+            urls["anchor"] = args.anchor
+        for url in urls.values():
+            asyncio.run(run_load(url, prompts[:1], [0.0], 4, args.seed))  # warm-up, not measured
         result = {"model": model, "baseline": baseline, "num_layers": config.num_layers,
                   "exit_layers": config.exit_layers, "hidden_size": config.hidden_size,
                   "max_batch": args.max_batch, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
@@ -189,10 +206,10 @@ def main(argv=None) -> int:
                 at += rng.expovariate(rate)
             arrivals = [a for a in arrivals if a <= args.max_seconds]
             entry = {"rate": rate}
-            for name in SERVERS:
+            for name, url in urls.items():
                 print(f"rate {rate}/s: {name}", file=sys.stderr, flush=True)
-                entry[name] = asyncio.run(run_load(servers[name][1], prompts[:len(arrivals)], arrivals,
-                                                   args.max_tokens, args.seed))
+                entry[name] = asyncio.run(run_load(url, prompts[:len(arrivals)], arrivals, args.max_tokens,
+                                                   args.seed))
             entry["deferred_over_dense_tokens_per_s"] = round(
                 entry["deferred"]["tokens_per_s"] / entry["dense"]["tokens_per_s"], 3)
             entry["deferred_itl_p50_below_dense"] = entry["deferred"]["itl_ms_p50"] < entry["dense"]["itl_ms_p50"]

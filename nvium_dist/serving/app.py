@@ -66,6 +66,25 @@ class ChoiceText:
         return piece
 
 
+class CountRequests:
+    """Counts responses by path and status. A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide
+    a client's disconnect from `Request.is_disconnected` in the endpoint."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def _logprobs(generator: NviumGenerator, sequence: list[int], first: int, top: int, text_start: int) -> dict:
     """OpenAI's logprobs object for sequence[first:], each token's log p_mix given its prefix (one full forward)."""
     tokenizer = generator.tokenizer
@@ -117,11 +136,7 @@ def create_app(generator: NviumGenerator, scheduler: Scheduler, metrics: ServerM
     async def validation_error(request, err):
         return error_response(APIError(400, str(err)))
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, counter=metrics.requests)
 
     def authorize(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -200,14 +215,20 @@ def create_app(generator: NviumGenerator, scheduler: Scheduler, metrics: ServerM
         async def events(self):
             """(choice index, new token or None when the choice finished), until every choice finished; the
             request is cancelled in the scheduler if the consumer stops early (a disconnect)."""
+            next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
             try:
                 while self.unfinished:
                     try:
-                        kind, index, *rest = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_SECONDS)
+                        event = await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_SECONDS)
                     except TimeoutError:
+                        event = None
+                    if time.monotonic() >= next_check:  # checked while tokens keep arriving, too
+                        next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
                         if await self.request.is_disconnected():
                             return
+                    if event is None:
                         continue
+                    kind, index, *rest = event
                     choice = self.choices[index]
                     if choice.finish_reason is not None:
                         continue  # tokens sampled before a stop string's cancel reached the scheduler
