@@ -27,7 +27,6 @@ import os
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -105,6 +104,8 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int, seed
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
+                if not chunk["choices"]:
+                    continue  # the closing usage chunk
                 if any("nvium" in c for c in chunk["choices"]):
                     count = sum(len(c["nvium"]["exit_layers"]) for c in chunk["choices"])
                 else:  # another server: tokens from the running usage count
