@@ -188,6 +188,13 @@ def _open_stream(url, max_tokens=CONTEXT - 10, seed=0, stream=True):
     return sock
 
 
+def _wait_metric(url, name, value, timeout=60):
+    deadline = time.time() + timeout
+    while metric(url, name) != value:
+        assert time.time() < deadline, (name, metric(url, name), httpx.get(url + "/metrics").text[-3000:])
+        time.sleep(0.01)
+
+
 def _wait_idle(url, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -230,12 +237,9 @@ def test_thousand_disconnects_leave_no_leak(server, client, generator):
 def test_full_queue_answers_429_with_retry_after(server):
     socks = [_open_stream(server, seed=i) for i in range(4)]
     try:
-        for sock in socks:
-            sock.recv(65536)  # each of the 4 rows is decoding
+        _wait_metric(server, "nvium_active_rows", 4)  # each of the 4 rows is decoding
         socks += [_open_stream(server, seed=10 + i) for i in range(4)]
-        deadline = time.time() + 30
-        while metric(server, "nvium_queue_depth") < 4 and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_metric(server, "nvium_queue_depth", 4)
         response = httpx.post(server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                               json={"model": "tiny", "prompt": "a", "max_tokens": 2})
         assert response.status_code == 429 and response.headers["retry-after"] == "1"

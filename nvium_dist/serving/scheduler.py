@@ -8,7 +8,8 @@ has work. Each sampled token goes back to its request's asyncio queue as it is d
 
 Two engines share the row budget (--max-batch rows in all):
     exact      plain sampling from p_mix: deferred decoding (or every layer, for a full-depth server)
-    transform  temperature / top-k / top-p / greedy: every head, the request's transform of p_mix
+    transform  temperature / top-k / top-p / greedy: every head, the request's transform of p_mix; made with
+               its own KV cache when the first such request arrives
 A choice `i` of a request with seed s draws the tokens of `NviumGenerator.generate(prompts, seed=s)` for its
 sequence i whatever shares the batch: every random number is keyed by (seed, sequence, position, exit).
 """
@@ -101,13 +102,9 @@ class Scheduler:
         self.num_layers = config.num_layers
         self.exit_layers = config.exit_layers
         self.segment_layers = [b - a for a, b in config.segment_ranges]
-        context, heads = config.seq_length, config.num_heads_total
-        self.lanes = {
-            "exact": _Lane(StageEngine(self.model, range(heads), max_batch, context, seed=0, full_depth=full_depth,
-                                       schedule=TickSchedule())),
-            "transform": _Lane(StageEngine(self.model, range(heads), max_batch, context, seed=0, full_depth=True,
-                                           transform=SamplingTransform())),
-        }
+        self.lanes = {"exact": _Lane(StageEngine(self.model, range(config.num_heads_total), max_batch,
+                                                 config.seq_length, seed=0, full_depth=full_depth,
+                                                 schedule=TickSchedule()))}
         self.waiting: deque[Choice] = deque()
         self.control: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
@@ -170,12 +167,12 @@ class Scheduler:
                     except queue.Empty:
                         kind = None
                 self._admit()
-                for name, lane in self.lanes.items():
+                for lane in list(self.lanes.values()):
                     if lane.inputs:
                         feed_rows(lane.engine, self.model, lane.inputs)
                         lane.inputs.clear()
                     if lane.engine.deciding or lane.engine.eager:
-                        self._tick(name, lane)
+                        self._tick(lane)
                 self._update_gauges()
 
     def _handle(self, kind: str, value) -> None:
@@ -207,7 +204,7 @@ class Scheduler:
         while self.waiting and self.active < self.max_batch:
             choice = self.waiting[0]
             request = choice.request
-            lane = self.lanes["exact" if request.transform is None else "transform"]
+            lane = self.lanes["exact"] if request.transform is None else self._transform_lane()
             free = lane.free_rows()
             if not free:
                 break
@@ -224,7 +221,16 @@ class Scheduler:
             choice.last_time = request.arrival
             self.active += 1
 
-    def _tick(self, name: str, lane: _Lane) -> None:
+    def _transform_lane(self) -> _Lane:
+        """The engine of transformed sampling, made (with its own KV cache) for the first request that needs it."""
+        if "transform" not in self.lanes:
+            config = self.generator.config
+            self.lanes["transform"] = _Lane(StageEngine(self.model, range(config.num_heads_total), self.max_batch,
+                                                        config.seq_length, seed=0, full_depth=True,
+                                                        transform=SamplingTransform()))
+        return self.lanes["transform"]
+
+    def _tick(self, lane: _Lane) -> None:
         engine = lane.engine
         calls = list(engine.segment_calls)
         results = engine.tick().results
