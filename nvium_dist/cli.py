@@ -91,3 +91,24 @@ def quiet_training_noise(device: str) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, said up front
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+
+
+def load_generator(export: str, device: str, threads: int = 0):
+    """-> (NviumGenerator, None), or (None, the error line) for a bad --device or export. threads 0: one thread
+    for a CPU model narrower than 1024 (small-batch decoding: thread barriers cost more than they give), else
+    torch's default."""
+    import torch
+
+    from nvium_dist.checkpoint_io import CheckpointError
+    from nvium_dist.inference import GenerationError, NviumGenerator
+
+    error = torch_setup_error(device, threads)
+    if error:
+        return None, error
+    try:
+        generator = NviumGenerator.from_pretrained(export, device=device)
+    except (GenerationError, CheckpointError) as err:
+        return None, f"error: {err}"
+    if not threads and device == "cpu" and generator.config.hidden_size < 1024:
+        torch.set_num_threads(1)
+    return generator, None

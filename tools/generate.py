@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nvium_dist.cli import float_above, int_at_least, int_list, probability, torch_setup_error
+from nvium_dist.cli import float_above, int_at_least, int_list, load_generator, probability
 
 
 class TextStream:
@@ -91,19 +91,14 @@ def main(argv=None) -> int:
         print("error: give at least one prompt (positional, --prompt, --prompt-file or --prompt-ids)", file=sys.stderr)
         return 2
 
-    import torch
-
     from nvium_dist.checkpoint_io import CheckpointError
-    from nvium_dist.inference import GenerationError, NviumGenerator
+    from nvium_dist.inference import GenerationError
 
-    error = torch_setup_error(args.device, args.threads)
+    generator, error = load_generator(args.model, args.device, args.threads)
     if error:
         print(error, file=sys.stderr)
         return 2
     try:
-        generator = NviumGenerator.from_pretrained(args.model, device=args.device)
-        if not args.threads and args.device == "cpu" and generator.config.hidden_size < 1024:
-            torch.set_num_threads(1)  # small-batch decoding of a small model: thread barriers cost more than they give
         tok = generator.tokenizer
         vocab = generator.config.vocab_size
         for spec, ids in zip(args.prompt_ids, id_prompts):

@@ -89,7 +89,7 @@ class Driver:
                 else:
                     release(row)
             if inputs:
-                self._feed(inputs)
+                feed_rows(engine, self.model, inputs)
                 finishing.update(row for row, (_, _, decide) in inputs.items() if not decide)
                 inputs.clear()
             if not (engine.deciding or engine.eager):
@@ -115,11 +115,13 @@ class Driver:
                 self.on_step(self.ticks, sampled)
             self.ticks += 1
 
-    def _feed(self, inputs: dict) -> None:
-        engine = self.engine
-        rows = sorted(inputs)
-        ids = [t for row in rows for t in inputs[row][0]]
-        hidden = self.model.embed(torch.tensor([ids], dtype=torch.long, device=engine.device))
-        engine.write_input(rows, [inputs[row][1] for row in rows], [len(inputs[row][0]) for row in rows], hidden)
-        engine.start_tokens([row for row in rows if inputs[row][2]])
-        engine.complete([row for row in rows if not inputs[row][2]])
+
+def feed_rows(engine: StageEngine, model, inputs: dict[int, tuple[list[int], int, bool]]) -> None:
+    """Embeds each row's next input {row: (token ids, first position, decide)} into a first-stage engine: the
+    last token of a deciding row is its current token, the rest are completed without decisions."""
+    rows = sorted(inputs)
+    ids = [t for row in rows for t in inputs[row][0]]
+    hidden = model.embed(torch.tensor([ids], dtype=torch.long, device=engine.device))
+    engine.write_input(rows, [inputs[row][1] for row in rows], [len(inputs[row][0]) for row in rows], hidden)
+    engine.start_tokens([row for row in rows if inputs[row][2]])
+    engine.complete([row for row in rows if not inputs[row][2]])

@@ -95,6 +95,8 @@ class StageEngine:
         self.vocab = config.vocab_size
         self.output_matrix = decode_output_matrix(model)
         self.sequence_ids = [0] * batch
+        self.seeds = [seed] * batch  # a server gives each request its own seed
+        self.transforms: list[SamplingTransform | None] = [transform] * batch
         self.done = [[0] * self.num_heads for _ in range(batch)]
         self.avail = [0] * batch
         self.sent = [0] * batch  # positions forwarded to the next stage
@@ -120,12 +122,23 @@ class StageEngine:
 
     # -- rows ----------------------------------------------------------------------------------------------
 
-    def reset_row(self, row: int, sequence_id: int) -> None:
+    def reset_row(self, row: int, sequence_id: int, seed: int | None = None,
+                  transform: SamplingTransform | None = None) -> None:
         """Starts a new sequence in `row` (continuous batching): empty queues; old keys are never read again,
-        because a query at position p only sees positions <= p, which the new sequence rewrites first."""
+        because a query at position p only sees positions <= p, which the new sequence rewrites first.
+        seed / transform: this sequence's own (default: the engine's); a transform needs a transform engine."""
+        if transform is not None and self.transform is None:
+            raise ValueError("a per-row sampling transform needs an engine built with a transform")
+        self.free_row(row)
         self.sequence_ids[row] = sequence_id
+        self.seeds[row] = self.seed if seed is None else seed
+        self.transforms[row] = transform or self.transform
         self.done[row] = [0] * self.num_heads
         self.avail[row] = self.sent[row] = 0
+
+    def free_row(self, row: int) -> None:
+        """The row's sequence leaves between ticks (finished or cancelled): its pending work is dropped, so the
+        next tick runs nothing for it and the row can take a new sequence."""
         self.level[row] = None
         self.deciding.discard(row)
         self.eager.discard(row)
@@ -263,7 +276,7 @@ class StageEngine:
                 stop = [True] * len(rows)
             else:
                 log_q, _ = router_log_probs(router)
-                stop = [uniform(self.seed, self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(lq)
+                stop = [uniform(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(lq)
                         for row, pos, lq in zip(rows, positions, log_q.tolist())]
         if self.trace is not None and router is not None:
             for i, (row, pos) in enumerate(zip(rows, positions)):
@@ -295,7 +308,7 @@ class StageEngine:
         with timer("output"):
             logits = adapted @ self.output_matrix
         with timer("sampling"):
-            u = torch.tensor([uniform(self.seed, self.sequence_ids[row], self.avail[row], head, STREAM_TOKEN)
+            u = torch.tensor([uniform(self.seeds[row], self.sequence_ids[row], self.avail[row], head, STREAM_TOKEN)
                               for row, head, _ in order], dtype=torch.float64, device=logits.device)
             tokens = sample_from_logits(logits, u).tolist()
         for n, ((row, head, _), token) in enumerate(zip(order, tokens)):
@@ -320,9 +333,13 @@ class StageEngine:
         if self.num_heads > 1:
             routers = torch.stack([torch.stack([r for _, r in self.mixture_parts[row][:-1]]) for row in rows])
         log_mix = log_mixture_distribution(log_heads, routers)
-        u = torch.tensor([uniform(self.seed, self.sequence_ids[row], pos, -1, STREAM_TOKEN)
+        u = torch.tensor([uniform(self.seeds[row], self.sequence_ids[row], pos, -1, STREAM_TOKEN)
                           for row, pos in zip(rows, positions)], dtype=torch.float64, device=log_mix.device)
-        tokens = self.transform.sample(log_mix, u).tolist()
+        tokens = [0] * len(rows)
+        for transform in {self.transforms[row] for row in rows}:  # rows of a server may each transform differently
+            picked = [i for i, row in enumerate(rows) if self.transforms[row] is transform]
+            for i, token in zip(picked, transform.sample(log_mix[picked], u[picked]).tolist()):
+                tokens[i] = token
         for row, token in zip(rows, tokens):
             out.results[row] = (token, -1)
             self.deciding.discard(row)

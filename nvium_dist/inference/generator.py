@@ -163,7 +163,7 @@ class NviumGenerator:
         if bad:
             raise GenerationError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
 
-    def _prepare_prompts(self, prompts, max_new_tokens) -> tuple[list[list[int]], list[int]]:
+    def prepare_prompts(self, prompts, max_new_tokens) -> tuple[list[list[int]], list[int]]:
         """-> (token-id prompts, max new tokens per prompt), checked against the vocabulary and the context."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], str)):
             prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -229,7 +229,7 @@ class NviumGenerator:
                 "p_mix exactly) or plain sampling (temperature=1, no top-k/top-p) for deferred decoding")
         if max_batch is not None and max_batch < 1:
             raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
-        prompts, max_new_tokens = self._prepare_prompts(prompts, max_new_tokens)
+        prompts, max_new_tokens = self.prepare_prompts(prompts, max_new_tokens)
         if sequence_ids is None:
             sequence_ids = list(range(len(prompts)))
         if len(sequence_ids) != len(prompts):

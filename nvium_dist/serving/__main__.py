@@ -1,0 +1,5 @@
+import sys
+
+from nvium_dist.serving.server import main
+
+sys.exit(main())
