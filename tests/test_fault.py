@@ -91,3 +91,74 @@ def test_skip_then_rollback_equals_a_run_that_never_trained_on_the_poisoned_batc
     assert (state_b["step"], state_b["consumed_samples"], state_b["skipped_steps"]) == (10, 80, 2)
     differing = [name for name in weights_a if not torch.equal(weights_a[name], weights_b[name])]
     assert not differing, differing
+
+
+def test_after_max_rollbacks_the_trainer_stops_with_its_exit_code(corpus, tmp_path):
+    """Every batch from 3 on is poisoned: steps 3-4 skip, rollback 1 goes back to step 2 past 2 batches, steps
+    3-4 (batches 5-6) skip again, and with max_rollbacks=1 the run stops: exit code DIVERGED on every rank."""
+    codes, output = pretrain(corpus, tmp_path, **{
+        "training.inject_loss_batches": str(list(range(3, 40))), "training.inject_loss_rank": 0,
+        "training.train_iters": 20, "training.save_interval": 2, "training.eval_interval": 2,
+        "training.max_skipped_steps": 2, "training.rollback_skip_batches": 2, "training.max_rollbacks": 1})
+    assert codes == [exit_codes.DIVERGED] * 2, output
+    assert "rollback 1 of at most 1: step 4 -> step_00000002 (step 2)" in output
+    assert ("error: training diverged: 2 steps in a row skipped at step 4 after 1 rollback(s) "
+            "(training.max_rollbacks=1)") in output
+    _, state = final_weights(tmp_path)
+    assert state["step"] == 2  # nothing of the diverged steps was saved
+
+
+def test_loss_spike_guard_skips_the_spiking_step(corpus, tmp_path):
+    """Rank 1's loss times 100 on batch 6: above mean + 6 std of the last 4 steps, so step 6 is skipped."""
+    codes, output = pretrain(corpus, tmp_path, **{
+        "training.inject_loss_batches": "[6]", "training.inject_loss_rank": 1, "training.inject_loss_scale": 100.0,
+        "training.loss_spike_window": 4, "training.loss_spike_sigmas": 6.0, "training.train_iters": 7})
+    assert codes == [0, 0], output
+    records, _ = read_metrics(tmp_path)
+    assert [step for step, r in records.items() if r["skipped"]] == [6]
+    assert records[6]["skip_reason"].startswith("loss spike: ")
+    assert "[fault] step 6 skipped: loss spike" in output
+
+
+def test_diverging_learning_rate_no_longer_exits_0(corpus, tmp_path):
+    """The issue's user story (tiny.yaml with lr=1e4) at the small test shape: every step from the second on
+    is non-finite, there is no good checkpoint to roll back to, and the run says so with exit code DIVERGED
+    instead of saving a dead model and exiting 0."""
+    codes, output = pretrain(corpus, tmp_path, world_size=1, **{
+        "training.lr": 1e4, "training.train_iters": 30, "training.save_interval": 10, "parallel.zero_stage": 2})
+    assert codes == [exit_codes.DIVERGED], output
+    assert "there is no good checkpoint to roll back to" in output
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_refuses_non_finite_weights_and_evaluations(corpus, tmp_path, capsys):
+    """A checkpoint that verifies against its manifest but holds NaN weights, or whose last evaluation was NaN,
+    is passed over for the previous one; with none left the choice is an error naming the NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from nvium_dist.checkpoint_io import CheckpointError, write_manifest
+    from nvium_dist.config import load_config
+    from nvium_dist.training.checkpoint import choose_checkpoint
+
+    settings = {"training.train_iters": 3, "training.save_interval": 1, "training.eval_interval": 1}
+    codes, output = pretrain(corpus, tmp_path, world_size=1, **settings)
+    assert codes == [0], output
+    config = load_config(None, small_overrides(corpus, tmp_path, **settings))
+    root = tmp_path / "checkpoints"
+    weights = load_file(str(root / "step_00000003" / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, str(root / "step_00000003" / "model.safetensors"), metadata={"format": "pt"})
+    state_file = root / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps(dict(state, last_eval_ce=float("nan"))))
+    for step in (2, 3):
+        write_manifest(root / f"step_{step:08d}")  # both verify: only their contents are bad
+
+    assert choose_checkpoint(tmp_path, config) == root / "step_00000001"
+    warnings = capsys.readouterr().err
+    assert f"{name} holds NaN or infinite values" in warnings
+    assert "its last evaluation (ce nan) was not finite" in warnings
+    (root / "step_00000001" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        choose_checkpoint(tmp_path, config)

@@ -130,10 +130,13 @@ class DivergenceGuard:
             print(f"[fault] {text}", file=sys.stderr, flush=True)
 
     def state(self) -> dict:
-        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
+        return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "rollbacks": self.rollbacks}
 
     def load_state(self, state: dict) -> None:
+        """A resume continues the counts (a rollback keeps its own: they include the steps it abandons)."""
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
 
 

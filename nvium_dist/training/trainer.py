@@ -564,7 +564,7 @@ class Trainer:
         c, t = self.config, self.config.training
         iterator = self._train_iterator()
         tokens_per_step = t.global_batch_size * c.model.seq_length
-        last_saved = self.step
+        last_saved, save_due = self.step, False
         while self.step < t.train_iters:
             self.watchdog.beat("step", self.step + 1)
             started = time.perf_counter()
@@ -589,15 +589,17 @@ class Trainer:
             if roll_back:
                 self._roll_back()
                 iterator = self._train_iterator()
-                last_saved = self.step
+                last_saved, save_due = self.step, False
                 continue
             if self.step % t.eval_interval == 0 or self.step == t.train_iters:
                 self.watchdog.beat("eval", self.step)
                 self._evaluate_and_control()
             stopping = self._any_rank_stopping()
-            if stopping or self.step % t.save_interval == 0 or self.step == t.train_iters:
+            save_due = save_due or self.step % t.save_interval == 0
+            # a periodic save waits out a run of skipped steps: it could become the target of a rollback
+            if stopping or self.step == t.train_iters or (save_due and not self.guard.consecutive_skips):
                 self.save()
-                last_saved = self.step
+                last_saved, save_due = self.step, False
             if stopping:
                 self.metrics.message(f"[train] stopping early: {self._stop_reason or 'another rank was told to stop'}")
                 self.metrics.message(f"preempted: checkpoint saved at step {self.step}")
