@@ -162,3 +162,63 @@ def test_resume_refuses_non_finite_weights_and_evaluations(corpus, tmp_path, cap
     (root / "step_00000001" / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         choose_checkpoint(tmp_path, config)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_watchdog_ends_every_rank_when_one_freezes(corpus, tmp_path, world_size):
+    """SIGSTOP one rank mid-training: every other rank, stuck in a collective, dumps its threads' stacks, names
+    its rank, step and phase in one line and exits with exit code HUNG within hang_timeout_s + 60 s."""
+    import queue as queue_module
+
+    from distributed_runner import _PRELOAD, _worker
+    from nvium_dist.parallel import forkserver_context, free_port
+
+    hang_timeout = 10
+    overrides = small_overrides(corpus, tmp_path, **{
+        "training.train_iters": 10_000, "training.eval_interval": 10_000, "training.save_interval": 10_000,
+        "training.global_batch_size": 4 * world_size, "training.hang_timeout_s": hang_timeout})
+    args = ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
+    context = forkserver_context(_PRELOAD)
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_worker, args=(pretrain_cli, rank, world_size, port, (args, str(tmp_path)), results))
+             for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    frozen = ranks[1]
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline, "training did not reach step 3"
+            assert all(p.is_alive() for p in ranks), (tmp_path / "rank0.log").read_text()
+            time.sleep(0.5)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        for process in ranks:
+            if process is not frozen:
+                process.join(timeout=max(1.0, stopped + hang_timeout + 60 - time.monotonic()))
+        waited = time.monotonic() - stopped
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    with pytest.raises(queue_module.Empty):
+        results.get(timeout=0.1)  # no rank finished normally
+    for rank, process in enumerate(ranks):
+        if process is frozen:
+            continue
+        log = (tmp_path / f"rank{rank}.log").read_text()
+        assert process.exitcode == exit_codes.HUNG, log
+        # the first ranks to notice hang; the others may see those exit and lose them as peers first
+        hung = re.search(rf"\[watchdog\] rank {rank} hung in step at step \d+: no progress for \d+ s "
+                         rf"\(training.hang_timeout_s={hang_timeout}\); stacks above; exiting with code 75", log)
+        lost = re.search(rf"\[watchdog\] rank {rank} lost a peer in step at step \d+: .*Connection .*; "
+                         "exiting with code 75", log)
+        assert hung or lost, log
+        if hung:
+            assert "most recent call first" in log  # faulthandler's dump of the stuck thread
+    assert waited < hang_timeout + 60
+    assert any(re.search(r"\[watchdog\] rank \d hung", (tmp_path / f"rank{r}.log").read_text())
+               for r in range(world_size))

@@ -543,7 +543,8 @@ class Trainer:
             self.metrics.close()
             return 0
         try:
-            self._train_loop()
+            with self.watchdog.peers_watched():
+                self._train_loop()
         finally:
             self.watchdog.stop()
             summary = self.guard.summary()

@@ -5,9 +5,13 @@ training.hang_timeout_s (a rank stuck in a collective because a peer froze, a de
 writes every thread's stack to stderr (the rank's log) with faulthandler, one line naming the rank, the step
 and the phase, and exits with exit_codes.HUNG, which slurm/pretrain.sbatch requeues. It exits with
 os._exit: the main thread is stuck and would never run the interpreter's shutdown.
+
+Once the first rank has gone, its peers' collectives fail with a broken connection rather than hang;
+`peers_watched` turns that failure into the same kind of line and exit code.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
@@ -35,6 +39,18 @@ class HangWatchdog:
     def stop(self) -> None:
         self._stopped.set()
 
+    @contextlib.contextmanager
+    def peers_watched(self):
+        """A collective that fails because a peer rank died or hung exits like a hang, naming where."""
+        try:
+            yield
+        except RuntimeError as error:
+            if not lost_peer(error):
+                raise
+            phase, step, _ = self._progress
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self._exit(f"lost a peer in {phase} at step {step}: {first_line}")
+
     def _watch(self) -> None:
         poll = min(5.0, self.timeout_s / 4)
         while not self._stopped.wait(poll):
@@ -46,7 +62,18 @@ class HangWatchdog:
     def _fire(self, phase: str, step: int, idle: float) -> None:
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        print(f"[watchdog] rank {self.rank} hung: no progress in {phase} at step {step} for {idle:.0f} s "
-              f"(training.hang_timeout_s={self.timeout_s:g}); stacks above; exiting with code {HUNG}",
-              file=sys.stderr, flush=True)
+        self._exit(f"hung in {phase} at step {step}: no progress for {idle:.0f} s "
+                   f"(training.hang_timeout_s={self.timeout_s:g}); stacks above")
+
+    def _exit(self, what: str) -> None:
+        print(f"[watchdog] rank {self.rank} {what}; exiting with code {HUNG}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
         os._exit(HUNG)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """A collective's failure because another rank went away or stopped answering (gloo raises a plain
+    RuntimeError naming its transport; NCCL a DistBackendError)."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistBackendError) or "gloo/transport" in str(error)
