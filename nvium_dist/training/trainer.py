@@ -231,8 +231,7 @@ class Trainer:
             "gradient_accumulation_steps": self.grad_accumulation,
             "gradient_clipping": t.clip_grad,
             "zero_optimization": zero,
-            # check_grad_overflow: ZeRO 1/2 skip a bf16 step with a non-finite gradient norm, as they do in fp32
-            "bf16": {"enabled": p.torch_dtype_name == "bfloat16", "check_grad_overflow": True},
+            "bf16": {"enabled": p.torch_dtype_name == "bfloat16"},
             # bf16 weights and activations, but gradients accumulate (over micro-batches and in the
             # data-parallel reduction) in fp32 next to the optimizer's fp32 master weights
             "data_types": {"grad_accum_dtype": "fp32"},
