@@ -45,14 +45,16 @@ def pretrain_cli(rank, world_size, args, log_dir):
     return code
 
 
+def cli_args(corpus, run_dir: Path, **settings) -> list[str]:
+    """pretrain_nvium.py's arguments: tiny.yaml at the small test shape."""
+    overrides = small_overrides(corpus, run_dir, **settings)
+    return ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
+
+
 def pretrain(corpus, run_dir: Path, world_size: int = 2, **settings) -> tuple[list[int], str]:
     """The trainer CLI on `world_size` forkserver ranks -> (exit codes by rank, rank 0's output)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = small_overrides(corpus, run_dir, **settings)
-    args = ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")]
-    for override in overrides:
-        args += ["--set", override]
-    codes = run_distributed(pretrain_cli, world_size, args, str(run_dir), timeout=600)
+    codes = run_distributed(pretrain_cli, world_size, cli_args(corpus, run_dir, **settings), str(run_dir), timeout=600)
     return codes, (run_dir / "rank0.log").read_text()
 
 
@@ -174,10 +176,9 @@ def test_watchdog_ends_every_rank_when_one_freezes(corpus, tmp_path, world_size)
     from nvium_dist.parallel import forkserver_context, free_port
 
     hang_timeout = 10
-    overrides = small_overrides(corpus, tmp_path, **{
+    args = cli_args(corpus, tmp_path, **{
         "training.train_iters": 10_000, "training.eval_interval": 10_000, "training.save_interval": 10_000,
         "training.global_batch_size": 4 * world_size, "training.hang_timeout_s": hang_timeout})
-    args = ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
     context = forkserver_context(_PRELOAD)
     results = context.Queue()
     port = free_port()
@@ -222,3 +223,11 @@ def test_watchdog_ends_every_rank_when_one_freezes(corpus, tmp_path, world_size)
     assert waited < hang_timeout + 60
     assert any(re.search(r"\[watchdog\] rank \d hung", (tmp_path / f"rank{r}.log").read_text())
                for r in range(world_size))
+
+
+def test_the_batch_script_requeues_exactly_the_requeue_exit_codes():
+    """slurm/pretrain.sbatch cannot import nvium_dist/exit_codes.py; its copy of the code must agree."""
+    script = (ROOT / "slurm" / "pretrain.sbatch").read_text()
+    assert re.findall(r"^HUNG_EXIT=(\d+)$", script, re.M) == [str(exit_codes.HUNG)]
+    assert exit_codes.REQUEUE == (exit_codes.HUNG,)
+    assert len({exit_codes.OK, exit_codes.ERROR, exit_codes.CONFIG_ERROR, exit_codes.DIVERGED, exit_codes.HUNG}) == 5
