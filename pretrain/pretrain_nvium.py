@@ -14,6 +14,7 @@ A run directory with a checkpoint resumes automatically (see README: Checkpoints
 trainer with `model.exits: []` and the matched MLP width (pretrain/configs/*-dense.yaml).
 """
 import argparse
+import os
 import sys
 
 
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
     try:
         return Trainer(config).train()
     except DivergedError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank decided the same
+            print(f"error: {error}", file=sys.stderr)
         return exit_codes.DIVERGED
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

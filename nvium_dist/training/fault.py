@@ -9,7 +9,7 @@ position still advances. DeepSpeed's ZeRO optimizers also skip by themselves on 
 such a step counts as skipped too.
 
 The trainer asks `after_step` what to do next: carry on, or roll back (training.max_skipped_steps skips in a
-row); `begin_rollback` raises DivergedError once training.max_rollbacks rollbacks are used up.
+row); `check_rollback_left` raises DivergedError once training.max_rollbacks rollbacks are used up.
 """
 from __future__ import annotations
 
@@ -109,13 +109,15 @@ class DivergenceGuard:
         limit = self.config.max_skipped_steps
         return bool(limit) and self.consecutive_skips >= limit
 
-    def begin_rollback(self, step: int) -> None:
+    def check_rollback_left(self, step: int) -> None:
         """Raises DivergedError when no rollback is left."""
         if self.rollbacks >= self.config.max_rollbacks:
             raise DivergedError(
                 f"training diverged: {self.consecutive_skips} steps in a row skipped at step {step} after "
                 f"{self.rollbacks} rollback(s) (training.max_rollbacks={self.config.max_rollbacks}); lower "
                 "training.lr, raise training.warmup_fraction, or inspect the data past the last good checkpoint")
+
+    def rolled_back(self) -> None:
         self.rollbacks += 1
         self.consecutive_skips = 0
         self.recent_losses.clear()

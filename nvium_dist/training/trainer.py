@@ -627,7 +627,7 @@ class Trainer:
         """Back to the newest good checkpoint of this run, then past the next rollback_skip_batches batches."""
         t = self.config.training
         diverged_at = self.step
-        self.guard.begin_rollback(diverged_at)
+        self.guard.check_rollback_left(diverged_at)
         found = self._resume_point()
         if found is None:
             raise DivergedError(f"training diverged at step {diverged_at} ({t.max_skipped_steps} steps in a row "
@@ -639,6 +639,7 @@ class Trainer:
                                 "which resumes from it")
         self.watchdog.beat("rollback", diverged_at)
         self._load_checkpoint(found)
+        self.guard.rolled_back()
         self.consumed_samples += t.rollback_skip_batches * t.global_batch_size
         self.guard.report(f"rollback {self.guard.rollbacks} of at most {t.max_rollbacks}: step {diverged_at} -> "
                           f"{found['path'].name} (step {self.step}), skipping the next {t.rollback_skip_batches} "
