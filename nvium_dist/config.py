@@ -253,6 +253,26 @@ class TrainingConfig:
     # (0: all tokens of a micro-batch at once, every head's logits kept until backward).
     activation_checkpointing: bool = False
     loss_chunk_tokens: int = 0
+    # Divergence (nvium_dist/training/fault.py): a step whose loss or gradients are non-finite on any rank is
+    # skipped on every rank. max_skipped_steps consecutive skips (0: never) roll back to the newest checkpoint
+    # with finite weights and a finite last evaluation, and skip the next rollback_skip_batches global batches
+    # past it; after max_rollbacks rollbacks the run stops (exit code nvium_dist.exit_codes.DIVERGED).
+    max_skipped_steps: int = 10
+    rollback_skip_batches: int = 100
+    max_rollbacks: int = 3
+    # Opt-in loss-spike guard: a step whose loss exceeds the mean + loss_spike_sigmas x std of the last
+    # loss_spike_window accepted steps is skipped like a non-finite one (0: off).
+    loss_spike_window: int = 0
+    loss_spike_sigmas: float = 6.0
+    # Hang watchdog (nvium_dist/training/watchdog.py): a step, save or evaluation that makes no progress for
+    # this long dumps every thread's stack and exits (exit code nvium_dist.exit_codes.HUNG); collectives time
+    # out at twice this (0: no watchdog, collectives time out after 30 minutes).
+    hang_timeout_s: float = 1800.0
+    # Test hook: on these global batches (1-based positions in the data order; equal to the step numbers until
+    # a rollback skips data) the loss of rank inject_loss_rank is multiplied by inject_loss_scale (0: NaN).
+    inject_loss_batches: list[int] = field(default_factory=list)
+    inject_loss_rank: int = 0
+    inject_loss_scale: float = 0.0
     wandb_project: str = ""  # empty: wandb off; otherwise offline unless WANDB_MODE says otherwise
     tensorboard: bool = False
     beta_controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)
@@ -267,7 +287,11 @@ class TrainingConfig:
         check_ranges("training", self, {name: POSITIVE for name in positive} | {
             name: FRACTION for name in ("min_lr_ratio", "warmup_fraction", "decay_fraction", "router_warmup_fraction")
         } | {name: NON_NEGATIVE for name in ("weight_decay", "clip_grad", "beta", "router_warmup_steps", "aux_head_loss",
-                                              "keep_checkpoints", "loss_chunk_tokens")} | {
+                                              "keep_checkpoints", "loss_chunk_tokens", "max_skipped_steps",
+                                              "rollback_skip_batches", "max_rollbacks", "loss_spike_window",
+                                              "hang_timeout_s", "inject_loss_rank")} | {
+            "loss_spike_sigmas": POSITIVE,
+            "inject_loss_batches": (lambda v: all(b >= 1 for b in v), "global batch numbers >= 1"),
             "adam_beta1": ADAM_BETA, "adam_beta2": ADAM_BETA,
             "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy seeds the sample order with it)")})
         self.beta_controller.validate()
@@ -302,6 +326,9 @@ class NviumConfig:
                 raise ConfigError(
                     f"training.global_batch_size={self.training.global_batch_size} is not divisible by "
                     f"micro_batch_size x data_parallel = {self.training.micro_batch_size} x {dp}")
+            if self.training.inject_loss_batches and self.training.inject_loss_rank >= world_size:
+                raise ConfigError(f"training.inject_loss_rank={self.training.inject_loss_rank} is not a rank "
+                                  f"of this world of {world_size}")
 
     def vocab_padding_note(self) -> str | None:
         padded = self.model.padded_vocab_size(self.parallel.tensor_parallel)

@@ -56,7 +56,7 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> ParallelInfo:
+def init_distributed(parallel: ParallelConfig, timeout_minutes: float = 30) -> ParallelInfo:
     """Initialises torch.distributed from torchrun's environment (a single process works without it)
     and megatron-core's parallel_state with the configured TP and PP sizes."""
     from megatron.core import parallel_state
@@ -75,6 +75,8 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Par
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
         if parallel.device == "cuda":
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+            # a collective that fails or passes `timeout` tears the process down instead of blocking forever
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(
             backend=process_group_backend(parallel.device),
             rank=rank,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -90,7 +92,7 @@ def tiny_overrides(corpus: dict, run_dir: Path) -> list[str]:
 
 
 class PretrainJob:
-    def __init__(self, cluster: SlurmCluster, corpus: dict, base: Path, name: str):
+    def __init__(self, cluster: SlurmCluster, corpus: dict, base: Path, name: str, extra: tuple[str, ...] = ()):
         self.cluster, self.name = cluster, name
         self.run_dir = base / name
         self.log_dir = base / f"{name}-logs"
@@ -98,7 +100,8 @@ class PretrainJob:
         env = job_env(cluster, NVIUM_DEVICE="cpu", NVIUM_NPROC_PER_NODE=1, NVIUM_LOG_DIR=self.log_dir,
                       NVIUM_MASTER_PORT=free_ports(1)[0])
         self.id = cluster.sbatch(["-N2", "-J", f"nvium-{name}", "-o", self.batch_log, SLURM / "pretrain.sbatch",
-                                  ROOT / "pretrain" / "configs" / "tiny.yaml", *tiny_overrides(corpus, self.run_dir)],
+                                  ROOT / "pretrain" / "configs" / "tiny.yaml", *tiny_overrides(corpus, self.run_dir),
+                                  *extra],
                                  cwd=base, env=env)
 
     def node_log(self, node: str) -> Path:
@@ -219,6 +222,49 @@ def test_export_sbatch_exports_latest_checkpoint(cluster, training_jobs, tmp_pat
     assert info["JobState"] == "COMPLETED", log.read_text()
     for name in ("config.json", "model.safetensors", "tokenizer.model"):
         assert (out / name).is_file(), (name, log.read_text())
+
+
+def trainer_workers(run_dir: Path) -> list[int]:
+    """Pids of the trainer processes (torchrun's workers, not torchrun) of the run in `run_dir`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (any(a.endswith(b"pretrain_nvium.py") for a in args) and f"training.run_dir={run_dir}".encode() in args
+                and b"torch.distributed.run" not in args):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_hung_rank_is_requeued_and_resumes_from_its_last_checkpoint(cluster, corpus, tmp_path):
+    """SIGSTOP one of the two trainer ranks: the other's watchdog exits with code 75 (HUNG) within
+    hang_timeout_s, pretrain.sbatch requeues the job, and the requeued job resumes from the newest checkpoint
+    written before the hang and trains to the end."""
+    iters, save_every = 60, 5
+    job = PretrainJob(cluster, corpus, tmp_path, "hung", extra=(
+        f"training.train_iters={iters}", f"training.save_interval={save_every}", "training.hang_timeout_s=15"))
+    cluster.wait_for(f"8 logged steps of job {job.id}",
+                     lambda: len(job.train_records()) >= 8 or cluster.state(job.id) not in ("PENDING", "RUNNING"),
+                     timeout=600)
+    workers = trainer_workers(job.run_dir)
+    assert len(workers) == 2, (workers, job.logs())
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped_at = len(job.train_records())
+    info = job.wait()
+
+    assert info["Restarts"] == "1", job.logs()
+    batch = job.batch_log.read_text()
+    assert "a trainer rank hung or lost a hung peer (exit code 75" in batch and "requeueing job" in batch, batch
+    node_logs = job.node_log("node1").read_text() + job.node_log("node2").read_text()
+    assert re.search(r"\[watchdog\] rank [01] hung in (step|save|eval) at step \d+: no progress for \d+ s", node_logs), job.logs()
+    resumed = re.findall(r"resumed from \S+step_(\d{8}) at step (\d+)", node_logs)
+    assert resumed, job.logs()
+    step = int(resumed[0][1])
+    assert step % save_every == 0 and stopped_at - save_every <= step <= stopped_at + 1, (step, stopped_at)
+    assert [r["step"] for r in job.train_records()] == list(range(1, iters + 1)), job.logs()
 
 
 def read_documents(prefix: str) -> list[bytes]:

@@ -18,6 +18,7 @@ chain of checkpoints: a fresh start begins a new one, so pruning never touches a
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -31,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
-                                      atomic_write_json, file_record, list_files, load_tensors, read_checkpoint,
-                                      read_json_object, step_dir_name, update_latest, verify_manifest, write_manifest)
+                                      atomic_write_json, check_weights_usable, file_record,
+                                      list_files, load_tensors, read_checkpoint, read_json_object, step_dir_name,
+                                      update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.output_dir import disk_full_message, is_disk_full
 from nvium_dist.parallel import broadcast_object, gather_object
@@ -250,13 +252,26 @@ def check_pickles(step_dir: Path) -> None:
 
 def _verify(path: Path, config: NviumConfig) -> None:
     """Everything a resume reads, checked: the manifest (every file, sha256), the pickles' globals, config,
-    weights, trainer state."""
+    weights (finite), trainer state (with a finite last evaluation)."""
     verify_manifest(path)
     check_pickles(path)
     checkpoint_config, _, _, trainer_state = read_checkpoint(path, verified=True, load_weights=False)
     if "step" not in trainer_state or "consumed_samples" not in trainer_state:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} lacks step or consumed_samples")
     _check_same_run(checkpoint_config, config, path)
+    last_eval = trainer_state.get("last_eval_ce")
+    if last_eval is not None and not (isinstance(last_eval, (int, float)) and math.isfinite(last_eval)):
+        raise CheckpointError(f"{path}: its last evaluation (ce {last_eval}) was not finite; the run had diverged")
+    _check_finite_weights(path / MODEL_FILE)
+
+
+def _check_finite_weights(model_file: Path) -> None:
+    """No NaN or infinity in the (manifest-verified) weights, read one tensor at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_file), framework="pt") as f:
+        for name in f.keys():
+            check_weights_usable({name: f.get_tensor(name)}, str(model_file.parent))
 
 
 def choose_checkpoint(run_dir: str | Path, config: NviumConfig) -> Path | None:

@@ -118,10 +118,12 @@ class PipelineLoss:
     for a host read) or running sums (eval) on the last stage.
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", aux_head_loss: float = 0.0):
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", aux_head_loss: float = 0.0,
+                 loss_hook=None):
         self.config = config
         self.device = torch.device(device)
         self.aux_head_loss = aux_head_loss
+        self.loss_hook = loss_hook  # the trainer's fault-injection test hook, applied to each training loss
         self.beta = 0.0
         self.in_router_warmup = False
         self.collect_eval = False
@@ -140,9 +142,11 @@ class PipelineLoss:
         losses = nvium_loss(terms, loss_mask, self.beta, self.in_router_warmup, self.aux_head_loss)
         if self.collect_eval:
             self.eval_sums += evaluation_sums(terms, loss_mask)
-        else:
-            self.train_sums += losses.logged()
-            self.micro_batches += 1
+            return losses.loss
+        if self.loss_hook is not None:
+            losses.loss = self.loss_hook(losses.loss)
+        self.train_sums += losses.logged()
+        self.micro_batches += 1
         return losses.loss
 
 

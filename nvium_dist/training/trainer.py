@@ -20,9 +20,11 @@ from nvium_dist.mixture import LossComponents, evaluation_sums, nvium_loss, rout
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
+from nvium_dist.training.fault import DivergedError, DivergenceGuard, all_finite
 from nvium_dist.training.metrics import MetricsLogger
 from nvium_dist.training.run_lock import RunDirLock
 from nvium_dist.training.schedule import build_optimizer, lr_multiplier
+from nvium_dist.training.watchdog import HangWatchdog
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 SAMPLE_ROWS = 2
@@ -105,7 +107,9 @@ class Trainer:
     def __init__(self, config: NviumConfig):
         self.config = config
         check_data_config(config)
-        self.info = init_distributed(config.parallel)
+        hang_timeout = config.training.hang_timeout_s
+        # the watchdog, which names the phase and dumps the stacks, speaks first; a collective's timeout is the backstop
+        self.info = init_distributed(config.parallel, timeout_minutes=2 * hang_timeout / 60 if hang_timeout else 30)
         config.validate(world_size=self.info.world_size)
         check_rank_layout(self.info)
         self._init_deepspeed_comm()
@@ -124,6 +128,9 @@ class Trainer:
         self.lineage = ckpt.new_lineage()
         self._stop_reason: str | None = None
         self._launcher_pid: int | None = None
+        self.guard = DivergenceGuard(t, self.info.rank)
+        self.watchdog = HangWatchdog(t.hang_timeout_s, self.info.rank)
+        self.last_eval_ce: float | None = None
         self._lock_run_dir()
         if self.is_logger:
             note = config.vocab_padding_note()
@@ -189,7 +196,8 @@ class Trainer:
         if self.pipelined:
             from nvium_dist.training.pipeline import PipelineLoss, build_pipeline_module
 
-            self.pipeline_loss = PipelineLoss(c.model, self.info.device, aux_head_loss=t.aux_head_loss)
+            self.pipeline_loss = PipelineLoss(c.model, self.info.device, aux_head_loss=t.aux_head_loss,
+                                              loss_hook=self.guard.poison)
             model = build_pipeline_module(c.model, self.info, t.seed, self.pipeline_loss,
                                           t.activation_checkpointing, t.loss_chunk_tokens)
         else:
@@ -247,6 +255,7 @@ class Trainer:
                                                config=self._deepspeed_config(),
                                                mpu=None if self.pipelined else DeepSpeedMPU())
         ckpt.install_weights_only_loading(engine)
+        self.guard.install(engine, self._loss_share)
         return engine
 
     def _resume_point(self) -> dict | None:
@@ -318,18 +327,30 @@ class Trainer:
         totals = self._last_stage_sum(local) / self.info.dp_size
         return dict(zip(LossComponents.NAMES, totals.tolist()))
 
+    def _loss_share(self) -> torch.Tensor:
+        """This rank's part of the current step's mean loss; the parts of all ranks add up to it."""
+        if self.pipelined:
+            loss_fn = self.pipeline_loss
+            if not (self.is_last_stage and self.info.tp_rank == 0):
+                return torch.zeros((), dtype=torch.float64)
+            return loss_fn.train_sums[0] / max(1, loss_fn.micro_batches) / self.info.dp_size
+        return self._step_loss / (self.grad_accumulation * self.info.world_size)  # TP ranks hold the same loss
+
     def _train_step(self, iterator) -> dict:
+        self.guard.batch = self.consumed_samples // self.config.training.global_batch_size + 1
         if self.pipelined:
             return self._train_step_pipelined(iterator)
         beta, in_warmup = self.controller.beta, self.step < self.warmup_steps
         totals = torch.zeros(len(LossComponents.NAMES), dtype=torch.float64, device=self.info.device)  # on device: no host read per micro-batch
+        self._step_loss = totals[0]  # a view: the optimizer step's gate reads the loss so far
         for _ in range(self.grad_accumulation):
             batch = self._micro_batch(iterator)
             terms = self.engine(batch["tokens"], batch["labels"])
             losses = nvium_loss(terms, batch["loss_mask"], beta, in_warmup, self.config.training.aux_head_loss)
+            losses.loss = self.guard.poison(losses.loss)
             self.engine.backward(losses.loss)
-            self.engine.step()
             totals += losses.logged()
+            self.engine.step()
         totals /= self.grad_accumulation
         all_reduce(totals, group=self._dp_group())
         totals /= self.info.dp_size
@@ -456,9 +477,24 @@ class Trainer:
         return {"tokens": batch["tokens"].cpu(), "labels": batch["labels"].cpu(),
                 "log_p_heads": terms.log_p_heads.float().cpu(), "log_p_mix": terms.log_p_mix.float().cpu()}
 
-    def save(self) -> Path:
+    def _model_is_good(self) -> bool:
+        """Collective: finite weights on every rank (ZeRO-3: each rank's partition) and a finite last evaluation."""
+        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        bad = torch.tensor([0.0 if all_finite(params) else 1.0])
+        finite_eval = self.last_eval_ce is None or math.isfinite(self.last_eval_ce)
+        return finite_eval and not all_reduce(bad, op=dist.ReduceOp.MAX).item()
+
+    def save(self) -> Path | None:
+        """Collective. A model with non-finite weights or evaluation is not saved: it would become `latest` and
+        prune good checkpoints. -> the checkpoint, or None."""
+        self.watchdog.beat("save", self.step)
+        if not self._model_is_good():
+            self.guard.report(f"step {self.step}: the model is not finite (weights or last evaluation ce "
+                              f"{self.last_eval_ce}); no checkpoint written")
+            return None
         state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
-                 "router_warmup_steps": self.warmup_steps, "lineage": self.lineage}
+                 "router_warmup_steps": self.warmup_steps, "lineage": self.lineage,
+                 "last_eval_ce": self.last_eval_ce, **self.guard.state()}
         path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
                                     self.info.rank, self.info.world_size)
         self.metrics.message(f"[checkpoint] step {self.step} -> {path}")
@@ -487,8 +523,6 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> int:
-        from nvium_dist.data.gpt_data import batch_iterator
-
         c, t = self.config, self.config.training
         self._install_signal_handlers()
         self._build_data()
@@ -496,66 +530,126 @@ class Trainer:
         if resume is not None:
             self.step = self.resumed_step = int(resume["trainer_state"]["step"])
             self.lineage = resume["trainer_state"].get("lineage", self.lineage)
+            self.guard.load_state(resume["trainer_state"])
         model = self._build_model(resume)
         self.engine = self._build_engine(model, lr_offset=self.step if resume and not resume["same_layout"] else 0)
         if resume is not None:
-            if resume["same_layout"]:
-                ckpt.load_deepspeed_state(self.engine, resume["path"], self.info.rank)
-                if self.pipelined:
-                    self._restore_tied_weights(resume["path"])
-            else:  # the engine made its masters from the (bf16) module weights: restore the checkpoint's fp32 ones
-                ckpt.load_fp32_master_weights(*self._named_parameters(self.engine.module), resume["full_state"],
-                                              self.info.tp_rank, self.info.tp_size, c.model.vocab_size)
-                self._load_optimizer_moments(resume["path"])
-            state = resume["trainer_state"]
-            self.consumed_samples = int(state["consumed_samples"])
-            self.controller.load_state(state["controller"])
+            self._load_checkpoint(resume)
         self.metrics = MetricsLogger(c, self.step, enabled=self.is_logger)
         self._announce(model, resume)
         if self.step >= t.train_iters:
             self.metrics.message(f"[train] already at step {self.step} of {t.train_iters}; nothing to do")
             self.metrics.close()
             return 0
+        try:
+            with self.watchdog.peers_watched():
+                self._train_loop()
+        finally:
+            self.watchdog.stop()
+            summary = self.guard.summary()
+            if summary:
+                self.guard.report(summary)
+            self.metrics.close()
+        return 0
 
+    def _train_iterator(self):
+        from nvium_dist.data.gpt_data import batch_iterator
+
+        t = self.config.training
         iterator = batch_iterator(self.train_data, t.micro_batch_size, self.info.dp_rank, self.info.dp_size,
                                   consumed_samples=self.consumed_samples)
-        if self.pipelined:
-            iterator = self._pipeline_batches(iterator)
+        return self._pipeline_batches(iterator) if self.pipelined else iterator
+
+    def _train_loop(self) -> None:
+        c, t = self.config, self.config.training
+        iterator = self._train_iterator()
         tokens_per_step = t.global_batch_size * c.model.seq_length
-        last_saved = self.step
+        last_saved, save_due = self.step, False
         while self.step < t.train_iters:
+            self.watchdog.beat("step", self.step + 1)
             started = time.perf_counter()
             lr = self.engine.get_lr()[0]
             losses = self._train_step(iterator)
             self.step += 1
             self.consumed_samples += t.global_batch_size
             elapsed = time.perf_counter() - started
-            if self.step % t.log_interval == 0 or self.step == t.train_iters:
+            verdict, roll_back = self.guard.verdict, self.guard.after_step(self.step)
+            if verdict.skipped or self.step % t.log_interval == 0 or self.step == t.train_iters:
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"step": self.step, **losses, "lr": lr, "beta": self.controller.beta,
                           "tokens_per_s": tokens_per_step / elapsed, "consumed_samples": self.consumed_samples,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "router_warmup": self.step <= self.warmup_steps, "peak_memory_mb": peak_memory_mb()}
+                          "router_warmup": self.step <= self.warmup_steps, "peak_memory_mb": peak_memory_mb(),
+                          "skipped": verdict.skipped, "skipped_steps": self.guard.skipped_steps}
+                if verdict.skipped:
+                    record["skip_reason"] = verdict.reason
                 self.metrics.log(record)
                 self.metrics.progress(self.step, {"loss": f"{losses['loss']:.4f}", "lr": f"{lr:.2e}",
                                                   "tok/s": f"{record['tokens_per_s']:.0f}"})
+            if roll_back:
+                self._roll_back()
+                iterator = self._train_iterator()
+                last_saved, save_due = self.step, False
+                continue
             if self.step % t.eval_interval == 0 or self.step == t.train_iters:
+                self.watchdog.beat("eval", self.step)
                 self._evaluate_and_control()
             stopping = self._any_rank_stopping()
-            if stopping or self.step % t.save_interval == 0 or self.step == t.train_iters:
+            save_due = save_due or self.step % t.save_interval == 0
+            # a periodic save waits out a run of skipped steps: it could become the target of a rollback
+            if stopping or self.step == t.train_iters or (save_due and not self.guard.consecutive_skips):
                 self.save()
-                last_saved = self.step
+                last_saved, save_due = self.step, False
             if stopping:
                 self.metrics.message(f"[train] stopping early: {self._stop_reason or 'another rank was told to stop'}")
                 self.metrics.message(f"preempted: checkpoint saved at step {self.step}")
                 break
         if last_saved != self.step:
             self.save()
-        self.metrics.close()
-        return 0
+
+    def _load_checkpoint(self, found: dict) -> None:
+        """The chosen checkpoint (`_resume_point`'s answer) into the live engine and the trainer's counters."""
+        if found["same_layout"]:
+            ckpt.load_deepspeed_state(self.engine, found["path"], self.info.rank)
+            if self.pipelined:
+                self._restore_tied_weights(found["path"])
+        else:  # the engine made its masters from the (bf16) module weights: restore the checkpoint's fp32 ones
+            ckpt.load_fp32_master_weights(*self._named_parameters(self.engine.module), found["full_state"],
+                                          self.info.tp_rank, self.info.tp_size, self.config.model.vocab_size)
+            self._load_optimizer_moments(found["path"])
+        state = found["trainer_state"]
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.controller.load_state(state["controller"])
+        self.last_eval_ce = state.get("last_eval_ce")
+
+    def _roll_back(self) -> None:
+        """Back to the newest good checkpoint of this run, then past the next rollback_skip_batches batches."""
+        t = self.config.training
+        diverged_at = self.step
+        self.guard.check_rollback_left(diverged_at)
+        found = self._resume_point()
+        if found is None:
+            raise DivergedError(f"training diverged at step {diverged_at} ({t.max_skipped_steps} steps in a row "
+                                "skipped) and there is no good checkpoint to roll back to; lower training.lr or "
+                                "save earlier (training.save_interval)")
+        if not found["same_layout"]:
+            raise DivergedError(f"training diverged at step {diverged_at}; the newest good checkpoint {found['path']} "
+                                "has another layout and a rollback reloads only its own layout: restart the job, "
+                                "which resumes from it")
+        self.watchdog.beat("rollback", diverged_at)
+        self._load_checkpoint(found)
+        self.guard.rolled_back()
+        self.consumed_samples += t.rollback_skip_batches * t.global_batch_size
+        self.guard.report(f"rollback {self.guard.rollbacks} of at most {t.max_rollbacks}: step {diverged_at} -> "
+                          f"{found['path'].name} (step {self.step}), skipping the next {t.rollback_skip_batches} "
+                          f"global batches; {self.guard.summary()}")
+        self.metrics.log({"step": self.step, "rollback": self.guard.rollbacks, "diverged_at": diverged_at,
+                          "skipped_batches": t.rollback_skip_batches, "consumed_samples": self.consumed_samples})
 
     def _evaluate_and_control(self) -> None:
         result = self.evaluate()
+        self.last_eval_ce = result["eval_ce"]
         record = {"step": self.step, **result}
         control = self.config.training.beta_controller
         if self.config.model.exits and control.enabled:

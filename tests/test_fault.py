@@ -1,0 +1,233 @@
+"""Divergence (skip, roll back, stop) and hangs (watchdog), on real gloo processes and DeepSpeed engines."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_fixtures import ROOT, corpus, read_metrics, small_overrides  # noqa: F401 - corpus is a fixture
+
+from distributed_runner import run_distributed
+from nvium_dist import exit_codes
+
+# constant LR, no router warmup: a run that skips batches then equals one that never trained on them
+STEADY = {"training.min_lr_ratio": 1.0, "training.warmup_fraction": 0.0, "training.router_warmup_steps": 0,
+          "training.router_warmup_fraction": 0.0, "training.save_interval": 4, "training.eval_interval": 4,
+          "training.keep_checkpoints": 0, "training.inject_loss_rank": 1}
+LAYOUTS = {
+    "tp2": {"parallel.tensor_parallel": 2},
+    "pp2": {"parallel.pipeline_parallel": 2},
+    "zero1": {"parallel.zero_stage": 1},
+    "zero2": {"parallel.zero_stage": 2},
+    "zero3": {"parallel.zero_stage": 3},
+}
+
+
+def pretrain_cli(rank, world_size, args, log_dir):
+    """run_distributed target: pretrain/pretrain_nvium.py's main with this rank's stdout/stderr in a file."""
+    import importlib.util
+
+    log = open(Path(log_dir) / f"rank{rank}.log", "w")  # noqa: SIM115 - lives as long as the process
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    spec = importlib.util.spec_from_file_location("pretrain_nvium", ROOT / "pretrain" / "pretrain_nvium.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def cli_args(corpus, run_dir: Path, **settings) -> list[str]:
+    """pretrain_nvium.py's arguments: tiny.yaml at the small test shape."""
+    overrides = small_overrides(corpus, run_dir, **settings)
+    return ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
+
+
+def pretrain(corpus, run_dir: Path, world_size: int = 2, **settings) -> tuple[list[int], str]:
+    """The trainer CLI on `world_size` forkserver ranks -> (exit codes by rank, rank 0's output)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    codes = run_distributed(pretrain_cli, world_size, cli_args(corpus, run_dir, **settings), str(run_dir), timeout=600)
+    return codes, (run_dir / "rank0.log").read_text()
+
+
+def final_weights(run_dir: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((latest / "trainer_state.json").read_text())
+    return load_file(str(latest / "model.safetensors")), state
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_skip_then_rollback_equals_a_run_that_never_trained_on_the_poisoned_batches(corpus, tmp_path, layout):
+    """Rank 1's loss is NaN on global batches 5 and 6. Run A skips steps 5 and 6 (max_skipped_steps=2), rolls
+    back to step 4 and skips 2 batches, so its steps 5-8 train on batches 7-10. Run B only skips (no rollback)
+    and trains to step 10: its updates saw the same batches, so the weights must be equal bit for bit."""
+    settings = {**STEADY, **LAYOUTS[layout], "training.inject_loss_batches": "[5,6]"}
+    codes, output = pretrain(corpus, tmp_path / "a", **settings, **{
+        "training.train_iters": 8, "training.max_skipped_steps": 2, "training.rollback_skip_batches": 2})
+    assert codes == [0, 0], output
+    assert len(re.findall(r"\[fault\] step \d+ skipped: non-finite loss or gradients on [12] rank", output)) == 1, output
+    assert "[fault] step 5 skipped" in output
+    assert "rollback 1 of at most 3: step 6 -> step_00000004 (step 4), skipping the next 2 global batches" in output
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in records if r.get("skipped")]
+    assert skipped == [5, 6], skipped
+    rollbacks = [r for r in records if "rollback" in r]
+    assert [(r["step"], r["diverged_at"], r["consumed_samples"]) for r in rollbacks] == [(4, 6, 48)]
+    weights_a, state_a = final_weights(tmp_path / "a")
+    assert (state_a["step"], state_a["consumed_samples"], state_a["rollbacks"]) == (8, 80, 1)
+
+    codes, output = pretrain(corpus, tmp_path / "b", **settings, **{
+        "training.train_iters": 10, "training.max_skipped_steps": 0})
+    assert codes == [0, 0], output
+    weights_b, state_b = final_weights(tmp_path / "b")
+    assert (state_b["step"], state_b["consumed_samples"], state_b["skipped_steps"]) == (10, 80, 2)
+    differing = [name for name in weights_a if not torch.equal(weights_a[name], weights_b[name])]
+    assert not differing, differing
+
+
+def test_after_max_rollbacks_the_trainer_stops_with_its_exit_code(corpus, tmp_path):
+    """Every batch from 3 on is poisoned: steps 3-4 skip, rollback 1 goes back to step 2 past 2 batches, steps
+    3-4 (batches 5-6) skip again, and with max_rollbacks=1 the run stops: exit code DIVERGED on every rank."""
+    codes, output = pretrain(corpus, tmp_path, **{
+        "training.inject_loss_batches": str(list(range(3, 40))), "training.inject_loss_rank": 0,
+        "training.train_iters": 20, "training.save_interval": 2, "training.eval_interval": 2,
+        "training.max_skipped_steps": 2, "training.rollback_skip_batches": 2, "training.max_rollbacks": 1})
+    assert codes == [exit_codes.DIVERGED] * 2, output
+    assert "rollback 1 of at most 1: step 4 -> step_00000002 (step 2)" in output
+    assert ("error: training diverged: 2 steps in a row skipped at step 4 after 1 rollback(s) "
+            "(training.max_rollbacks=1)") in output
+    _, state = final_weights(tmp_path)
+    assert state["step"] == 2  # nothing of the diverged steps was saved
+
+
+def test_loss_spike_guard_skips_the_spiking_step(corpus, tmp_path):
+    """Rank 1's loss times 100 on batch 6: above mean + 6 std of the last 4 steps, so step 6 is skipped."""
+    codes, output = pretrain(corpus, tmp_path, **{
+        "training.inject_loss_batches": "[6]", "training.inject_loss_rank": 1, "training.inject_loss_scale": 100.0,
+        "training.loss_spike_window": 4, "training.loss_spike_sigmas": 6.0, "training.train_iters": 7})
+    assert codes == [0, 0], output
+    records, _ = read_metrics(tmp_path)
+    assert [step for step, r in records.items() if r["skipped"]] == [6]
+    assert records[6]["skip_reason"].startswith("loss spike: ")
+    assert "[fault] step 6 skipped: loss spike" in output
+
+
+def test_diverging_learning_rate_no_longer_exits_0(corpus, tmp_path):
+    """The issue's user story (tiny.yaml with lr=1e4) at the small test shape: every step from the second on
+    is non-finite, there is no good checkpoint to roll back to, and the run says so with exit code DIVERGED
+    instead of saving a dead model and exiting 0."""
+    codes, output = pretrain(corpus, tmp_path, world_size=1, **{
+        "training.lr": 1e4, "training.train_iters": 30, "training.save_interval": 10, "parallel.zero_stage": 2})
+    assert codes == [exit_codes.DIVERGED], output
+    assert "there is no good checkpoint to roll back to" in output
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_refuses_non_finite_weights_and_evaluations(corpus, tmp_path, capsys):
+    """A checkpoint that verifies against its manifest but holds NaN weights, or whose last evaluation was NaN,
+    is passed over for the previous one; with none left the choice is an error naming the NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from nvium_dist.checkpoint_io import CheckpointError, write_manifest
+    from nvium_dist.config import load_config
+    from nvium_dist.training.checkpoint import choose_checkpoint
+
+    settings = {"training.train_iters": 3, "training.save_interval": 1, "training.eval_interval": 1}
+    codes, output = pretrain(corpus, tmp_path, world_size=1, **settings)
+    assert codes == [0], output
+    config = load_config(None, small_overrides(corpus, tmp_path, **settings))
+    root = tmp_path / "checkpoints"
+    weights = load_file(str(root / "step_00000003" / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, str(root / "step_00000003" / "model.safetensors"), metadata={"format": "pt"})
+    state_file = root / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps(dict(state, last_eval_ce=float("nan"))))
+    for step in (2, 3):
+        write_manifest(root / f"step_{step:08d}")  # both verify: only their contents are bad
+
+    assert choose_checkpoint(tmp_path, config) == root / "step_00000001"
+    warnings = capsys.readouterr().err
+    assert f"{name} holds NaN or infinite values" in warnings
+    assert "its last evaluation (ce nan) was not finite" in warnings
+    (root / "step_00000001" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        choose_checkpoint(tmp_path, config)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_watchdog_ends_every_rank_when_one_freezes(corpus, tmp_path, world_size):
+    """SIGSTOP one rank mid-training: every other rank, stuck in a collective, dumps its threads' stacks, names
+    its rank, step and phase in one line and exits with exit code HUNG within hang_timeout_s + 60 s."""
+    import queue as queue_module
+
+    from distributed_runner import _PRELOAD, _worker
+    from nvium_dist.parallel import forkserver_context, free_port
+
+    hang_timeout = 10
+    args = cli_args(corpus, tmp_path, **{
+        "training.train_iters": 10_000, "training.eval_interval": 10_000, "training.save_interval": 10_000,
+        "training.global_batch_size": 4 * world_size, "training.hang_timeout_s": hang_timeout})
+    context = forkserver_context(_PRELOAD)
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_worker, args=(pretrain_cli, rank, world_size, port, (args, str(tmp_path)), results))
+             for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    frozen = ranks[1]
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline, "training did not reach step 3"
+            assert all(p.is_alive() for p in ranks), (tmp_path / "rank0.log").read_text()
+            time.sleep(0.5)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        for process in ranks:
+            if process is not frozen:
+                process.join(timeout=max(1.0, stopped + hang_timeout + 60 - time.monotonic()))
+        waited = time.monotonic() - stopped
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    with pytest.raises(queue_module.Empty):
+        results.get(timeout=0.1)  # no rank finished normally
+    for rank, process in enumerate(ranks):
+        if process is frozen:
+            continue
+        log = (tmp_path / f"rank{rank}.log").read_text()
+        assert process.exitcode == exit_codes.HUNG, log
+        # the first ranks to notice hang; the others may see those exit and lose them as peers first
+        hung = re.search(rf"\[watchdog\] rank {rank} hung in step at step \d+: no progress for \d+ s "
+                         rf"\(training.hang_timeout_s={hang_timeout}\); stacks above; exiting with code 75", log)
+        lost = re.search(rf"\[watchdog\] rank {rank} lost a peer in step at step \d+: .*Connection .*; "
+                         "exiting with code 75", log)
+        assert hung or lost, log
+        if hung:
+            assert "most recent call first" in log  # faulthandler's dump of the stuck thread
+    assert waited < hang_timeout + 60
+    assert any(re.search(r"\[watchdog\] rank \d hung", (tmp_path / f"rank{r}.log").read_text())
+               for r in range(world_size))
+
+
+def test_the_batch_script_requeues_exactly_the_requeue_exit_codes():
+    """slurm/pretrain.sbatch cannot import nvium_dist/exit_codes.py; its copy of the code must agree."""
+    script = (ROOT / "slurm" / "pretrain.sbatch").read_text()
+    assert re.findall(r"^HUNG_EXIT=(\d+)$", script, re.M) == [str(exit_codes.HUNG)]
+    assert exit_codes.REQUEUE == (exit_codes.HUNG,)
+    assert len({exit_codes.OK, exit_codes.ERROR, exit_codes.CONFIG_ERROR, exit_codes.DIVERGED, exit_codes.HUNG}) == 5
