@@ -31,7 +31,7 @@ CONFIG_KEY = re.compile(r"^(model|parallel|data|training)\.([a-z_]+)(?:\.([a-z_]
 # inline code spans that are file names, not config keys
 FILE_NAMES = {"model.safetensors"}
 READ_FLAGS = {"--model", "--baseline", "--data", "--checkpoint", "--prompt-file", "--include-path", "--config"}
-WRITE_FLAGS = {"--output", "--output-dir", "--work-dir"}
+WRITE_FLAGS = {"--output", "--output-dir", "--work-dir", "--synthetic"}
 CHECKED_ROOTS = ("runs/", "exports/")
 TRAINER_DATA = ["data/tokenizer.model", "data/shakespeare_train_text_document", "data/shakespeare_valid_text_document"]
 
@@ -142,6 +142,9 @@ def config_key_exists(section: str, key: str, subkey: str | None) -> bool:
     return dataclasses.is_dataclass(fields[key]) and subkey in get_type_hints(fields[key])
 
 
+TENSOR_NAME = re.compile(r"\.(weight|bias)$")  # a weight's name (e.g. in a name mapping), not a config key
+
+
 def documented_config_keys():
     for path in DOCS:
         text = path.read_text()
@@ -150,7 +153,7 @@ def documented_config_keys():
         candidates += [span.split()[0].rstrip(":=,") for span in inline_spans(text) if span.split()]
         for candidate in candidates:
             match = CONFIG_KEY.match(candidate)
-            if match and candidate.split("=")[0] not in FILE_NAMES:
+            if match and candidate.split("=")[0] not in FILE_NAMES and not TENSOR_NAME.search(candidate):
                 yield path, candidate, match.groups()
 
 
