@@ -212,29 +212,9 @@ class Trainer:
         return dict(module.named_parameters()), partition_dims(module)
 
     def _deepspeed_config(self) -> dict:
-        p, t = self.config.parallel, self.config.training
-        zero = {"stage": p.zero_stage}
-        if p.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if p.offload_params:
-            zero["offload_param"] = {"device": "cpu"}
-        return {
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accumulation,
-            "gradient_clipping": t.clip_grad,
-            "zero_optimization": zero,
-            "bf16": {"enabled": p.torch_dtype_name == "bfloat16"},
-            # bf16 weights and activations, but gradients accumulate (over micro-batches and in the
-            # data-parallel reduction) in fp32 next to the optimizer's fp32 master weights
-            "data_types": {"grad_accum_dtype": "fp32"},
-            # with TP > 1 DeepSpeed would split the stage-to-stage tuple over the TP ranks, which it supports
-            # only for a single grad-carrying tensor; ours carries the per-head terms with gradients too
-            "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-            "zero_allow_untested_optimizer": True,
-            "zero_force_ds_cpu_optimizer": False,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        from nvium_dist.training.engine_config import deepspeed_config
+
+        return deepspeed_config(self.config, self.grad_accumulation)
 
     def _build_engine(self, model, lr_offset: int):
         import deepspeed
