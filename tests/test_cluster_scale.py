@@ -60,3 +60,93 @@ def test_gradient_reduction_runs_in_the_configured_dtype(grad_reduce_dtype, zero
         assert expected in result["reduced"], result
         if grad_reduce_dtype == "fp32":
             assert "torch.bfloat16" not in result["reduced"], result
+
+
+# -- run-directory lock where flock does not exist (Lustre mounted noflock) -------------------------------------
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    import errno
+
+    from nvium_dist.training import run_lock
+
+    def flock(*_args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+    return run_lock
+
+
+def test_run_lock_without_flock_uses_an_exclusive_lock_file(no_flock, tmp_path):
+    import os
+    import socket
+
+    holder = no_flock.RunDirLock(tmp_path)
+    holder.acquire()
+    assert (tmp_path / ".lock.excl").read_text().startswith(f"{socket.gethostname()} {os.getpid()}\n")
+    with pytest.raises(no_flock.RunDirInUseError, match=f"in use by trainer pid {os.getpid()} .*delete .*lock.excl"):
+        no_flock.RunDirLock(tmp_path).acquire()
+    holder.release()
+    assert not (tmp_path / ".lock.excl").exists()
+    second = no_flock.RunDirLock(tmp_path)
+    second.acquire()
+    second.release()
+
+
+def test_run_lock_without_flock_replaces_a_dead_holders_file(no_flock, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_file = tmp_path / ".lock.excl"
+    lock_file.write_text(f"{socket.gethostname()} {int(dead.stdout)}\ntrainer pid {int(dead.stdout)} on here\n")
+    no_flock.RunDirLock(tmp_path).acquire()  # that pid has exited on this host
+    assert lock_file.read_text().startswith(f"{socket.gethostname()} {os.getpid()}\n")
+    # a holder on another host: live while its heartbeat is recent, stale after STALE_SECONDS
+    lock_file.write_text("other-node 1\ntrainer pid 1 on other-node\n")
+    with pytest.raises(no_flock.RunDirInUseError, match="trainer pid 1 on other-node"):
+        no_flock.RunDirLock(tmp_path).acquire()
+    old = lock_file.stat().st_mtime - no_flock.STALE_SECONDS - 1
+    os.utime(lock_file, (old, old))
+    no_flock.RunDirLock(tmp_path).acquire()
+    assert lock_file.read_text().startswith(f"{socket.gethostname()} {os.getpid()}\n")
+
+
+def test_run_lock_says_so_when_no_lock_works(no_flock, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real_open = os.open
+
+    def no_exclusive_create(path, flags, *args):
+        if flags & os.O_EXCL:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(no_flock.os, "open", no_exclusive_create)
+    with pytest.raises(RuntimeError, match="flock is not supported there .* put training.run_dir on a filesystem"):
+        no_flock.RunDirLock(tmp_path).acquire()
+
+
+# -- optimizer choice ------------------------------------------------------------------------------------------
+
+def test_cuda_runs_default_to_torch_fused_adamw_without_compiling(recwarn):
+    """training.optimizer=auto on CUDA is torch's fused AdamW: no DeepSpeed op is JIT-built (a build killed
+    mid-way leaves a lock that hangs the next job). torch's fused AdamW also runs on CPU tensors, which is
+    what this builds; the choice itself is what the trainer makes for a CUDA run."""
+    import warnings
+
+    from nvium_dist.config import TrainingConfig
+    from nvium_dist.training.schedule import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old default tried DeepSpeed's FusedAdam and warned when it failed
+        optimizer = build_optimizer(model, TrainingConfig(), "cuda", offload=False)
+    assert type(optimizer) is torch.optim.AdamW and all(g["fused"] for g in optimizer.param_groups)
+    plain = build_optimizer(model, TrainingConfig(), "cpu", offload=False)
+    assert type(plain) is torch.optim.AdamW and not any(g["fused"] for g in plain.param_groups)
+    torch_offloaded = build_optimizer(model, TrainingConfig(optimizer="torch"), "cuda", offload=True)
+    assert not any(g["fused"] for g in torch_offloaded.param_groups)  # its states live on the CPU
