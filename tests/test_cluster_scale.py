@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distributed_runner import run_distributed
+from trainer_fixtures import corpus  # noqa: F401  (a pytest fixture)
 
 
 def _reduction_dtype_worker(rank, world_size, grad_reduce_dtype, zero_stage):
@@ -150,3 +151,83 @@ def test_cuda_runs_default_to_torch_fused_adamw_without_compiling(recwarn):
     assert type(plain) is torch.optim.AdamW and not any(g["fused"] for g in plain.param_groups)
     torch_offloaded = build_optimizer(model, TrainingConfig(optimizer="torch"), "cuda", offload=True)
     assert not any(g["fused"] for g in torch_offloaded.param_groups)  # its states live on the CPU
+
+
+# -- start-up data checks: once, on rank 0 ------------------------------------------------------------------
+
+def _counting_scans(rank, world_size, overrides):
+    """Trains, counting the full id scans of a .bin this rank runs."""
+    from nvium_dist.data import gpt_data
+    from trainer_fixtures import train_in_process
+
+    scans, check = [], gpt_data.check_dataset_usable
+
+    def counting(prefix, vocab_size, scan_ids=True, known_max_id=None):
+        if scan_ids and known_max_id is None:
+            scans.append(prefix)
+        return check(prefix, vocab_size, scan_ids, known_max_id)
+
+    gpt_data.check_dataset_usable = counting
+    train_in_process(rank, world_size, overrides)
+    return len(scans)
+
+
+def _corpus_without_summaries(corpus, directory):
+    import shutil
+
+    copies = {}
+    for split in ("train", "valid"):
+        for suffix in (".bin", ".idx"):  # no .summary.json: nothing vouches for the tokenizer
+            shutil.copy(corpus[split] + suffix, directory / f"{split}_text_document{suffix}")
+        copies[split] = str(directory / f"{split}_text_document")
+    return dict(corpus, **copies)
+
+
+def test_corpus_without_summary_is_scanned_once_on_rank0_and_recorded(corpus, tmp_path):
+    from trainer_fixtures import small_overrides
+
+    data = _corpus_without_summaries(corpus, tmp_path)
+    overrides = small_overrides(data, tmp_path / "run", **{"training.train_iters": 1})
+    assert run_distributed(_counting_scans, 2, overrides) == [2, 0]  # rank 0 scans train and valid, rank 1 not
+    assert run_distributed(_counting_scans, 2, overrides) == [0, 0]  # a restart reuses the record
+    record = (tmp_path / "run" / "data" / "cache" / "token_id_scan.json").read_text()
+    assert data["train"] + ".bin" in record and data["valid"] + ".bin" in record
+
+
+def _train_expecting_error(rank, world_size, overrides):
+    from trainer_fixtures import train_in_process
+
+    try:
+        train_in_process(rank, world_size, overrides)
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank raised
+        return type(err).__name__, str(err)
+    return None
+
+
+def test_out_of_vocabulary_ids_stop_every_rank_with_the_file_named(corpus, tmp_path):
+    """A .bin with no summary and an id past the vocabulary (issue 22 case 6): rank 0's one scan finds it and
+    every rank stops with that message (before, the other ranks were left waiting in a barrier)."""
+    import numpy as np
+
+    from trainer_fixtures import small_overrides
+
+    data = _corpus_without_summaries(corpus, tmp_path)
+    ids = np.fromfile(data["train"] + ".bin", dtype=np.uint16)
+    ids[50] = 65535
+    ids.tofile(data["train"] + ".bin")
+    overrides = small_overrides(data, tmp_path / "run")
+    rank0, rank1 = run_distributed(_train_expecting_error, 2, overrides, timeout=300)
+    named = f"{data['train']}.bin: token id 65535 (first out-of-range id at token 50)"
+    assert rank0[0] == "DatasetFormatError" and rank0[1].startswith(named)
+    assert rank1[0] == "RankZeroError" and named in rank1[1]
+
+
+def test_a_large_model_without_data_needs_allow_default_corpus():
+    from nvium_dist.config import ConfigError, load_config
+    from nvium_dist.training.trainer import check_data_config
+
+    check_data_config(load_config(None, []))  # the quickstart's model may use the bundled corpus
+    larger = ["model.hidden_size=256", "model.ffn_hidden_size=688"]
+    with pytest.raises(ConfigError, match="bundled Shakespeare corpus .* data.allow_default_corpus=true"):
+        check_data_config(load_config(None, larger))
+    check_data_config(load_config(None, larger + ["data.allow_default_corpus=true"]))

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
             f"data.valid_data=[{data_run}/data/shakespeare_valid_text_document]",
             f"data.tokenizer_model={data_run}/data/tokenizer.model"]
         if shared:
-            run(args.config, args.set + ["training.train_iters=1"], args.nproc, data_run)
+            run(args.config, args.set + ["training.train_iters=1", "data.allow_default_corpus=true"], args.nproc,
+                data_run)
         for round_index in range(args.rounds):
             for name, extra in (("nvium", []), ("dense", dense_overrides)):
                 run_dir = Path(tmp) / f"{name}-{round_index}"

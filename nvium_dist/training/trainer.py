@@ -81,6 +81,7 @@ def check_data_config(config: NviumConfig) -> None:
             raise ConfigError(f"data.tokenizer_model={data.tokenizer_model} but data.train_data is empty, so the "
                               "bundled default corpus would be used with a tokenizer of its own. Set data.train_data "
                               "(and valid_data) to data made with that tokenizer, or leave data.tokenizer_model empty")
+        check_default_corpus_fits(config)
         return
     if not data.tokenizer_model:
         raise ConfigError("data.train_data is set but data.tokenizer_model is empty: name the SentencePiece model "
@@ -90,6 +91,23 @@ def check_data_config(config: NviumConfig) -> None:
         check_vocab_fits(tokenizer.vocab_size, config.model.vocab_size, data.tokenizer_model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_default_corpus_fits(config: NviumConfig) -> None:
+    """The bundled Shakespeare corpus (1.8M tokens) is for the quickstart's model; a larger model with no
+    data.train_data is almost surely a forgotten data path, and must opt in to train on it."""
+    from nvium_dist.config import ModelConfig
+    from nvium_dist.model_info import parameter_breakdown
+
+    if config.data.allow_default_corpus:
+        return
+    parameters = parameter_breakdown(config.model)["total"]
+    quickstart = parameter_breakdown(ModelConfig())["total"]
+    if parameters > quickstart:
+        raise ConfigError(f"data.train_data is empty, so this {parameters:,}-parameter model would train on the bundled "
+                          f"Shakespeare corpus meant for the {quickstart:,}-parameter quickstart model. Set "
+                          "data.train_data, data.valid_data and data.tokenizer_model to your corpus, or set "
+                          "data.allow_default_corpus=true to train on the bundled one")
 
 
 def peak_memory_mb() -> float:
@@ -155,7 +173,8 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
     def _build_data(self):
-        from nvium_dist.data.gpt_data import SentencePieceTokenizer, build_gpt_datasets, check_vocab_fits
+        from nvium_dist.data.gpt_data import (SentencePieceTokenizer, build_gpt_datasets, check_vocab_fits,
+                                              ensure_helpers)
 
         c = self.config
         if not c.data.train_data:
@@ -167,9 +186,12 @@ class Trainer:
         samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size, 0)
         cache = c.data.cache_dir or str(self.run_dir / "data" / "cache")
 
+        ensure_helpers()  # collective when megatron's C++ helpers must be compiled: every rank, before the build
+        self._check_corpora(tokenizer, cache)
+
         def build():
             return build_gpt_datasets(c.data.train_data, c.data.split, c.model.seq_length, t.seed, samples, tokenizer,
-                                      cache_dir=cache, valid_blend=c.data.valid_data or None)
+                                      cache_dir=cache, valid_blend=c.data.valid_data or None, check_data=False)
 
         # rank 0 writes the index caches; the others read them
         if self.info.rank == 0:
@@ -180,6 +202,22 @@ class Trainer:
         self.train_data, self.valid_data, _ = datasets
         if self.valid_data is None:
             raise ValueError("no validation data: give data.valid_data or a split with a validation share")
+
+    def _check_corpora(self, tokenizer, cache: str) -> None:
+        """Rank 0 alone checks every data set against the tokenizer (scanning the ids of those no summary vouches
+        for, once per file: the result is kept under the cache dir); every rank learns the outcome."""
+        from nvium_dist.data.gpt_data import check_corpora, parse_blend
+
+        data = self.config.data
+        prefixes = parse_blend(data.train_data)[0] + (parse_blend(data.valid_data)[0] if data.valid_data else [])
+        error = None
+        if self.is_logger:
+            try:
+                for note in check_corpora(prefixes, tokenizer, cache):
+                    print(f"[data] {note}", flush=True)
+            except (OSError, ValueError) as err:  # every rank raises it below
+                error = err
+        ckpt.raise_rank0_error(error, "check the training data")
 
     def _build_model(self, resume: dict | None):
         from nvium_dist.model import NviumModel
