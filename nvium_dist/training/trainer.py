@@ -479,9 +479,11 @@ class Trainer:
     def save(self) -> Path:
         state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
                  "router_warmup_steps": self.warmup_steps, "lineage": self.lineage}
+        started = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
                                     self.info.rank, self.info.world_size)
-        self.metrics.message(f"[checkpoint] step {self.step} -> {path}")
+        # slurm/pretrain.sbatch reads the seconds from this line to time its pre-timeout signal
+        self.metrics.message(f"[checkpoint] step {self.step} -> {path} ({time.perf_counter() - started:.1f} s)")
         return path
 
     # -- signals ----------------------------------------------------------------------------------------
