@@ -231,3 +231,45 @@ def test_a_large_model_without_data_needs_allow_default_corpus():
     with pytest.raises(ConfigError, match="bundled Shakespeare corpus .* data.allow_default_corpus=true"):
         check_data_config(load_config(None, larger))
     check_data_config(load_config(None, larger + ["data.allow_default_corpus=true"]))
+
+
+# -- export self-check of a deep bf16 model ---------------------------------------------------------------------
+
+def _deep_bf16_case(seed: int):
+    import importlib.util
+    from pathlib import Path
+
+    from nvium_dist.config import ModelConfig
+    from nvium_dist.inference.generator import ensure_process_group
+    from nvium_dist.model import NviumModel
+    from nvium_dist.tp_layout import gather_full_state_dict
+
+    spec = importlib.util.spec_from_file_location(
+        "export_checkpoint", Path(__file__).resolve().parents[1] / "tools" / "export_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ensure_process_group("cpu")
+    # 48 layers like the 1.5B model; weights large enough that bf16 rounding moves log-probs by ~1 nat
+    config = ModelConfig(vocab_size=256, hidden_size=64, num_layers=48, num_heads=4, ffn_hidden_size=128,
+                         exits=[12, 24, 36], seq_length=64, make_vocab_size_divisible_by=64, init_std=0.2)
+    state = gather_full_state_dict(NviumModel(config, seed=seed))
+    tokens = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    return tool, config, state, {"tokens": tokens, "labels": tokens.roll(-1, 1)}
+
+
+def test_bf16_self_check_accepts_other_kernels_rounding_and_refuses_other_weights(capsys):
+    """A 48-layer bf16 sample computed by kernels that round differently from this CPU's (here: no rounding
+    at all, fp32 arithmetic) misses the bf16 recomputation by far more than the old fixed 0.1; the check then
+    compares in fp32 within twice the measured bf16 rounding. Weights that are not the sample's still fail."""
+    from nvium_dist.checkpoint_io import CheckpointError
+
+    tool, config, state, sample = _deep_bf16_case(seed=3)
+    heads, mix = tool._log_probs(config, state, sample, torch.bfloat16, torch.float32)
+    other_kernels = dict(sample, log_p_heads=heads, log_p_mix=mix)
+    low_heads, low_mix = tool._log_probs(config, state, sample, torch.bfloat16, torch.bfloat16)
+    assert (low_heads - heads).abs().max() > 0.1  # the old check (bf16 here vs the sample, 0.1) refused this
+    assert tool.self_check(config, state, other_kernels, None, "export", "bfloat16") == 0.0
+    assert "in fp32 arithmetic" in capsys.readouterr().out
+    _, _, wrong_state, _ = _deep_bf16_case(seed=4)
+    with pytest.raises(CheckpointError, match="does not reproduce"):
+        tool.self_check(config, wrong_state, other_kernels, None, "export", "bfloat16")
