@@ -127,7 +127,7 @@ def test_run_lock_says_so_when_no_lock_works(no_flock, tmp_path, monkeypatch):
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(no_flock.os, "open", no_exclusive_create)
-    with pytest.raises(RuntimeError, match="flock is not supported there .* put training.run_dir on a filesystem"):
+    with pytest.raises(OSError, match="flock is not supported there .* put training.run_dir on a filesystem"):
         no_flock.RunDirLock(tmp_path).acquire()
 
 

@@ -92,8 +92,8 @@ class RunDirLock:
                 if not self._remove_if_dead_holder():
                     break
                 continue
-            except OSError as err:
-                raise RuntimeError(
+            except OSError as err:  # an OSError, so the trainer's CLI prints it as one line
+                raise OSError(
                     f"cannot lock run directory {self.run_dir}: flock is not supported there ({flock_error.strerror}) "
                     f"and creating {self.exclusive_path} failed ({err.strerror}); put training.run_dir on a "
                     "filesystem with flock or exclusive file creation") from None
