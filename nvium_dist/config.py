@@ -139,6 +139,14 @@ class ParallelConfig:
     dtype: str = "auto"  # "auto" = bf16 on cuda, fp32 on cpu; or "fp32" / "bf16"
     # DeepSpeed's shared-memory allreduce for CPU ranks on one node: JIT-compiled at first use (~60 s).
     cpu_shm_allreduce: bool = False
+    # Dtype of the data-parallel gradient reduction. DeepSpeed's default is the model dtype (bf16 on GPU),
+    # which rounds every summed gradient to 8 mantissa bits before the fp32 optimizer sees it.
+    grad_reduce_dtype: str = "fp32"
+    # ZeRO-2/3: reduce gradient buckets during backward instead of after it. Buckets are counted in
+    # elements; with overlap DeepSpeed holds about 4.5 x (reduce + allgather) bucket bytes.
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 25_000_000
+    allgather_bucket_size: int = 25_000_000
 
     @property
     def torch_dtype_name(self) -> str:
@@ -155,6 +163,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"parallel.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"parallel.grad_reduce_dtype must be fp32 or bf16, got {self.grad_reduce_dtype!r}")
+        check_ranges("parallel", self, {"reduce_bucket_size": POSITIVE, "allgather_bucket_size": POSITIVE})
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -189,6 +200,9 @@ class DataConfig:
     split: str = "969,30,1"
     tokenizer_model: str = ""
     cache_dir: str = ""  # GPTDataset index cache; default RUN_DIR/data/cache
+    # An empty train_data trains on the bundled Shakespeare corpus; for a model larger than the
+    # quickstart's that is almost certainly a forgotten data path, so it must be asked for.
+    allow_default_corpus: bool = False
 
 
 @dataclass
@@ -273,6 +287,10 @@ class TrainingConfig:
     inject_loss_batches: list[int] = field(default_factory=list)
     inject_loss_rank: int = 0
     inject_loss_scale: float = 0.0
+    # "auto": torch AdamW (fused on CUDA; DeepSpeedCPUAdam for an optimizer offloaded from CUDA);
+    # "torch": torch AdamW everywhere; "deepspeed": DeepSpeed's FusedAdam on CUDA, DeepSpeedCPUAdam on CPU
+    # (both JIT-compiled at first use).
+    optimizer: str = "auto"
     wandb_project: str = ""  # empty: wandb off; otherwise offline unless WANDB_MODE says otherwise
     tensorboard: bool = False
     beta_controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)
@@ -282,6 +300,8 @@ class TrainingConfig:
             raise ConfigError(f"training.lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
         if self.wsd_decay not in ("cosine", "linear"):
             raise ConfigError(f"training.wsd_decay must be 'cosine' or 'linear', got {self.wsd_decay!r}")
+        if self.optimizer not in ("auto", "torch", "deepspeed"):
+            raise ConfigError(f"training.optimizer must be auto, torch or deepspeed, got {self.optimizer!r}")
         positive = ("train_iters", "micro_batch_size", "global_batch_size", "lr", "adam_eps", "log_interval",
                     "eval_interval", "eval_iters", "save_interval")
         check_ranges("training", self, {name: POSITIVE for name in positive} | {

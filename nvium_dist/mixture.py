@@ -12,6 +12,7 @@ to [1e-6, 1 - 1e-6]. Everything is computed in log space in fp32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -58,13 +59,20 @@ class MixtureTerms(NamedTuple):
         return self.log_pi.exp()
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small float32 constant made once per device: torch.tensor(..., device="cuda") at every forward
+    would be a blocking host-to-device copy each time. Callers only read it."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def depth_fractions(exit_layers: list[int], num_layers: int, device=None) -> torch.Tensor:
-    return torch.tensor([layer / num_layers for layer in exit_layers], dtype=torch.float32, device=device)
+    return _constant(tuple(layer / num_layers for layer in exit_layers), torch.device(device or "cpu"))
 
 
 def warmup_targets(num_heads: int, device=None) -> torch.Tensor:
     """Targets 1/(K-k+1) for the K-1 routers (K=4: 1/4, 1/3, 1/2): a uniform exit marginal."""
-    return torch.tensor([1.0 / (num_heads - k) for k in range(num_heads - 1)], dtype=torch.float32, device=device)
+    return _constant(tuple(1.0 / (num_heads - k) for k in range(num_heads - 1)), torch.device(device or "cpu"))
 
 
 def mixture_terms(

@@ -1,5 +1,6 @@
 """Parameter accounting on the meta device (no weights allocated), the parameter-matched dense
-baseline, DeepSpeed's per-GPU memory estimate for model states, and an activation-memory estimate."""
+baseline, DeepSpeed's per-GPU memory estimate for model states, an activation-memory estimate, and the
+whole per-GPU budget of a training setup with the fastest setting that fits a card."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ from collections import OrderedDict
 
 import torch
 
-from nvium_dist.config import ModelConfig
+from nvium_dist.config import ModelConfig, NviumConfig
 
 
 def _meta_model(config: ModelConfig):
@@ -191,6 +192,110 @@ def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | N
             "activation_checkpointing": activation_checkpointing, "loss_chunk_tokens": loss_chunk_tokens,
             "busiest_stage": busiest["stage"], "saved_bytes": saved, "transient_bytes": transient,
             "peak_bytes": peak, "peak_gib": round(peak / gib, 3)}
+
+
+def forward_flops_per_token(model: ModelConfig, parts: dict) -> float:
+    """2 x (multiply-adds of every matmul a token passes) + causal attention scores and mixing."""
+    heads = model.num_heads_total
+    matmul_params = parts["blocks"] + heads * parts["output"] + parts["adapters"] + parts["routers"]
+    attention = 2 * model.num_layers * model.seq_length * model.hidden_size  # QK^T and AV, causal average
+    return 2 * matmul_params + attention
+
+
+# Device memory the allocator's tensors do not show, per GPU. The CUDA context with cuBLAS/cuDNN workspaces takes
+# 0.5-1 GiB on an H100 under CUDA 12 (lazy module loading); an NCCL communicator holds 2 x up to 32 channels x
+# NCCL_BUFFSIZE (4 MiB) = 0.25 GiB; the caching allocator's blocks exceed the live tensors by fragmentation, about
+# 10% at peak in long runs (reserved over allocated).
+CUDA_CONTEXT_GIB = 1.0
+NCCL_COMMUNICATOR_GIB = 0.25
+ALLOCATOR_SLACK = 0.10
+# DeepSpeed's overlapped ZeRO-2/3 reduction holds about 4.5 x (reduce + allgather bucket) elements (its docs:
+# 5e8-element buckets need 9 GB in fp16); without overlap one of each. ZeRO-0/1 reduce through a flat buffer of up
+# to DeepSpeed's allreduce_bucket_size (5e8 elements) of the gradients.
+OVERLAP_BUCKET_FACTOR = 4.5
+ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
+
+
+def gpu_memory_budget(config: NviumConfig, world_size: int, gpus_per_node: int | None = None,
+                      micro_batch: int | None = None, activation_checkpointing: bool | None = None,
+                      loss_chunk_tokens: int | None = None, counts: dict | None = None) -> dict:
+    """Per-GPU GiB of a training setup: model states (DeepSpeed's estimator), activations (activation_memory),
+    DeepSpeed's gradient buckets, the CUDA context, NCCL buffers, the save transient (one fp32 tensor, gathered
+    whole: the largest parameter) and allocator slack over all tensors. Unset settings come from the config."""
+    p, t = config.parallel, config.training
+    counts = counts or parameter_breakdown(config.model)
+    micro_batch = micro_batch or t.micro_batch_size
+    checkpointing = t.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    chunk = t.loss_chunk_tokens if loss_chunk_tokens is None else loss_chunk_tokens
+    model_parallel = p.tensor_parallel * p.pipeline_parallel
+    data_parallel = max(1, world_size // model_parallel)
+    gpus_per_node = gpus_per_node or world_size
+    states = model_state_memory(counts["total"], counts["largest_module"], p.zero_stage, gpus_per_node,
+                                max(1, world_size // gpus_per_node), model_parallel, p.offload_optimizer)
+    activations = activation_memory(config.model, micro_batch, tensor_parallel=p.tensor_parallel,
+                                    pipeline_parallel=p.pipeline_parallel, dtype_bytes=p.dtype_bytes,
+                                    fused_norm=p.device == "cuda", activation_checkpointing=checkpointing,
+                                    loss_chunk_tokens=chunk)
+    reduce_bytes = 4 if p.grad_reduce_dtype == "fp32" else 2
+    if data_parallel == 1:
+        bucket_elements = 0
+    elif p.zero_stage >= 2:
+        both = p.reduce_bucket_size + p.allgather_bucket_size
+        bucket_elements = OVERLAP_BUCKET_FACTOR * both if p.overlap_comm else both
+    else:
+        bucket_elements = min(counts["total"] // model_parallel, ALLREDUCE_BUCKET_ELEMENTS)
+    gib = 2**30
+    buckets = bucket_elements * reduce_bytes / gib
+    save = 4 * counts["largest_module"] / gib
+    communicators = 1 + (data_parallel > 1) + (p.tensor_parallel > 1) + (p.pipeline_parallel > 1)
+    tensors = states["per_gpu_gib"] + activations["peak_gib"] + buckets + save
+    parts = {"model_states": states["per_gpu_gib"], "activations": activations["peak_gib"],
+             "deepspeed_buckets": buckets, "save_transient": save, "allocator_slack": ALLOCATOR_SLACK * tensors,
+             "cuda_context": CUDA_CONTEXT_GIB, "nccl_buffers": NCCL_COMMUNICATOR_GIB * communicators}
+    return {"micro_batch": micro_batch, "activation_checkpointing": checkpointing, "loss_chunk_tokens": chunk,
+            "world_size": world_size, "zero_stage": p.zero_stage, "parts_gib": {k: round(v, 3) for k, v in parts.items()},
+            "total_gib": round(sum(parts.values()), 3)}
+
+
+def training_flops_per_token(model: ModelConfig, parts: dict, activation_checkpointing: bool, loss_chunked: bool) -> float:
+    """Forward + backward (3 x forward) plus what recomputation adds: the blocks' forward again under
+    activation checkpointing, the heads' vocab projections again under the chunked loss."""
+    forward = forward_flops_per_token(model, parts)
+    recompute = 0.0
+    if activation_checkpointing:
+        recompute += 2 * parts["blocks"] + 2 * model.num_layers * model.seq_length * model.hidden_size
+    if loss_chunked:
+        recompute += 2 * model.num_heads_total * parts["output"]
+    return 3 * forward + recompute
+
+
+MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+LOSS_CHUNK_CHOICES = (0, 4096, 1024)
+
+
+def fastest_fitting_setting(config: NviumConfig, gpu_memory_gib: float, world_size: int,
+                            gpus_per_node: int | None = None) -> dict:
+    """The setting (micro-batch, activation checkpointing, loss chunk) with the fewest training FLOPs per token
+    whose gpu_memory_budget fits `gpu_memory_gib`, the largest micro-batch among equals (fewer, larger
+    kernels). Micro-batches divide the per-replica batch (global / data parallel). -> {"fits": False} if none."""
+    counts = parameter_breakdown(config.model)
+    model_parallel = config.parallel.tensor_parallel * config.parallel.pipeline_parallel
+    per_replica = config.training.global_batch_size // max(1, world_size // model_parallel)
+    candidates = []
+    for checkpointing in (False, True):
+        for chunk in LOSS_CHUNK_CHOICES:
+            flops = training_flops_per_token(config.model, counts["parts"], checkpointing, chunk > 0)
+            for micro in MICRO_BATCH_CHOICES:
+                if micro > per_replica or per_replica % micro:
+                    continue
+                budget = gpu_memory_budget(config, world_size, gpus_per_node, micro, checkpointing, chunk, counts)
+                if budget["total_gib"] <= gpu_memory_gib:
+                    candidates.append((flops, -micro, budget))
+    if not candidates:
+        return {"fits": False, "gpu_memory_gib": gpu_memory_gib}
+    flops, _, best = min(candidates, key=lambda c: c[:2])
+    return {"fits": True, "gpu_memory_gib": gpu_memory_gib, **best,
+            "recompute_overhead": round(flops / (3 * forward_flops_per_token(config.model, counts["parts"])) - 1, 4)}
 
 
 class TensorMemoryTracker:

@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
     ("model.router_hidden_ratio=0", "model.router_hidden_ratio must be > 0"),
     ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by must be > 0"),
     ("model.norm_eps=0", "model.norm_eps must be > 0"),
+    ("parallel.grad_reduce_dtype=fp16", "parallel.grad_reduce_dtype must be fp32 or bf16, got 'fp16'"),
+    ("parallel.reduce_bucket_size=0", "parallel.reduce_bucket_size must be > 0"),
+    ("training.optimizer=fused", "training.optimizer must be auto, torch or deepspeed, got 'fused'"),
     ("training.lr=[", "--set training.lr=[: invalid YAML at line 1"),
 ])
 def test_out_of_range_values_fail_clearly(override, message):

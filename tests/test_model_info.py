@@ -96,9 +96,9 @@ def test_activation_estimate_matches_measured_memory(single_process, shape, dtyp
 
 def test_memory_savers_shrink_the_1_5b_estimate_below_60_gib_on_4_gpus():
     config = load_config(CONFIGS / "nvium-1.5b.yaml")
-    assert config.training.activation_checkpointing and config.training.loss_chunk_tokens
     out = subprocess.run([sys.executable, "tools/model_info.py", "--config", str(CONFIGS / "nvium-1.5b.yaml"),
-                          "--zero-stage", "2", "--gpus", "4", "--micro-batch", "16"], capture_output=True, text=True,
+                          "--zero-stage", "2", "--gpus", "4", "--micro-batch", "16", "--activation-checkpointing",
+                          "--loss-chunk-tokens", "4096"], capture_output=True, text=True,
                          check=True, cwd=CONFIGS.parents[1]).stdout
     report = json.loads(out)
     assert report["activation_estimate"]["activation_checkpointing"] and report["per_gpu_total_gib"] <= 60
@@ -108,3 +108,45 @@ def test_memory_savers_shrink_the_1_5b_estimate_below_60_gib_on_4_gpus():
                               "--micro-batch", "16", "--no-activation-checkpointing"], capture_output=True, text=True,
                              check=True, cwd=CONFIGS.parents[1]).stdout
     assert json.loads(without)["activation_estimate"]["activation_checkpointing"] is False  # the flag overrides the config
+
+
+def test_gpu_budget_counts_what_the_allocator_estimate_leaves_out():
+    from nvium_dist.model_info import CUDA_CONTEXT_GIB, gpu_memory_budget, model_state_memory, parameter_breakdown
+
+    config = load_config(CONFIGS / "nvium-1.5b.yaml")
+    budget = gpu_memory_budget(config, world_size=4, micro_batch=8, activation_checkpointing=True, loss_chunk_tokens=4096)
+    parts = budget["parts_gib"]
+    counts = parameter_breakdown(config.model)
+    assert parts["model_states"] == model_state_memory(counts["total"], counts["largest_module"], 2, 4, 1)["per_gpu_gib"]
+    # overlapped ZeRO-2 buckets: 4.5 x (25M + 25M) fp32 elements; the save gathers the largest tensor in fp32
+    assert parts["deepspeed_buckets"] == round(4.5 * 50e6 * 4 / 2**30, 3)
+    assert parts["save_transient"] == round(4 * 32000 * 1536 / 2**30, 3)
+    assert parts["cuda_context"] == CUDA_CONTEXT_GIB and parts["nccl_buffers"] > 0 and parts["allocator_slack"] > 0
+    assert budget["total_gib"] == pytest.approx(sum(parts.values()), abs=0.01)
+    single = gpu_memory_budget(config, world_size=1, micro_batch=8, activation_checkpointing=True, loss_chunk_tokens=4096)
+    assert single["parts_gib"]["deepspeed_buckets"] == 0  # nothing to reduce without data parallelism
+
+
+def test_gpu_memory_mode_recommends_the_fastest_fit_and_the_1_5b_configs_use_it():
+    """On 4 x 80 GB the 1.5B run needs no recomputation (the paper's config had activation checkpointing on);
+    a small card gets a smaller micro-batch, then recomputation; a card too small gets no setting."""
+    from nvium_dist.model_info import fastest_fitting_setting
+
+    out = subprocess.run([sys.executable, "tools/model_info.py", "--config", str(CONFIGS / "nvium-1.5b.yaml"),
+                          "--gpus", "4", "--gpu-memory", "79.6"], capture_output=True, text=True, check=True,
+                         cwd=CONFIGS.parents[1]).stdout
+    best = json.loads(out)["fastest_fitting_setting"]
+    assert best["fits"] and best["total_gib"] <= 79.6 and best["recompute_overhead"] == 0
+    assert not best["activation_checkpointing"] and best["loss_chunk_tokens"] == 0
+    for name in ("nvium-1.5b", "dense-1.5b"):
+        config = load_config(CONFIGS / f"{name}.yaml")
+        fitted = fastest_fitting_setting(config, 79.6, 4)
+        t = config.training
+        assert (t.micro_batch_size, t.activation_checkpointing, t.loss_chunk_tokens) == (
+            fitted["micro_batch"], fitted["activation_checkpointing"], fitted["loss_chunk_tokens"])
+    config = load_config(CONFIGS / "nvium-1.5b.yaml")
+    assert fastest_fitting_setting(config, 24.0, 4)["micro_batch"] == 2  # smaller micro-batches before recomputing
+    small = fastest_fitting_setting(config, 16.0, 4)
+    assert small["fits"] and small["total_gib"] <= 16.0 and small["activation_checkpointing"]
+    assert small["recompute_overhead"] > 0
+    assert not fastest_fitting_setting(config, 8.0, 4)["fits"]  # the model states alone take 9 GiB

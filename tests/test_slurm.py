@@ -162,6 +162,21 @@ def test_cluster_runs_two_node_job(cluster, tmp_path):
     assert cluster.node_addr("node1") == "127.0.0.1"
 
 
+def test_pretrain_refuses_fewer_cpus_than_trainers(cluster, tmp_path):
+    """Without --exclusive or --cpus-per-task a job holds one CPU per node; two trainers would share it."""
+    out = tmp_path / "batch.out"
+    env = job_env(cluster, NVIUM_DEVICE="cpu", NVIUM_NPROC_PER_NODE=2, NVIUM_LOG_DIR=tmp_path / "logs")
+    job = cluster.sbatch(["-N1", "-o", out, SLURM / "pretrain.sbatch", ROOT / "pretrain" / "configs" / "tiny.yaml"],
+                         cwd=tmp_path, env=env)
+    info = cluster.wait(job, timeout=120)
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), info
+    assert "holds 1 CPU(s) per node for 2 trainer processes" in out.read_text()
+    job = cluster.sbatch(["-N1", "--cpus-per-task=2", "-o", tmp_path / "ok.out", "--wrap", "echo $SLURM_CPUS_ON_NODE"],
+                         cwd=tmp_path)
+    assert cluster.wait(job, timeout=120)["JobState"] == "COMPLETED"
+    assert (tmp_path / "ok.out").read_text().strip() == "2"  # what the script then sees
+
+
 @pytest.mark.slow
 def test_pretrain_two_nodes_completes(training_jobs):
     job = training_jobs["reference"]

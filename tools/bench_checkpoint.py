@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = args.set + [f"training.run_dir={tmp}/run", f"training.train_iters={args.saves}",
                                 "training.save_interval=1", f"training.keep_checkpoints={args.saves}",
-                                f"training.eval_interval={10**9}", "training.eval_iters=1", "training.log_interval=1"]
+                                f"training.eval_interval={10**9}", "training.eval_iters=1", "training.log_interval=1",
+                                "data.allow_default_corpus=true"]  # a benchmark of saves, not of learning
         try:
             config = load_config(args.config, overrides)
         except ConfigError as err:

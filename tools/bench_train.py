@@ -22,14 +22,6 @@ from nvium_dist.cli import int_at_least
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def forward_flops_per_token(model, parts: dict) -> float:
-    """2 x (multiply-adds of every matmul a token passes) + causal attention scores and mixing."""
-    heads = model.num_heads_total
-    matmul_params = parts["blocks"] + heads * parts["output"] + parts["adapters"] + parts["routers"]
-    attention = 2 * model.num_layers * model.seq_length * model.hidden_size  # QK^T and AV, causal average
-    return 2 * matmul_params + attention
-
-
 def run(config_path, overrides, nproc, run_dir) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(config_path)]
@@ -58,7 +50,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nvium_dist.config import ConfigError, load_config
-    from nvium_dist.model_info import dense_twin, matched_dense_ffn, parameter_breakdown
+    from nvium_dist.model_info import dense_twin, forward_flops_per_token, matched_dense_ffn, parameter_breakdown
 
     try:
         config = load_config(args.config, args.set)
@@ -79,7 +71,8 @@ def main(argv=None) -> int:
             f"data.valid_data=[{data_run}/data/shakespeare_valid_text_document]",
             f"data.tokenizer_model={data_run}/data/tokenizer.model"]
         if shared:
-            run(args.config, args.set + ["training.train_iters=1"], args.nproc, data_run)
+            run(args.config, args.set + ["training.train_iters=1", "data.allow_default_corpus=true"], args.nproc,
+                data_run)
         for round_index in range(args.rounds):
             for name, extra in (("nvium", []), ("dense", dense_overrides)):
                 run_dir = Path(tmp) / f"{name}-{round_index}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,22 +113,54 @@ def grid_pairs() -> list[Pair]:
     return pairs
 
 
+H100_GIB = 79.6  # what one H100 80GB offers (nvidia-smi: 81559 MiB)
+# The 1.5B corpus: what slurm/submit_preprocess.sh's example writes (paths relative to the directory the job is
+# submitted from, like the run directories and the baseline's metrics)
+PAPER_DATA = {"train_data": ["data/bin/corpus_text_document"], "tokenizer_model": "tok/spm32k.model"}
+
+
+def fitted_memory_settings(tree: dict) -> dict:
+    """tools/model_info.py --gpu-memory's recommendation for this config on GPUS H100 80GB cards."""
+    from nvium_dist.checkpoint_io import config_from_dict
+    from nvium_dist.model_info import fastest_fitting_setting
+
+    best = fastest_fitting_setting(config_from_dict(tree), H100_GIB, GPUS)
+    assert best["fits"], f"{tree['training']['run_dir']} does not fit {H100_GIB} GiB"
+    return {"micro_batch_size": best["micro_batch"], "activation_checkpointing": best["activation_checkpointing"],
+            "loss_chunk_tokens": best["loss_chunk_tokens"]}
+
+
 def paper_1_5b() -> Pair:
     """The paper's 1.5B run: the d1536/L48 cell with its script's override (12 heads of 128, lr 2e-4, WSD with 10%
-    decay for N-vium; its dense baseline keeps the grid's cosine schedule) and the beta controller."""
+    decay for N-vium; its dense baseline keeps the grid's cosine schedule) and the beta controller. Micro-batch,
+    activation checkpointing and loss chunk are the fastest that fit an 80 GB card (tools/model_info.py
+    --gpu-memory); the global batch stays the paper's 512."""
     model = {"vocab_size": VOCAB, "hidden_size": 1536, "num_layers": 48, "num_heads": 12, "ffn_hidden_size": 4096,
              "exits": [12, 24, 36], "seq_length": CONTEXT, "router_hidden_width": 1016}
     controller = {"enabled": True, "baseline_metrics": "runs/dense-1.5b/metrics.jsonl", "dead_band": 0.005,
                   "k_up": 8.0, "k_down": 4.0, "max_step": 100.0, "beta_min": 0.0, "beta_max": 10.0}
-    note = ("The paper's 1.5B run: 56668 steps x 512 x 1024 tokens (20 tokens per parameter), 8 per GPU x 16 x 4 GPUs; "
-            "activation checkpointing and a 4096-token loss chunk keep it near 12 GiB per GPU with ZeRO-2 "
-            "(tools/model_info.py).")
-    memory = {"activation_checkpointing": True, "loss_chunk_tokens": 4096}
-    return _pair("nvium-1.5b", "dense-1.5b", model, {"device": "cuda", "zero_stage": 2},
-                 _training("runs/nvium-1.5b", 56668, 8, 512, 2e-4, "wsd", **memory, beta_controller=controller),
-                 _training("runs/dense-1.5b", 56670, 8, 512, 2e-4, "cosine", **memory), note,
-                 "56670 steps x 512 x 1024 tokens; cosine to 10% as in the paper's script (its WSD override is for the "
-                 "N-vium run only).")
+    parallel = {"device": "cuda", "zero_stage": 2}
+    pair = _pair("nvium-1.5b", "dense-1.5b", model, parallel,
+                 _training("runs/nvium-1.5b", 56668, 8, 512, 2e-4, "wsd", beta_controller=controller),
+                 _training("runs/dense-1.5b", 56670, 8, 512, 2e-4, "cosine"), "", "")
+    notes = []
+    for tree in (pair.nvium, pair.dense):
+        tree["data"] = dict(PAPER_DATA)
+        tree["training"] = tree.pop("training")  # sections in the order of the other configs
+        tree["training"].update(fitted_memory_settings(tree))
+        t = tree["training"]
+        notes.append(f"{t['micro_batch_size']} per GPU x {512 // (t['micro_batch_size'] * GPUS)} accumulation x {GPUS} "
+                     f"GPUs, activation checkpointing {'on' if t['activation_checkpointing'] else 'off'}, loss chunk "
+                     f"{t['loss_chunk_tokens'] or 'off'}: the fastest setting that fits an 80 GB card "
+                     f"(tools/model_info.py --config THIS --gpus {GPUS} --gpu-memory {H100_GIB}).")
+    data_note = (" Data: slurm/submit_preprocess.sh's example output; submit both jobs from one directory so that "
+                 "the N-vium run finds the dense run's metrics.")
+    return dataclasses.replace(
+        pair,
+        nvium_comment=pair.nvium_comment + "The paper's 1.5B run: 56668 steps x 512 x 1024 tokens (20 tokens per "
+        "parameter), " + notes[0] + data_note,
+        dense_comment=pair.dense_comment + "56670 steps x 512 x 1024 tokens; cosine to 10% as in the paper's script "
+        "(its WSD override is for the N-vium run only); " + notes[1] + data_note)
 
 
 def tiny() -> Pair:

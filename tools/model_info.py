@@ -7,6 +7,12 @@ activations of one micro-batch (a per-token count of what this model keeps for b
   python tools/model_info.py --config pretrain/configs/nvium-1.5b.yaml --zero-stage 2 --gpus 4
   python tools/model_info.py --config pretrain/configs/nvium-1.5b.yaml --zero-stage 2 --gpus 4 \\
       --micro-batch 16 --activation-checkpointing
+  python tools/model_info.py --config pretrain/configs/nvium-1.5b.yaml --gpus 4 --gpu-memory 79.6
+
+--gpu-memory GIB adds the whole per-GPU budget of the config's setting (model states, activations, DeepSpeed's
+buckets, CUDA context, NCCL buffers, the save transient, allocator slack) on --gpus x --nodes GPUs with the
+config's parallel section, and the fastest setting (micro-batch, activation checkpointing, loss chunk) that fits
+a card of GIB GiB: the fewest training FLOPs per token (no recomputation if possible), then the largest micro-batch.
 
 Parallel sizes, dtype (bf16 on cuda), the loss chunk and activation checkpointing default to the config's.
 """
@@ -33,7 +39,11 @@ def main(argv=None) -> int:
                              "checkpointing (default: training.activation_checkpointing)")
     parser.add_argument("--loss-chunk-tokens", type=int_at_least(0),
                         help="tokens per chunk of the vocab loss, 0 for none (default: training.loss_chunk_tokens)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="GiB of one GPU (an H100 80GB: 79.6); prints the budget and the fastest setting that fits")
     args = parser.parse_args(argv)
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        parser.error(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory}")
 
     from nvium_dist.config import ConfigError, load_config
 
@@ -49,7 +59,8 @@ def main(argv=None) -> int:
 
 
 def estimate(args, config) -> dict:
-    from nvium_dist.model_info import activation_memory, model_report, model_state_memory
+    from nvium_dist.model_info import activation_memory, fastest_fitting_setting, gpu_memory_budget, model_report, \
+        model_state_memory
 
     report = model_report(config.model)
     parallel, training = config.parallel, config.training
@@ -68,6 +79,11 @@ def estimate(args, config) -> dict:
         report["activation_estimate"] = activations
         if "memory_estimate" in report:
             report["per_gpu_total_gib"] = round(report["memory_estimate"]["per_gpu_gib"] + activations["peak_gib"], 3)
+    if args.gpu_memory is not None:
+        world = args.gpus * args.nodes
+        report["gpu_budget"] = gpu_memory_budget(config, world, args.gpus, args.micro_batch,
+                                                 args.activation_checkpointing, args.loss_chunk_tokens)
+        report["fastest_fitting_setting"] = fastest_fitting_setting(config, args.gpu_memory, world, args.gpus)
     return report
 
 

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
         config = load_config(args.config, [
             "model.num_layers=8", "model.exits=[2,4,6]", "model.seq_length=64", "parallel.device=cpu",
             "parallel.zero_stage=3", "training.micro_batch_size=1", "training.global_batch_size=2",
-            f"training.train_iters={args.steps}", "training.run_dir=/tmp/nvium-scale-smoke"])
+            f"training.train_iters={args.steps}", "training.run_dir=/tmp/nvium-scale-smoke",
+            "data.allow_default_corpus=true"])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

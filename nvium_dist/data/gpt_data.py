@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Iterator, Optional
 
 from .indexed import DatasetFormatError, check_dataset_usable, normalize_prefix, validate_indexed_files
@@ -72,9 +73,11 @@ def recorded_tokenizer(prefix: str) -> dict:
     return made_with if isinstance(made_with, dict) else {}
 
 
-def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
+def check_dataset_tokenizer(prefix: str, tokenizer, scan_records: dict | None = None) -> dict:
     """Validate files, that the data is not empty and, when ``prefix.summary.json`` exists, that it was made
-    with this tokenizer. Without such a record every token id is checked to be inside the vocabulary."""
+    with this tokenizer. Without such a record every token id is checked to be inside the vocabulary; with
+    `scan_records` ({absolute .bin path: {"size", "mtime_ns", "max_id"}}) a scan of the same unchanged file is
+    reused, and a new scan is added to it. -> {"vouched": the summary names this tokenizer, "max_id": ...}."""
     made_with = recorded_tokenizer(prefix)
     sha = made_with.get("sha256")
     ours = getattr(tokenizer, "sha256", None)
@@ -85,7 +88,55 @@ def check_dataset_tokenizer(prefix: str, tokenizer) -> None:
             f"(vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]}). Fix: train with the tokenizer the "
             f"data was made with, or re-run tools/preprocess_data.py with --tokenizer-model {tokenizer.model_path}."
         )
-    check_dataset_usable(prefix, tokenizer.vocab_size, scan_ids=not (sha and ours and sha == ours))
+    if sha and ours and sha == ours:
+        check_dataset_usable(prefix, tokenizer.vocab_size, scan_ids=False)
+        return {"vouched": True, "max_id": None}
+    bin_path = os.path.abspath(normalize_prefix(prefix) + ".bin")
+    try:
+        stat = os.stat(bin_path)
+        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    except OSError:
+        identity = None  # check_dataset_usable names the missing file
+    record = (scan_records or {}).get(bin_path)
+    known = record.get("max_id") if isinstance(record, dict) and identity and all(
+        record.get(k) == v for k, v in identity.items()) else None
+    info = check_dataset_usable(prefix, tokenizer.vocab_size, scan_ids=True,
+                                known_max_id=known if isinstance(known, int) else None)
+    if scan_records is not None and identity:
+        scan_records[bin_path] = dict(identity, max_id=info["max_id"])
+    return {"vouched": False, "max_id": info["max_id"]}
+
+
+SCAN_RECORD_FILE = "token_id_scan.json"
+
+
+def check_corpora(prefixes: list[str], tokenizer, record_dir: str | None = None) -> list[str]:
+    """`check_dataset_tokenizer` for every prefix, meant for one rank (the others skip it: a full scan of a
+    30B-token corpus is 60 GB of reads). A data set no summary vouches for is scanned once; the result is kept
+    in RECORD_DIR/token_id_scan.json by file size and modification time, so a restart does not scan again.
+    -> one note per data set whose tokenizer could not be verified (its ids were checked)."""
+    from nvium_dist.checkpoint_io import atomic_write_json
+
+    path = os.path.join(record_dir, SCAN_RECORD_FILE) if record_dir else None
+    records: dict = {}
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                loaded = json.load(f)
+            records = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            records = {}  # a damaged record only costs a new scan
+    notes = []
+    for prefix in dict.fromkeys(prefixes):
+        result = check_dataset_tokenizer(prefix, tokenizer, records)
+        if not result["vouched"]:
+            notes.append(f"{normalize_prefix(prefix)}.bin has no summary naming tokenizer {tokenizer.model_path}; "
+                         f"its token ids were checked (highest {result['max_id']} < vocabulary "
+                         f"{tokenizer.vocab_size}), the tokenizer itself cannot be verified")
+    if path:
+        os.makedirs(record_dir, exist_ok=True)
+        atomic_write_json(Path(path), records)
+    return notes
 
 
 def ensure_helpers() -> None:
@@ -163,6 +214,7 @@ def build_gpt_datasets(
     tokenizer: SentencePieceTokenizer,
     cache_dir: str | None = None,
     valid_blend: list[str] | None = None,
+    check_data: bool = True,
 ):
     """Build (train, valid, test) megatron GPTDataset/BlendedDataset objects (None for empty splits).
 
@@ -173,7 +225,8 @@ def build_gpt_datasets(
     ``split`` is ignored and there is no test split. Each item is a dict with ``tokens``/``labels``
     (LongTensor[seq_length], from a window of seq_length+1 tokens), ``loss_mask``, ``position_ids``.
     cache_dir: where megatron caches its index arrays (default: next to each dataset, in
-    ``X/cache/``). Deterministic in ``seed``.
+    ``X/cache/``). check_data=False skips `check_dataset_tokenizer` (a caller that ran `check_corpora`
+    once for all ranks). Deterministic in ``seed``.
     """
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
@@ -181,8 +234,9 @@ def build_gpt_datasets(
         raise ValueError(f"num_samples must be three non-negative ints (train, valid, test), got {num_samples}")
     prefixes, weights = parse_blend(blend)
     valid = parse_blend(valid_blend) if valid_blend else None
-    for p in prefixes + (valid[0] if valid else []):
-        check_dataset_tokenizer(p, tokenizer)
+    if check_data:
+        for p in prefixes + (valid[0] if valid else []):
+            check_dataset_tokenizer(p, tokenizer)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

@@ -132,17 +132,22 @@ def validate_indexed_files(prefix: str, vocab_size: int | None = None) -> dict:
     return info
 
 
-def check_dataset_usable(prefix: str, vocab_size: int, scan_ids: bool = True) -> dict:
+def check_dataset_usable(prefix: str, vocab_size: int, scan_ids: bool = True, known_max_id: int | None = None) -> dict:
     """`validate_indexed_files`, plus: the dataset holds tokens, and (`scan_ids`) every token id is below
-    `vocab_size` (a chunked max over the .bin; ids at or above it would index past the embedding)."""
+    `vocab_size` (a chunked max over the .bin; ids at or above it would index past the embedding), its
+    "max_id" in the result. `known_max_id`: the highest id an earlier scan of the same file found; the scan
+    runs only if it does not fit (to name the first bad position)."""
     info = validate_indexed_files(prefix, vocab_size)
     bin_path = info["prefix"] + ".bin"
     if info["tokens"] == 0:
         raise DatasetFormatError(f"{bin_path}: the dataset is empty ({info['documents']} documents, 0 tokens). "
                                  "Fix: preprocess a corpus that has text, or drop this prefix from the blend")
+    if known_max_id is not None and known_max_id < vocab_size:
+        return dict(info, max_id=known_max_id)
     if scan_ids:
         ids = np.memmap(bin_path, mode="r", dtype=info["dtype"])
         chunk = 1 << 26
+        info["max_id"] = 0
         for start in range(0, len(ids), chunk):
             highest = int(ids[start:start + chunk].max())
             if highest >= vocab_size:
@@ -151,6 +156,7 @@ def check_dataset_usable(prefix: str, vocab_size: int, scan_ids: bool = True) ->
                     f"{bin_path}: token id {highest} (first out-of-range id at token {position}) is outside the "
                     f"vocabulary of {vocab_size}; the data was made with another tokenizer or is corrupt. Fix: "
                     "re-run tools/preprocess_data.py with the model's tokenizer")
+            info["max_id"] = max(info["max_id"], highest)
         del ids
     return info
 

@@ -32,8 +32,10 @@ SCALES = {
     "small": dict(layers=16, hidden=256, heads=8, ffn=688, seq_length=256, steps=3000, global_batch=32, micro_batch=8,
                   eval_interval=100, eval_iters=16, lr=2e-3, vocab=2048, repeats=7, new_tokens=96, passage_tokens=160,
                   eval_windows=100000, device="cpu"),
-    "gpu": dict(layers=24, hidden=768, heads=12, ffn=2048, seq_length=512, steps=5000, global_batch=64, micro_batch=16,
-                eval_interval=200, eval_iters=16, lr=1e-3, vocab=2048, repeats=7, new_tokens=128, passage_tokens=200,
+    # One H100 in 6 minutes, by estimate (docs/cluster-scale.md): 20 tokens per parameter for the 6.59M-parameter
+    # N-vium (1007 steps x 256 x 512 tokens), 12.1 PFLOP for both models, ~2 min at 100 TFLOP/s sustained.
+    "gpu": dict(layers=6, hidden=256, heads=4, ffn=688, seq_length=512, steps=1007, global_batch=256, micro_batch=64,
+                eval_interval=100, eval_iters=8, lr=1e-3, vocab=2048, repeats=5, new_tokens=128, passage_tokens=200,
                 eval_windows=100000, device="cuda"),
 }
 

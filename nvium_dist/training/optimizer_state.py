@@ -79,11 +79,13 @@ def _optimizer_tensors(engine) -> list[torch.Tensor]:
 def _create_adam_state(engine, step: int) -> None:
     """The state torch's Adam/AdamW builds lazily at its first step, built now so it can be filled in."""
     inner = _inner_optimizer(engine)
+    # torch's fused and capturable AdamW read `step` on the parameters' device; the others on the CPU
+    on_device = any(group.get("fused") or group.get("capturable") for group in inner.param_groups)
     for p in _optimizer_tensors(engine):
         state = inner.state[p]
         if not all(k in state for k in MOMENTS):
             state.update({key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENTS})
-        state["step"] = torch.tensor(float(step))
+        state["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
     _map_state_slices(engine)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -21,20 +20,23 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, training: TrainingConfig, device: str, offload: bool) -> torch.optim.Optimizer:
-    """AdamW. On GPU DeepSpeed's FusedAdam (one multi-tensor CUDA kernel for all parameters) when its op
-    builds, else torch's fused AdamW; on CPU, and for an optimizer offloaded to CPU, torch's AdamW."""
+    """AdamW as training.optimizer asks. "auto": torch's fused AdamW on CUDA (nothing to compile), DeepSpeed's
+    vectorised CPU Adam for an optimizer offloaded from CUDA, torch's AdamW on CPU. "torch": torch's AdamW
+    (fused on CUDA unless offloaded). "deepspeed": DeepSpeed's FusedAdam on CUDA, its CPU Adam otherwise;
+    both are JIT-compiled on first use (minutes, on every node)."""
     groups = adamw_param_groups(model, training.weight_decay)
     settings = dict(lr=training.lr, betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
-    if device != "cuda" or offload:
-        return torch.optim.AdamW(groups, **settings)
-    try:
-        from deepspeed.ops.adam import FusedAdam
+    on_cuda = device == "cuda" and not offload
+    choice = training.optimizer
+    if choice == "deepspeed" or (choice == "auto" and device == "cuda" and offload):
+        if on_cuda:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **settings)
-    except Exception as error:  # noqa: BLE001 - the op is JIT-built (nvcc, ninja); any failure falls back
-        warnings.warn(f"DeepSpeed's FusedAdam could not be built ({type(error).__name__}: {error}); "
-                      "using torch.optim.AdamW(fused=True)")
-        return torch.optim.AdamW(groups, fused=True, **settings)
+            return FusedAdam(groups, adam_w_mode=True, **settings)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
+    return torch.optim.AdamW(groups, fused=on_cuda or None, **settings)
 
 
 def lr_multiplier(step: int, training: TrainingConfig) -> float:

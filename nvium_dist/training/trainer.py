@@ -83,6 +83,7 @@ def check_data_config(config: NviumConfig) -> None:
             raise ConfigError(f"data.tokenizer_model={data.tokenizer_model} but data.train_data is empty, so the "
                               "bundled default corpus would be used with a tokenizer of its own. Set data.train_data "
                               "(and valid_data) to data made with that tokenizer, or leave data.tokenizer_model empty")
+        check_default_corpus_fits(config)
         return
     if not data.tokenizer_model:
         raise ConfigError("data.train_data is set but data.tokenizer_model is empty: name the SentencePiece model "
@@ -92,6 +93,23 @@ def check_data_config(config: NviumConfig) -> None:
         check_vocab_fits(tokenizer.vocab_size, config.model.vocab_size, data.tokenizer_model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_default_corpus_fits(config: NviumConfig) -> None:
+    """The bundled Shakespeare corpus (1.8M tokens) is for the quickstart's model; a larger model with no
+    data.train_data is almost surely a forgotten data path, and must opt in to train on it."""
+    from nvium_dist.config import ModelConfig
+    from nvium_dist.model_info import parameter_breakdown
+
+    if config.data.allow_default_corpus:
+        return
+    parameters = parameter_breakdown(config.model)["total"]
+    quickstart = parameter_breakdown(ModelConfig())["total"]
+    if parameters > quickstart:
+        raise ConfigError(f"data.train_data is empty, so this {parameters:,}-parameter model would train on the bundled "
+                          f"Shakespeare corpus meant for the {quickstart:,}-parameter quickstart model. Set "
+                          "data.train_data, data.valid_data and data.tokenizer_model to your corpus, or set "
+                          "data.allow_default_corpus=true to train on the bundled one")
 
 
 def peak_memory_mb() -> float:
@@ -162,7 +180,8 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
     def _build_data(self):
-        from nvium_dist.data.gpt_data import SentencePieceTokenizer, build_gpt_datasets, check_vocab_fits
+        from nvium_dist.data.gpt_data import (SentencePieceTokenizer, build_gpt_datasets, check_vocab_fits,
+                                              ensure_helpers)
 
         c = self.config
         if not c.data.train_data:
@@ -174,9 +193,12 @@ class Trainer:
         samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size, 0)
         cache = c.data.cache_dir or str(self.run_dir / "data" / "cache")
 
+        ensure_helpers()  # collective when megatron's C++ helpers must be compiled: every rank, before the build
+        self._check_corpora(tokenizer, cache)
+
         def build():
             return build_gpt_datasets(c.data.train_data, c.data.split, c.model.seq_length, t.seed, samples, tokenizer,
-                                      cache_dir=cache, valid_blend=c.data.valid_data or None)
+                                      cache_dir=cache, valid_blend=c.data.valid_data or None, check_data=False)
 
         # rank 0 writes the index caches; the others read them
         if self.info.rank == 0:
@@ -187,6 +209,22 @@ class Trainer:
         self.train_data, self.valid_data, _ = datasets
         if self.valid_data is None:
             raise ValueError("no validation data: give data.valid_data or a split with a validation share")
+
+    def _check_corpora(self, tokenizer, cache: str) -> None:
+        """Rank 0 alone checks every data set against the tokenizer (scanning the ids of those no summary vouches
+        for, once per file: the result is kept under the cache dir); every rank learns the outcome."""
+        from nvium_dist.data.gpt_data import check_corpora, parse_blend
+
+        data = self.config.data
+        prefixes = parse_blend(data.train_data)[0] + (parse_blend(data.valid_data)[0] if data.valid_data else [])
+        error = None
+        if self.is_logger:
+            try:
+                for note in check_corpora(prefixes, tokenizer, cache):
+                    print(f"[data] {note}", flush=True)
+            except (OSError, ValueError) as err:  # every rank raises it below
+                error = err
+        ckpt.raise_rank0_error(error, "check the training data")
 
     def _build_model(self, resume: dict | None):
         from nvium_dist.model import NviumModel
@@ -220,29 +258,9 @@ class Trainer:
         return dict(module.named_parameters()), partition_dims(module)
 
     def _deepspeed_config(self) -> dict:
-        p, t = self.config.parallel, self.config.training
-        zero = {"stage": p.zero_stage}
-        if p.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if p.offload_params:
-            zero["offload_param"] = {"device": "cpu"}
-        return {
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accumulation,
-            "gradient_clipping": t.clip_grad,
-            "zero_optimization": zero,
-            "bf16": {"enabled": p.torch_dtype_name == "bfloat16"},
-            # bf16 weights and activations, but gradients accumulate (over micro-batches and in the
-            # data-parallel reduction) in fp32 next to the optimizer's fp32 master weights
-            "data_types": {"grad_accum_dtype": "fp32"},
-            # with TP > 1 DeepSpeed would split the stage-to-stage tuple over the TP ranks, which it supports
-            # only for a single grad-carrying tensor; ours carries the per-head terms with gradients too
-            "pipeline": {"pipe_partitioned": False, "grad_partitioned": False},
-            "zero_allow_untested_optimizer": True,
-            "zero_force_ds_cpu_optimizer": False,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        from nvium_dist.training.engine_config import deepspeed_config
+
+        return deepspeed_config(self.config, self.grad_accumulation)
 
     def _build_engine(self, model, lr_offset: int):
         import deepspeed
@@ -304,6 +322,8 @@ class Trainer:
 
     def _micro_batch(self, iterator):
         batch = next(iterator)
+        if self.info.device.type == "cuda":  # from page-locked memory the copy runs without stalling the host
+            return {k: v.pin_memory().to(self.info.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.info.device) for k, v in batch.items()}
 
     def _pipeline_batches(self, iterator):
@@ -495,9 +515,11 @@ class Trainer:
         state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
                  "router_warmup_steps": self.warmup_steps, "lineage": self.lineage,
                  "last_eval_ce": self.last_eval_ce, **self.guard.state()}
+        started = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
                                     self.info.rank, self.info.world_size)
-        self.metrics.message(f"[checkpoint] step {self.step} -> {path}")
+        # slurm/pretrain.sbatch reads the seconds from this line to time its pre-timeout signal
+        self.metrics.message(f"[checkpoint] step {self.step} -> {path} ({time.perf_counter() - started:.1f} s)")
         return path
 
     # -- signals ----------------------------------------------------------------------------------------
@@ -687,7 +709,8 @@ class Trainer:
         print(f"[setup] {report['total_parameters']:,} parameters {report['parameters_by_part']}\n"
               f"[setup] world {info.world_size} = TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}, "
               f"ZeRO-{c.parallel.zero_stage}, grad accumulation {self.grad_accumulation}, device {info.device}, "
-              f"{c.parallel.torch_dtype_name}, optimizer {type(self.engine.basic_optimizer).__name__}\n"
+              f"{c.parallel.torch_dtype_name}, optimizer {type(self.engine.basic_optimizer).__name__}, gradient "
+              f"reduction {str(self.engine.communication_data_type).removeprefix('torch.')}\n"
               f"[setup] memory estimate per GPU: model states {memory['per_gpu_gib']} GiB (DeepSpeed; CPU "
               f"{memory['cpu_gib']} GiB) + activations {activations['peak_gib']} GiB (activation checkpointing "
               f"{'on' if t.activation_checkpointing else 'off'}, loss chunk {t.loss_chunk_tokens or 'off'})\n"

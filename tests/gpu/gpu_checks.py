@@ -11,6 +11,14 @@ summary at the end. `--cpu-smoke` runs every check on CPU at toy sizes, to catch
               vs full vs the dense twin (the paper's 1.58x setting)
   memory      nvium-1.5b training-step activation peak per micro-batch size, checkpointing + chunked loss,
               measured next to tools/model_info's estimate
+  budget      a 1.5B-shaped slice (d1536, 4 layers, 1024 tokens) trained 3 steps: the allocator's peak
+              (torch.cuda.max_memory_allocated) next to model_info's gpu_memory_budget, and one save timed
+  bench_decode  tools/bench_decode.py --device cuda at batch 1, with and without --cuda-graphs (if offered)
+With >= 2 GPUs (in --cpu-smoke: 2 CPU processes) also:
+  zero2       world 2, ZeRO-2 bf16: trains, and the engine reduces gradients in fp32 (its setup line)
+  tp2         world 2, TP=2 ZeRO-1 trains
+  pp2_resume  world 2, PP=2 saves per stage; resumed into DP=2 ZeRO-2 (another layout) with torch's fused AdamW
+  pipeline_decode  tools/generate.py --pipeline-stages 2 on the export (NCCL between stage processes)
 """
 from __future__ import annotations
 
@@ -69,9 +77,9 @@ class Checks:
         build_default_data(self.out / "data", 2048, workers=4, env=self.env, stdout=subprocess.DEVNULL,
                            tokenizer_args=("--input-sentence-size", 20000 if self.smoke else 200000))
 
-    def torchrun(self, overrides: list[str], log: Path) -> str:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(ROOT / "pretrain/configs/tiny.yaml")]
+    def torchrun(self, overrides: list[str], log: Path, nproc: int = 1, config: str = "tiny.yaml") -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(ROOT / "pretrain/configs" / config)]
         cmd += [a for o in overrides for a in ("--set", o)]
         done = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=240)
         log.write_text(done.stdout + done.stderr)
@@ -114,7 +122,13 @@ class Checks:
         memory = re.search(r"memory estimate per GPU: (.*)", output)
         return {"ok": len(values) == steps and all(map(math.isfinite, values)) and tail < head,
                 "first_losses": values[:3], "last_losses": values[-3:], "mean_first5": head, "mean_last5": tail,
-                "optimizer": setup.group(1) if setup else None, "memory_line": memory.group(1) if memory else None}
+                "optimizer": setup.group(1) if setup else None, "memory_line": memory.group(1) if memory else None,
+                "save_seconds": self.save_seconds(output)}
+
+    @staticmethod
+    def save_seconds(output: str) -> list[float]:
+        """Seconds of each save, from the trainer's "[checkpoint] step N -> PATH (S s)" lines."""
+        return [float(x) for x in re.findall(r"^\[checkpoint\] step \d+ -> .* \(([\d.]+) s\)$", output, re.M)]
 
     def resume(self) -> dict:
         steps = 10 if self.smoke else 30
@@ -243,6 +257,108 @@ class Checks:
                                                                           "estimated_peak_mib", "seconds")}
                                     for r in runs}}
 
+    def budget(self) -> dict:
+        """The allocator's real peak over 3 training steps of a 1.5B-shaped slice vs gpu_memory_budget's tensors."""
+        from nvium_dist.config import load_config
+        from nvium_dist.model_info import gpu_memory_budget
+
+        self.build_data()
+        run_dir = self.out / "budget"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        sets = self.train_overrides(run_dir, 2) + [
+            "model.num_layers=4", "model.exits=[1,2,3]", "training.activation_checkpointing=false",
+            "training.loss_chunk_tokens=0", "training.micro_batch_size=2", "training.global_batch_size=2",
+            "training.eval_iters=1", "data.allow_default_corpus=true"]
+        if self.smoke:
+            sets += ["model.hidden_size=128", "model.num_heads=4", "model.ffn_hidden_size=256", "model.seq_length=64",
+                     "model.router_hidden_width=88"]
+        output = self.torchrun(sets, self.out / "budget.log", config="nvium-1.5b.yaml")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        peak_mib = max(r["peak_memory_mb"] for r in records if "peak_memory_mb" in r)
+        config = load_config(ROOT / "pretrain/configs/nvium-1.5b.yaml", sets)
+        estimate = gpu_memory_budget(config, world_size=1)
+        parts = estimate["parts_gib"]
+        tensors_mib = 1024 * (parts["model_states"] + parts["activations"] + parts["deepspeed_buckets"]
+                              + parts["save_transient"])
+        ratio = peak_mib / tensors_mib
+        return {"ok": self.smoke or 0.5 < ratio < 1.2, "allocator_peak_mib": round(peak_mib, 1),
+                "estimated_tensors_mib": round(tensors_mib, 1), "measured_over_estimate": round(ratio, 3),
+                "estimate_parts_gib": parts, "save_seconds": self.save_seconds(output),
+                "note": "CPU smoke: peak is the process RSS, not comparable" if self.smoke else None}
+
+    def bench_decode(self) -> dict:
+        base = [sys.executable, str(ROOT / "tools" / "bench_decode.py"), "--synthetic", "--device", self.device,
+                "--batch-sizes", "1", "--continuous", "", "--repeats", "2", "--min-tokens", "64" if self.smoke else "256"]
+        helped = subprocess.run(base[:3] + ["--help"], env=self.env, capture_output=True, text=True, cwd=ROOT)
+        variants = {"eager": []}
+        if "--cuda-graphs" in helped.stdout and not self.smoke:
+            variants["cuda_graphs"] = ["--cuda-graphs"]
+        result = {}
+        for name, extra in variants.items():
+            done = subprocess.run(base + extra, env=self.env, capture_output=True, text=True, cwd=ROOT, timeout=200)
+            (self.out / f"bench_decode_{name}.log").write_text(done.stderr)
+            if done.returncode:
+                raise RuntimeError(f"bench_decode {name}: " + done.stderr[-2000:])
+            report = json.loads(done.stdout)
+            result[name] = report.get("settings", report)
+        result["ok"] = True
+        result["cuda_graphs_offered"] = "cuda_graphs" in variants
+        return result
+
+    # -- with two or more GPUs ----------------------------------------------------------------------------
+
+    def two_replicas(self) -> list[str]:
+        """A global batch of two micro-batches: one step per replica at DP=2, two accumulated at TP=2 or PP=2."""
+        return [f"training.global_batch_size={2 * (4 if self.smoke else 8)}"]
+
+    def zero2(self) -> dict:
+        run_dir = self.out / "zero2"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        output = self.torchrun(self.train_overrides(run_dir, 6) + self.two_replicas(), self.out / "zero2.log", nproc=2)
+        reduction = re.search(r"gradient reduction (\w+)", output)
+        losses = self.losses(run_dir)
+        return {"ok": reduction is not None and reduction.group(1) == "float32" and len(losses) == 6
+                and all(map(math.isfinite, losses.values())),
+                "gradient_reduction": reduction.group(1) if reduction else None, "losses": losses,
+                "save_seconds": self.save_seconds(output)}
+
+    def tp2(self) -> dict:
+        run_dir = self.out / "tp2"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self.torchrun(self.train_overrides(run_dir, 6) + self.two_replicas() + ["parallel.tensor_parallel=2",
+                      "parallel.zero_stage=1"], self.out / "tp2.log", nproc=2)
+        losses = self.losses(run_dir)
+        return {"ok": len(losses) == 6 and all(map(math.isfinite, losses.values())), "losses": losses}
+
+    def pp2_resume(self) -> dict:
+        """PP=2 writes per-stage checkpoints; the step-3 one resumes into DP=2 ZeRO-2 with torch's fused AdamW,
+        whose `step` must then live on the GPU."""
+        run_dir, resumed = self.out / "pp2", self.out / "pp2-to-dp2"
+        for d in (run_dir, resumed):
+            shutil.rmtree(d, ignore_errors=True)
+        self.torchrun(self.train_overrides(run_dir, 6) + self.two_replicas() + [
+            "parallel.pipeline_parallel=2", "parallel.zero_stage=1", "training.save_interval=3"], self.out / "pp2.log",
+            nproc=2)
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(run_dir / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+        (resumed / "checkpoints" / "latest").write_text("step_00000003\n")
+        output = self.torchrun(self.train_overrides(resumed, 6) + self.two_replicas(), self.out / "pp2-to-dp2.log",
+                               nproc=2)
+        optimizer = re.search(r"optimizer (\w+)", output)
+        straight, again = self.losses(run_dir), self.losses(resumed)
+        return {"ok": "at step 3" in output and sorted(again) == [4, 5, 6] and all(map(math.isfinite, again.values())),
+                "optimizer": optimizer.group(1) if optimizer else None, "pp2_losses": straight,
+                "resumed_losses": again}
+
+    def pipeline_decode(self) -> dict:
+        done = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--model", str(self.export_dir),
+                               "--prompt-ids", "1,5,9,14", "--max-new-tokens", "16", "--pipeline-stages", "2",
+                               "--device", self.device, "--seed", "3"], env=self.env, capture_output=True, text=True,
+                              cwd=ROOT, timeout=180)
+        (self.out / "pipeline_decode.log").write_text(done.stdout + done.stderr)
+        return {"ok": done.returncode == 0, "output": done.stdout[-500:],
+                "error": None if done.returncode == 0 else done.stderr[-1500:]}
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -254,8 +370,17 @@ def main(argv=None) -> int:
     summary = {"mode": "cpu-smoke" if args.cpu_smoke else "cuda", "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "checks": {}}
     started = time.time()
-    needs = {"resume": "train", "export": "train", "decode": "export", "chi_square": "export"}
-    for name in ("train", "resume", "export", "decode", "chi_square", "decode_speed", "memory"):
+    needs = {"resume": "train", "export": "train", "decode": "export", "chi_square": "export",
+             "pipeline_decode": "export"}
+    names = ["train", "resume", "export", "decode", "chi_square", "decode_speed", "memory", "budget", "bench_decode"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    summary["gpus"] = gpus
+    multi = ["zero2", "tp2", "pp2_resume", "pipeline_decode"]
+    if args.cpu_smoke or gpus >= 2:
+        names += multi
+    else:
+        summary["checks"].update({name: {"ok": True, "skipped": "needs 2 GPUs"} for name in multi})
+    for name in names:
         if time.time() - started > args.budget:
             summary["checks"][name] = {"ok": False, "skipped": f"time budget of {args.budget:.0f} s spent"}
             continue
