@@ -139,8 +139,8 @@ def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | N
                   + 6 * p * d // t  # qkv, rotated q and k, attention output
                   + 4 * heads // t  # softmax logsumexp
                   + 4 * p * f // t)  # gate, up, SiLU(gate), product
-    # RoPE's fp32 cos and sin, made once per segment call (per block in a pipeline stage) and kept for backward
-    # by its blocks (checkpointed blocks keep them as inputs)
+    # RoPE's fp32 cos and sin, made once per forward (NviumModel.rotary; per block in a pipeline stage) and kept
+    # for backward by its blocks (checkpointed blocks keep them as inputs)
     rotary = 8 * config.head_dim
     block = p * d if activation_checkpointing else full_block
 
@@ -173,7 +173,7 @@ def activation_memory(config: ModelConfig, micro_batch: int, seq_length: int | N
     for stage in range(pipeline_parallel):
         first, last = stage * layers_per_stage, min(config.num_layers, (stage + 1) * layers_per_stage)
         stage_heads = [k for k, layer in enumerate(config.exit_layers) if first < layer <= last]
-        rotary_calls = last - first if pipeline_parallel > 1 else config.num_heads_total
+        rotary_calls = last - first if pipeline_parallel > 1 else 1
         per_token = ((last - first) * block + rotary_calls * rotary + sum(head(k) for k in stage_heads)
                      + 24 * len(stage_heads) + 8)
         in_flight = pipeline_parallel - stage
