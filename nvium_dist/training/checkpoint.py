@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 
 from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
-                                      atomic_write_json, file_record, list_files, load_tensors, read_checkpoint,
-                                      read_json_object, step_dir_name, update_latest, verify_manifest, write_manifest)
+                                      atomic_write_json, file_record, read_checkpoint, read_json_object, step_dir_name,
+                                      update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.parallel import broadcast_object, gather_object
-from nvium_dist.tp_layout import shard_named
+from nvium_dist.tp_layout import read_shards
 
 DEEPSPEED_TAG = "state"
 STEP_DIR = re.compile(r"step_(\d{8})")
@@ -115,56 +115,125 @@ def load_weights_only(path, map_location=None):
             raise CheckpointError(f"{path} could not be loaded with weights_only=True ({err})") from None
 
 
-def install_weights_only_loading(engine) -> None:
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` for torch.save without copying: torch.save writes a tensor's whole storage, so a view into a
+    flat buffer (DeepSpeed's ZeRO and pipeline weights) gets a storage of its own bytes, aliasing them (host
+    tensors) or copied to the host (device tensors, as DeepSpeed does)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        return tensor.cpu()
+    if tensor.untyped_storage().nbytes() == tensor.nbytes or tensor.dim() == 0:
+        return tensor
+    if not tensor.is_contiguous():
+        return tensor.clone()
+    return torch.from_numpy(tensor.view(torch.uint8).numpy()).view(tensor.dtype)
+
+
+class DeepSpeedWrites:
+    """The files DeepSpeed's save_checkpoint asked for on this rank: written at once, or, for a save that
+    writes in the background, their state copied to host memory now and written by `write()` later."""
+
+    def __init__(self, defer: bool):
+        self.defer = defer
+        self.paths: list[str] = []
+        self._pending: list[tuple[object, str]] = []
+
+    def save(self, state_dict, path: str) -> None:
+        from torch.utils._pytree import tree_map_only
+
+        self.paths.append(path)
+        if self.defer:
+            copy = tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), state_dict)
+            self._pending.append((copy, path))
+        else:
+            torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
+
+    def write(self) -> None:
+        while self._pending:
+            state_dict, path = self._pending.pop(0)
+            torch.save(state_dict, path)
+
+
+def install_checkpoint_engine(engine) -> None:
     """Replaces the engine's checkpoint engine by one whose `load` is `load_weights_only` (DeepSpeed's own
-    TorchCheckpointEngine unpickles with weights_only=False); saving stays DeepSpeed's."""
+    TorchCheckpointEngine unpickles with weights_only=False) and whose saves go to `DeepSpeedWrites`: every
+    rank knows the files it wrote (the manifest is their union), and no state dict is cloned whole."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
                            "only the torch engine is supported (it is loaded with weights_only=True)")
 
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    class NviumCheckpointEngine(TorchCheckpointEngine):
+        writes: DeepSpeedWrites | None = None
+
         def load(self, path: str, map_location=None):
             return load_weights_only(path, map_location)
 
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+        def preserves_storage_sharing(self):  # `own_storage` does what DeepSpeed's whole-state-dict clone did
+            return False
+
+        def save(self, state_dict, path: str):
+            if self.writes is None:
+                raise RuntimeError("DeepSpeed saves only through save_checkpoint here")
+            self.writes.save(state_dict, path)
+
+    engine.checkpoint_engine = NviumCheckpointEngine(engine._config)
 
 
 # -- saving --------------------------------------------------------------------------------------------
 
 def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, write_parts, rank: int,
-                    world_size: int) -> Path:
-    """Collective: every rank calls it. `write_parts(tmp_dir)` writes the layout-independent files
-    (model, optimizer, sample) into the temporary step directory; it may run collectives."""
+                    world_size: int, background=None) -> Path:
+    """Collective: every rank calls it. `write_parts(tmp_dir, snapshot)` prepares this rank's share of the
+    layout-independent files (model, optimizer, sample; it may run collectives) and returns `finish(group)`,
+    which writes it and returns the names this rank reports for the manifest. With `background`
+    (async_save.BackgroundSaver) the call returns once the state is copied to host memory; writing, hashing,
+    the manifest, the rename and `latest` then run in its thread, on its own process group."""
     root = checkpoint_root(config.training.run_dir)
     final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
+    if background is not None:
+        background.wait()  # at most one save in flight
     if rank == 0:
         for leftover in root.glob(".tmp_step_*"):  # from saves a kill interrupted; the run-dir lock rules out a writer
             shutil.rmtree(leftover)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    write_parts(tmp)
-    dist.barrier()
-    if rank == 0:
-        for script in DEEPSPEED_SCRIPTS:
-            (tmp / "deepspeed" / script).unlink(missing_ok=True)
-        state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
-        atomic_write_json(tmp / TRAINER_STATE_FILE, state)
-    dist.barrier()
-    # every rank hashes a share of the files; rank 0 writes the manifest
-    files = list_files(tmp)
-    records = gather_object({name: file_record(tmp, name) for name in files[rank::world_size]})
-    if rank == 0:
-        write_manifest(tmp, {name: record for part in records for name, record in part.items()})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        update_latest(root, final.name)
-        prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
-    dist.barrier()
+    writes = engine.checkpoint_engine.writes = DeepSpeedWrites(defer=background is not None)
+    try:
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+    finally:
+        engine.checkpoint_engine.writes = None
+    rng = rng_state()
+    finish_parts = write_parts(tmp, background is not None)
+    state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
+
+    def finish(group=None) -> Path:
+        writes.write()
+        rng_file = f"rng/rank_{rank:05d}.pt"
+        torch.save(rng, tmp / rng_file)
+        mine = [Path(p).relative_to(tmp).as_posix() for p in writes.paths] + [rng_file] + finish_parts(group)
+        dist.barrier(group)
+        if rank == 0:
+            for script in DEEPSPEED_SCRIPTS:
+                (tmp / "deepspeed" / script).unlink(missing_ok=True)
+            atomic_write_json(tmp / TRAINER_STATE_FILE, state)
+            mine.append(TRAINER_STATE_FILE)
+        # every rank hashes what it wrote; the manifest is the union, never a listing of the directory
+        records = gather_object({name: file_record(tmp, name) for name in mine}, group=group)
+        if rank == 0:
+            write_manifest(tmp, {name: record for part in records for name, record in part.items()})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            update_latest(root, final.name)
+            prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
+        dist.barrier(group)
+        return final
+
+    if background is None:
+        return finish()
+    background.submit(finish)
     return final
 
 
@@ -276,41 +345,15 @@ def find_resume(run_dir: str | Path, config: NviumConfig, rank: int) -> dict | N
     return {"path": Path(choice), "trainer_state": read_json_object(Path(choice) / TRAINER_STATE_FILE)}
 
 
-def read_full_state(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The chosen checkpoint's full weights, or just `names` of them (rank 0 verified them against the
-    manifest)."""
-    if names is not None:
-        return load_tensors(Path(path) / MODEL_FILE, names)
-    return read_checkpoint(path, verified=True)[1]
-
-
-def fp32_master_weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The optimizer's fp32 master copy of each of this rank's (TP-local) parameters, whole.
-
-    DeepSpeed's ZeRO 1/2/3 and BF16 optimizers keep the masters partitioned over the data-parallel ranks,
-    so this is a collective over that group: every rank calls it. A parameter without a separate master
-    (fp32 without ZeRO) is its own master.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters = {}
-    for name, param in params.items():
-        master = safe_get_full_fp32_param(param)
-        masters[name] = (master if master is not None else param.detach()).float()
-    return masters
-
-
-def load_fp32_master_weights(params: dict[str, torch.Tensor], dims: dict[str, int | None],
-                             full_state: dict[str, torch.Tensor], tp_rank: int, tp_size: int, vocab_size: int) -> None:
-    """Sets the optimizer's fp32 masters of this rank's parameters from a full (layout-independent) state,
-    so a weights-only resume of a bf16 run keeps the checkpoint's fp32 precision."""
+def load_fp32_master_weights(params: dict[str, torch.Tensor], dims: dict[str, int | None], path: Path, tp_rank: int,
+                             tp_size: int, vocab_size: int) -> None:
+    """Sets the optimizer's fp32 masters of this rank's parameters from the checkpoint's full weights, one
+    TP slice at a time, so a weights-only resume of a bf16 run keeps the checkpoint's fp32 precision."""
     from deepspeed.utils import safe_set_full_fp32_param
 
-    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}  # ZeRO-3: full shape
-    shards = shard_named({name: torch.empty(shape) for name, shape in shapes.items()}, dims, full_state,
-                         tp_rank, tp_size, vocab_size)
-    for name, param in params.items():
-        safe_set_full_fp32_param(param, shards[name].to(param.device, torch.float32))
+    shapes = {name: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for name, p in params.items()}
+    for name, shard in read_shards(Path(path) / MODEL_FILE, shapes, dims, tp_rank, tp_size, vocab_size):
+        safe_set_full_fp32_param(params[name], shard.to(params[name].device, torch.float32))
 
 
 def load_deepspeed_state(engine, path: Path, rank: int) -> None:
