@@ -1,6 +1,7 @@
 """On-disk formats: the layout-independent training checkpoint and the inference export.
 
-Training checkpoint (written by the trainer through `write_model_files`)::
+Training checkpoint (written by every trainer rank for its own share, training/sharded_state.py; by
+`write_model_files` for a weights-only checkpoint)::
 
     RUN_DIR/checkpoints/latest                   text: name of the newest complete step dir
     RUN_DIR/checkpoints/step_XXXXXXXX/
@@ -350,8 +351,8 @@ def create_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], metadata:
 
 def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_state: dict[str, torch.Tensor],
                       sample: dict[str, torch.Tensor] | None) -> Path:
-    """Writes config.json, model.safetensors and sample_check.safetensors into `ckpt_dir` (the trainer calls
-    this on one rank with `gather_full_state_dict`'s result).
+    """Writes config.json, model.safetensors and sample_check.safetensors into `ckpt_dir` (a weights-only
+    checkpoint made from a full state dict in one process).
 
     A new directory is built as `<ckpt_dir>.tmp-<pid>` and renamed into place; into an existing directory
     (e.g. one DeepSpeed already wrote its `deepspeed/` state into) each file is replaced atomically.

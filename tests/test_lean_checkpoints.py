@@ -24,7 +24,7 @@ TP2_PP2 = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2, "para
 def _measured(rank, world_size, overrides):
     from nvium_dist.training.checkpoint_memory import measured_training
 
-    return measured_training(overrides)
+    return measured_training(None, overrides)
 
 
 def test_save_and_resume_stay_within_each_ranks_shard(corpus, tmp_path):  # noqa: F811
@@ -134,7 +134,8 @@ def test_kill_during_a_background_write_keeps_the_previous_checkpoint(corpus, tm
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000002"
     assert (checkpoints / ".tmp_step_00000004").is_dir() and not (checkpoints / "step_00000004").exists()
-    records, _, resumed_step = train(1, corpus, tmp_path, **settings)
-    assert resumed_step == 2 and sorted(records) == [3, 4]
+    _, _, resumed_step = train(1, corpus, tmp_path, **settings)
+    assert resumed_step == 2
     assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    verify_manifest(checkpoints / "step_00000004")
     assert not list(checkpoints.glob(".tmp_*"))

@@ -9,11 +9,15 @@ RUN_DIR/checkpoints/step_XXXXXXXX/
     manifest.json                                                size and sha256 of every file above
 RUN_DIR/checkpoints/latest                                       name of the newest complete checkpoint
 
-Every rank writes into `.tmp_step_X`; rank 0 writes the manifest once all ranks are done, renames the
+Every rank writes its own share into `.tmp_step_X` (its DeepSpeed files and RNG state, and its fragment of
+the weights and moments at their offsets in model.safetensors and optimizer.safetensors: sharded_state.py),
+hashes what it wrote and reports it; rank 0 writes the manifest from the union of those reports (never a
+directory listing, which on a shared file system can miss what another node just wrote), renames the
 directory to `step_X` and only then rewrites `latest`, so a job killed at any point leaves either the old
-or the new checkpoint. On resume rank 0 alone chooses: the newest checkpoint of the run's lineage whose
-every file matches its manifest (nothing planted, nothing changed) and reads back whole; every rank then
-loads that one. DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's
+or the new checkpoint. With training.async_save all of that after the copy to host memory runs in a
+background thread (async_save.py). On resume rank 0 alone chooses: the newest checkpoint of the run's
+lineage whose every file matches its manifest (nothing planted, nothing changed) and reads back whole;
+every rank then loads that one (in another layout: only its own slices, tp_layout.read_shards). DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's
 chain of checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
 """
 from __future__ import annotations

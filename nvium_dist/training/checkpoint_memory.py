@@ -25,7 +25,7 @@ def largest_tensor_bytes(model_config) -> int:
     return max(4 * math.prod(shape) for shape in expected_parameter_shapes(model_config).values())
 
 
-def measured_training(overrides: list[str]) -> dict:
+def measured_training(config_path: str | None, overrides: list[str]) -> dict:
     """Runs the real trainer (resuming when the run directory has a checkpoint) with every synchronous save
     and every step of a resume into a new layout counted. -> this rank's figures in bytes: `save` and
     `resume` (the largest of each; `parts`: its torch and Python-heap shares), `shard`, `largest_tensor`,
@@ -55,7 +55,7 @@ def measured_training(overrides: list[str]) -> dict:
     ckpt.load_fp32_master_weights = counted("resume", originals[2])
     Trainer._load_optimizer_moments = counted("resume", originals[3])
     try:
-        config = load_config(None, overrides)
+        config = load_config(config_path, overrides)
         trainer = Trainer(config)
         trainer.train()
     finally:
