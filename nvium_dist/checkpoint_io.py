@@ -54,6 +54,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
 LATEST_FILE = "latest"
 SAMPLE_KEYS = ("tokens", "labels", "log_p_heads", "log_p_mix")
+MODEL_METADATA = {"format": "nvium-full-state"}
 
 
 class CheckpointError(RuntimeError):
@@ -296,10 +297,9 @@ def write_sample_check(ckpt_dir: str | os.PathLike, sample: dict[str, torch.Tens
     save_tensors(Path(ckpt_dir) / SAMPLE_FILE, sample)
 
 
-def write_optimizer_file(ckpt_dir: str | os.PathLike, moments: dict[str, torch.Tensor], step: int) -> None:
-    """optimizer.safetensors: full fp32 Adam moments by `exp_avg.<name>` / `exp_avg_sq.<name>`, the step count."""
-    save_tensors(Path(ckpt_dir) / OPTIMIZER_FILE, {k: v.float() for k, v in moments.items()},
-                      {"format": "nvium-adam-moments", "step": str(int(step))})
+def optimizer_metadata(step: int) -> dict[str, str]:
+    """optimizer.safetensors' metadata: full fp32 Adam moments by `exp_avg.<name>` / `exp_avg_sq.<name>`."""
+    return {"format": "nvium-adam-moments", "step": str(int(step))}
 
 
 def optimizer_file_step(ckpt_dir: str | os.PathLike, model_config: ModelConfig) -> int | None:
@@ -367,7 +367,7 @@ def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_sta
         if target.exists():
             shutil.rmtree(target)
         target.mkdir()
-    save_tensors(target / MODEL_FILE, full_state, {"format": "nvium-full-state"})
+    save_tensors(target / MODEL_FILE, full_state, MODEL_METADATA)
     if sample is not None:
         write_sample_check(target, sample)
     atomic_write_json(target / CONFIG_FILE, asdict(config))
@@ -611,7 +611,7 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
         tokenizer = {"type": "sentencepiece", "file": TOKENIZER_FILE}
     tmp = new_tmp_dir(export_dir)
     try:
-        save_tensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
+        save_tensors(tmp / MODEL_FILE, full_state, MODEL_METADATA)
         if tokenizer["type"] == "sentencepiece":
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,

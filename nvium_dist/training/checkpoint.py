@@ -17,8 +17,9 @@ directory to `step_X` and only then rewrites `latest`, so a job killed at any po
 or the new checkpoint. With training.async_save all of that after the copy to host memory runs in a
 background thread (async_save.py). On resume rank 0 alone chooses: the newest checkpoint of the run's
 lineage whose every file matches its manifest (nothing planted, nothing changed) and reads back whole;
-every rank then loads that one (in another layout: only its own slices, tp_layout.read_shards). DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's
-chain of checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
+every rank then loads that one (in another layout: only its own slices, tp_layout.read_shards).
+DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's chain of
+checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
 """
 from __future__ import annotations
 

@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nvium_dist.checkpoint_io import MODEL_FILE, OPTIMIZER_FILE, create_safetensors, safetensors_layout
+from nvium_dist.checkpoint_io import (MODEL_FILE, MODEL_METADATA, OPTIMIZER_FILE, create_safetensors,
+                                      optimizer_metadata, safetensors_layout)
 from nvium_dist.training.optimizer_state import MOMENTS, _inner_optimizer, _map_state_slices, adam_step
-
-MODEL_METADATA = {"format": "nvium-full-state"}
-
 
 @dataclass
 class Fragment:
@@ -133,10 +131,6 @@ def file_shapes(full_shapes: dict[str, tuple[int, ...]], with_moments: bool):
     """-> (model.safetensors shapes, optimizer.safetensors shapes or None), in file order."""
     moments = {f"{key}.{name}": shape for key in MOMENTS for name, shape in full_shapes.items()}
     return full_shapes, (moments if with_moments else None)
-
-
-def optimizer_metadata(step: int) -> dict[str, str]:
-    return {"format": "nvium-adam-moments", "step": str(int(step))}
 
 
 def create_files(directory: Path, full_shapes: dict[str, tuple[int, ...]], step: int | None) -> list[str]:
