@@ -81,11 +81,13 @@ def test_manifest_lists_what_every_rank_wrote_and_refuses_a_planted_file(corpus,
         verify_manifest(step)
 
 
-def test_async_save_writes_the_same_checkpoint_in_the_background(corpus, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("layout", [{"parallel.zero_stage": 2}, TP2_PP2 | {"parallel.tensor_parallel": 1}],
+                         ids=["dp2-zero2", "pp2-zero1"])
+def test_async_save_writes_the_same_checkpoint_in_the_background(layout, corpus, tmp_path):  # noqa: F811
     """Checkpoints at steps 2 and 4 written by the background thread while steps 3-4 train are byte-identical
     in weights and moments to synchronous saves (the host copy is the state at the save's step), and a
-    resume from the async step-2 checkpoint continues the run."""
-    settings = {"training.train_iters": 4, "training.save_interval": 2, "parallel.zero_stage": 2}
+    resume from the async step-2 checkpoint (DeepSpeed's files, same layout) continues the run."""
+    settings = {"training.train_iters": 4, "training.save_interval": 2, **layout}
     sync_records, _, _ = train(2, corpus, tmp_path / "sync", **settings)
     async_records, _, _ = train(2, corpus, tmp_path / "async", **settings, **{"training.async_save": "true"})
     for step in ("step_00000002", "step_00000004"):

@@ -13,7 +13,28 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+import torch
 import torch.distributed as dist
+
+
+class HostCopy:
+    """Copies tensors to host memory once per storage: DeepSpeed's state dicts and this rank's fragments of
+    the layout-independent files are views of the same flat ZeRO partitions, which are copied once and
+    shared by every view of them."""
+
+    def __init__(self):
+        self._copies: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        storage = tensor.untyped_storage()
+        key = (storage.device, storage.data_ptr())
+        if key not in self._copies:
+            copy = torch.empty(storage.nbytes(), dtype=torch.uint8)
+            copy.untyped_storage().copy_(storage)
+            self._copies[key] = copy
+        return torch.empty(0, dtype=tensor.dtype).set_(self._copies[key].untyped_storage(), tensor.storage_offset(),
+                                                        tensor.size(), tensor.stride())
 
 
 class BackgroundSaver:

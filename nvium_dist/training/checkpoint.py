@@ -41,6 +41,7 @@ from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FIL
 from nvium_dist.config import NviumConfig
 from nvium_dist.parallel import broadcast_object, gather_object
 from nvium_dist.tp_layout import read_shards
+from nvium_dist.training.async_save import HostCopy
 
 DEEPSPEED_TAG = "state"
 STEP_DIR = re.compile(r"step_(\d{8})")
@@ -136,10 +137,11 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 class DeepSpeedWrites:
     """The files DeepSpeed's save_checkpoint asked for on this rank: written at once, or, for a save that
-    writes in the background, their state copied to host memory now and written by `write()` later."""
+    writes in the background, their state copied to host memory now (`host_copy`, async_save.HostCopy) and
+    written by `write()` later."""
 
-    def __init__(self, defer: bool):
-        self.defer = defer
+    def __init__(self, host_copy=None):
+        self.host_copy = host_copy
         self.paths: list[str] = []
         self._pending: list[tuple[object, str]] = []
 
@@ -147,16 +149,17 @@ class DeepSpeedWrites:
         from torch.utils._pytree import tree_map_only
 
         self.paths.append(path)
-        if self.defer:
-            copy = tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), state_dict)
-            self._pending.append((copy, path))
+        if self.host_copy is not None:
+            self._pending.append((tree_map_only(torch.Tensor, self.host_copy, state_dict), path))
         else:
             torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
 
     def write(self) -> None:
+        from torch.utils._pytree import tree_map_only
+
         while self._pending:
             state_dict, path = self._pending.pop(0)
-            torch.save(state_dict, path)
+            torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
 
 
 def install_checkpoint_engine(engine) -> None:
@@ -190,9 +193,10 @@ def install_checkpoint_engine(engine) -> None:
 
 def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, write_parts, rank: int,
                     world_size: int, background=None) -> Path:
-    """Collective: every rank calls it. `write_parts(tmp_dir, snapshot)` prepares this rank's share of the
-    layout-independent files (model, optimizer, sample; it may run collectives) and returns `finish(group)`,
-    which writes it and returns the names this rank reports for the manifest. With `background`
+    """Collective: every rank calls it. `write_parts(tmp_dir, host_copy)` prepares this rank's share of the
+    layout-independent files (model, optimizer, sample; it may run collectives; copied to host memory with
+    `host_copy` for a background save, None otherwise) and returns `finish(group)`, which writes it and
+    returns the names this rank reports for the manifest. With `background`
     (async_save.BackgroundSaver) the call returns once the state is copied to host memory; writing, hashing,
     the manifest, the rename and `latest` then run in its thread, on its own process group."""
     root = checkpoint_root(config.training.run_dir)
@@ -204,13 +208,14 @@ def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict,
             shutil.rmtree(leftover)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    writes = engine.checkpoint_engine.writes = DeepSpeedWrites(defer=background is not None)
+    host_copy = HostCopy() if background is not None else None
+    writes = engine.checkpoint_engine.writes = DeepSpeedWrites(host_copy)
     try:
         engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
     finally:
         engine.checkpoint_engine.writes = None
     rng = rng_state()
-    finish_parts = write_parts(tmp, background is not None)
+    finish_parts = write_parts(tmp, host_copy)
     state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
 
     def finish(group=None) -> Path:

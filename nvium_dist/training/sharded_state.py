@@ -11,7 +11,8 @@ partition's rank (or DP rank 0 without ZeRO). Every rank counts the bytes it wro
 they add up to the files' size, so a hole or an overlap is an error rather than a silent zero.
 
 `collect` takes the (cheap) views in the training thread; `OwnedPieces.snapshot` copies them to host
-memory for a save that writes in the background (training/async_save.py); `OwnedPieces.write` writes.
+memory for a save that writes in the background (async_save.HostCopy: the ZeRO partitions DeepSpeed's
+state dicts point into are copied once for both); `OwnedPieces.write` writes.
 """
 from __future__ import annotations
 
@@ -90,10 +91,10 @@ class OwnedPieces:
     optimizer_offsets: dict[str, int] | None
     placed: list[tuple[Fragment, list[tuple[int, int, int]]]] = field(default_factory=list)
 
-    def snapshot(self) -> "OwnedPieces":
+    def snapshot(self, host_copy) -> "OwnedPieces":
         """A host-memory copy (the training step may change the live tensors while a background save writes)."""
-        copies = [(Fragment(f.name, f.start, {k: t.detach().to("cpu", torch.float32, copy=True)
-                                              for k, t in f.tensors.items()}), where) for f, where in self.placed]
+        copies = [(Fragment(f.name, f.start, {k: host_copy(t) for k, t in f.tensors.items()}), where)
+                  for f, where in self.placed]
         return OwnedPieces(self.model_offsets, self.optimizer_offsets, copies)
 
     def write(self, directory: Path) -> int:
@@ -178,9 +179,9 @@ def lower_stage_names(names: list[str], pp_rank: int) -> set[str]:
     return {name for stage, theirs in stages if stage < pp_rank for name in theirs} & set(names)
 
 
-def save_files(directory: Path, engine, config, params: dict, dims: dict, info, skip: set[str], snapshot: bool):
+def save_files(directory: Path, engine, config, params: dict, dims: dict, info, skip: set[str], host_copy=None):
     """Collective. Rank 0 creates model.safetensors, optimizer.safetensors (after the first optimizer step) and
-    config.json; every rank collects its share (copied to host memory when `snapshot`). -> `finish(group)`,
+    config.json; every rank collects its share (copied to host memory by `host_copy`, if given). -> `finish(group)`,
     which writes the share (in a background thread for an async save), checks over `group` that the ranks'
     bytes cover both files exactly, and returns the names this rank reports (and hashes) for the manifest."""
     from dataclasses import asdict
@@ -195,8 +196,8 @@ def save_files(directory: Path, engine, config, params: dict, dims: dict, info, 
         atomic_write_json(directory / CONFIG_FILE, asdict(config))
     dist.barrier()
     pieces = collect(engine, params, dims, full_shapes, skip, info.tp_rank, info.tp_size, info.dp_rank)
-    if snapshot:
-        pieces = pieces.snapshot()
+    if host_copy is not None:
+        pieces = pieces.snapshot(host_copy)
     reported = [CONFIG_FILE, MODEL_FILE] if info.rank == 0 else []
     if step > 0 and info.rank == info.world_size - 1:  # another rank than the model file's, to hash in parallel
         reported.append(OPTIMIZER_FILE)

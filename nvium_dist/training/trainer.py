@@ -389,7 +389,7 @@ class Trainer:
 
     # -- checkpoint pieces ------------------------------------------------------------------------------
 
-    def _write_layout_independent_files(self, directory: Path, snapshot: bool):
+    def _write_layout_independent_files(self, directory: Path, host_copy=None):
         """Collective. model.safetensors and optimizer.safetensors get every rank's own share of the fp32 master
         weights (not the bf16 module weights) and Adam moments, written at its offsets, nothing gathered
         (training/sharded_state.py); the sample check comes from the rank that computed it. -> `finish(group)`
@@ -402,7 +402,7 @@ class Trainer:
             self._lower_stage_names = sharded_state.lower_stage_names(list(self._tied_parameters()[0]),
                                                                       self.info.pp_rank)
         finish = sharded_state.save_files(directory, self.engine, self.config, params, dims, self.info,
-                                          self._lower_stage_names or set(), snapshot)
+                                          self._lower_stage_names or set(), host_copy)
         sample = self._sample_check()
         if sample is None:
             return finish
