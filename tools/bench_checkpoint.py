@@ -147,9 +147,21 @@ def timed_saves(config) -> dict:
         saves.append({"mode": mode, "blocked_s": blocked, "total_s": time.perf_counter() - start})
         return path
 
+    sample_check = Trainer._sample_check
+
+    def timed_sample_check(self):  # a forward pass every save makes, async or not (export's self-check)
+        start = time.perf_counter()
+        result = sample_check(self)
+        sample_seconds.append(time.perf_counter() - start)
+        return result
+
+    sample_seconds = []
     ckpt.save_checkpoint = timed
+    Trainer._sample_check = timed_sample_check
     trainer = Trainer(config)
     trainer.train()
+    for save, seconds in zip(saves, sample_seconds):
+        save["sample_check_s"] = seconds
     return {"rank": trainer.info.rank, "saves": saves}
 
 
@@ -207,13 +219,15 @@ def async_compare(args) -> dict:
             f"training.global_batch_size={args.nproc}", f"training.train_iters={2 * args.saves}",
             "training.save_interval=1", "training.async_save=true"]
         ranks = torchrun(args, args.nproc, "timing", settings, Path(tmp) / "timing")
-    saves = [max(r["saves"][i][key] for r in ranks) for i in range(len(ranks[0]["saves"])) for key in ("blocked_s",)]
+    saves = [max(r["saves"][i]["blocked_s"] for r in ranks) for i in range(len(ranks[0]["saves"]))]
     sync = [s for i, s in enumerate(saves) if i % 2 == 0]
     blocked = [s for i, s in enumerate(saves) if i % 2 == 1]
     finished = [max(r["saves"][i]["total_s"] for r in ranks) for i in range(1, len(saves), 2)]
+    sample = [max(r["saves"][i]["sample_check_s"] for r in ranks) for i in range(1, len(saves), 2)]
     return {"config": args.config, "overrides": args.set, "nproc": args.nproc,
             "sync_save_s": [round(s, 3) for s in sync], "async_blocked_s": [round(s, 3) for s in blocked],
             "async_finished_s": [round(s, 3) for s in finished],
+            "async_blocked_sample_check_s": [round(s, 3) for s in sample],
             "blocked_share_of_sync": round(statistics.median(blocked) / statistics.median(sync), 3)}
 
 
