@@ -1,6 +1,7 @@
 """On-disk formats: the layout-independent training checkpoint and the inference export.
 
-Training checkpoint (written by the trainer through `write_model_files`)::
+Training checkpoint (written by every trainer rank for its own share, training/sharded_state.py; by
+`write_model_files` for a weights-only checkpoint)::
 
     RUN_DIR/checkpoints/latest                   text: name of the newest complete step dir
     RUN_DIR/checkpoints/step_XXXXXXXX/
@@ -27,6 +28,7 @@ and is moved into place with `os.replace`, so a reader never sees a half-written
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -52,6 +54,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.model"
 LATEST_FILE = "latest"
 SAMPLE_KEYS = ("tokens", "labels", "log_p_heads", "log_p_mix")
+MODEL_METADATA = {"format": "nvium-full-state"}
 
 
 class CheckpointError(RuntimeError):
@@ -243,16 +246,14 @@ def file_record(step_dir: Path, relative: str) -> dict:
 
 
 def write_manifest(step_dir: str | os.PathLike, records: dict[str, dict] | None = None) -> None:
-    """Writes manifest.json over every other file of `step_dir`; `records` (relative path -> size and
-    sha256) saves hashing files someone already hashed, e.g. other ranks."""
+    """Writes manifest.json into `step_dir`: over exactly the files of `records` (relative path -> size and
+    sha256: what the writers reported, never a directory listing, which on a shared file system can miss
+    what another node just wrote), or, without `records`, over every file this process finds there."""
     step_dir = Path(step_dir)
-    records = dict(records or {})
-    files = list_files(step_dir)
-    for relative in files:
-        if relative not in records:
-            records[relative] = file_record(step_dir, relative)
+    if records is None:
+        records = {relative: file_record(step_dir, relative) for relative in list_files(step_dir)}
     atomic_write_json(step_dir / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "version": 1,
-                                                 "files": {k: records[k] for k in files}})
+                                                 "files": dict(sorted(records.items()))})
 
 
 def verify_manifest(step_dir: str | os.PathLike, only: list[str] | None = None) -> None:
@@ -299,33 +300,62 @@ def write_sample_check(ckpt_dir: str | os.PathLike, sample: dict[str, torch.Tens
     save_tensors(Path(ckpt_dir) / SAMPLE_FILE, sample)
 
 
-def write_optimizer_file(ckpt_dir: str | os.PathLike, moments: dict[str, torch.Tensor], step: int) -> None:
-    """optimizer.safetensors: full fp32 Adam moments by `exp_avg.<name>` / `exp_avg_sq.<name>`, the step count."""
-    save_tensors(Path(ckpt_dir) / OPTIMIZER_FILE, {k: v.float() for k, v in moments.items()},
-                      {"format": "nvium-adam-moments", "step": str(int(step))})
+def optimizer_metadata(step: int) -> dict[str, str]:
+    """optimizer.safetensors' metadata: full fp32 Adam moments by `exp_avg.<name>` / `exp_avg_sq.<name>`."""
+    return {"format": "nvium-adam-moments", "step": str(int(step))}
 
 
-def read_optimizer_file(ckpt_dir: str | os.PathLike,
-                        model_config: ModelConfig) -> tuple[dict[str, torch.Tensor], int] | None:
-    """-> (moments, Adam step) from optimizer.safetensors, None when the checkpoint has none (saved at step 0)."""
+def optimizer_file_step(ckpt_dir: str | os.PathLike, model_config: ModelConfig) -> int | None:
+    """The Adam step of optimizer.safetensors after checking from its header that it holds both moments of
+    every parameter of this model (None when the checkpoint has none: saved before the first step). The
+    moments themselves are read slice by slice by the ranks that need them (tp_layout.read_shards)."""
     path = Path(ckpt_dir) / OPTIMIZER_FILE
     if not path.is_file():
         return None
-    step = check_safetensors(path).get("__metadata__", {}).get("step")
-    moments = load_tensors(path)
+    header = check_safetensors(path)
+    step = header.get("__metadata__", {}).get("step")
+    found = {name: tuple(info.get("shape", ())) for name, info in header.items() if name != "__metadata__"}
     shapes = expected_parameter_shapes(model_config)
     expected = {f"{key}.{name}": shape for key in ("exp_avg", "exp_avg_sq") for name, shape in shapes.items()}
-    wrong = sorted(k for k in expected if k not in moments or tuple(moments[k].shape) != expected[k])
-    if step is None or not step.isdigit() or wrong or set(moments) - set(expected):
+    wrong = sorted(k for k in expected if found.get(k) != expected[k])
+    if step is None or not step.isdigit() or wrong or set(found) - set(expected):
         raise CheckpointError(f"{path} does not hold Adam moments for this model (step {step!r}; missing or "
                               f"misshapen: {wrong[:3]}); the file is corrupt or from another model")
-    return moments, int(step)
+    return int(step)
+
+
+SAFETENSORS_ALIGNMENT = 8
+
+
+def safetensors_layout(shapes: dict[str, tuple[int, ...]],
+                       metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The file a safetensors writer would make for fp32 tensors of `shapes` (in that order), laid out before
+    any data exists: -> (the bytes before the data, each tensor's byte offset in the file). Ranks that each
+    hold part of the data write it at these offsets into one file (training.sharded_state)."""
+    entries, offset = {"__metadata__": metadata}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        entries[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % SAFETENSORS_ALIGNMENT)
+    prefix = struct.pack("<Q", len(header)) + header
+    return prefix, {name: len(prefix) + entries[name]["data_offsets"][0] for name in shapes}
+
+
+def create_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> None:
+    """Creates `path` at its final size with its header written and its data still zero."""
+    prefix, _ = safetensors_layout(shapes, metadata)
+    data = sum(4 * math.prod(shape) for shape in shapes.values())
+    with open(path, "wb") as f:
+        f.write(prefix)
+        f.truncate(len(prefix) + data)
 
 
 def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_state: dict[str, torch.Tensor],
                       sample: dict[str, torch.Tensor] | None) -> Path:
-    """Writes config.json, model.safetensors and sample_check.safetensors into `ckpt_dir` (the trainer calls
-    this on one rank with `gather_full_state_dict`'s result).
+    """Writes config.json, model.safetensors and sample_check.safetensors into `ckpt_dir` (a weights-only
+    checkpoint made from a full state dict in one process).
 
     A new directory is built as `<ckpt_dir>.tmp-<pid>` and renamed into place; into an existing directory
     (e.g. one DeepSpeed already wrote its `deepspeed/` state into) each file is replaced atomically.
@@ -340,7 +370,7 @@ def write_model_files(ckpt_dir: str | os.PathLike, config: NviumConfig, full_sta
         if target.exists():
             shutil.rmtree(target)
         target.mkdir()
-    save_tensors(target / MODEL_FILE, full_state, {"format": "nvium-full-state"})
+    save_tensors(target / MODEL_FILE, full_state, MODEL_METADATA)
     if sample is not None:
         write_sample_check(target, sample)
     atomic_write_json(target / CONFIG_FILE, asdict(config))
@@ -589,7 +619,7 @@ def save_export(export_dir: str | os.PathLike, model_config: ModelConfig, full_s
             raise CheckpointError(f"tokenizer {tokenizer_path} does not exist; pass --tokenizer PATH or 'none'")
         tokenizer = {"type": "sentencepiece", "file": TOKENIZER_FILE}
     with building(export_dir) as tmp:
-        save_tensors(tmp / MODEL_FILE, full_state, {"format": "nvium-full-state"})
+        save_tensors(tmp / MODEL_FILE, full_state, MODEL_METADATA)
         if tokenizer["type"] == "sentencepiece":
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / CONFIG_FILE, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,

@@ -262,6 +262,9 @@ class TrainingConfig:
     keep_checkpoints: int = 3  # newest checkpoints of this run kept; 0 keeps all
     # When checkpoints exist but none verifies, start from step 0 instead of stopping with an error.
     allow_fresh_start: bool = False
+    # A save blocks the step only while this rank's state is copied to host memory; writing, hashing and the
+    # manifest run in a background thread (training/async_save.py). Costs host memory for that copy.
+    async_save: bool = False
     # Memory for compute (neither changes a number): each transformer block keeps only its input and is
     # recomputed in backward; the vocab loss runs loss_chunk_tokens tokens at a time, recomputed in backward
     # (0: all tokens of a micro-batch at once, every head's logits kept until backward).

@@ -302,11 +302,13 @@ class TensorMemoryTracker:
     """Counts the bytes of tensor storages that ops create while active, until those storages are freed;
     `peak` is the most alive at once. Deterministic on any device (it counts tensors, not allocator
     blocks), so it measures activation memory exactly where allocator statistics are unavailable (CPU).
-    Views and in-place results share an input's storage and are not counted again."""
+    Views and in-place results share an input's storage and are not counted again; meta tensors hold nothing."""
 
     def __init__(self):
         self.live = self.peak = 0
+        self.transient_peak = 0  # set on exit: the peak of the storages freed again by then
         self._refs: dict[int, object] = {}
+        self._events: list[tuple[int, int]] = []  # (allocation number, +bytes when made / -bytes when freed)
 
     def __enter__(self):
         import weakref
@@ -319,9 +321,10 @@ class TensorMemoryTracker:
         def storages(tree):
             return [t.untyped_storage() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
-        def freed(key: int, size: int) -> None:
+        def freed(key: int, size: int, serial: int) -> None:
             tracker.live -= size
             tracker._refs.pop(key, None)
+            tracker._events.append((serial, -size))
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -329,11 +332,14 @@ class TensorMemoryTracker:
                 inputs = {s.data_ptr() for s in storages((args, kwargs))}
                 for storage in storages(out):
                     key, size = id(storage), storage.nbytes()
-                    if key in tracker._refs or not size or storage.data_ptr() in inputs:
+                    if key in tracker._refs or not size or storage.device.type == "meta" or \
+                            storage.data_ptr() in inputs:
                         continue
                     tracker.live += size
                     tracker.peak = max(tracker.peak, tracker.live)
-                    tracker._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: freed(key, size))
+                    serial = len(tracker._events)
+                    tracker._events.append((serial, size))
+                    tracker._refs[key] = weakref.ref(storage, lambda _, k=key, n=size, i=serial: freed(k, n, i))
                 return out
 
         self._mode = Mode()
@@ -342,6 +348,13 @@ class TensorMemoryTracker:
 
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
+        # what an operation needed on top of what it left behind (e.g. a save: its buffers, not the state)
+        freed = {serial for serial, size in self._events if size < 0}
+        live = 0
+        for serial, size in self._events:
+            if serial in freed:
+                live += size
+                self.transient_peak = max(self.transient_peak, live)
 
 
 def training_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -362,3 +375,31 @@ def measure_training_step(model, tokens: torch.Tensor, labels: torch.Tensor) -> 
         value.backward()
         del value
     return {"saved_bytes": saved, "peak_bytes": tracker.peak}
+
+
+class ExtraMemory:
+    """The extra memory an operation allocates and frees again (a checkpoint save or load: its buffers, not
+    the state it leaves behind): torch storages on any device (`TensorMemoryTracker.transient_peak`) plus the
+    Python heap's peak (tracemalloc: numpy arrays, the bytes safetensors reads). `bytes`: the two peaks
+    added, an upper bound of their joint peak."""
+
+    def __enter__(self):
+        import tracemalloc
+
+        self._started_tracing = not tracemalloc.is_tracing()
+        if self._started_tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self._python_base = tracemalloc.get_traced_memory()[0]
+        self._tensors = TensorMemoryTracker().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import tracemalloc
+
+        self._tensors.__exit__(*exc)
+        self.python_bytes = max(0, tracemalloc.get_traced_memory()[1] - self._python_base)
+        if self._started_tracing:
+            tracemalloc.stop()
+        self.torch_bytes = self._tensors.transient_peak
+        self.bytes = self.torch_bytes + self.python_bytes

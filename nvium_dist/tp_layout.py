@@ -57,12 +57,52 @@ def shard_named(params: dict[str, torch.Tensor], dims: dict[str, int | None], fu
     return shards
 
 
-def load_named(params: dict[str, torch.Tensor], dims: dict[str, int | None], full: dict[str, torch.Tensor],
-               tp_rank: int, tp_size: int, vocab_size: int) -> None:
-    shards = shard_named(params, dims, full, tp_rank, tp_size, vocab_size)
+def read_shards(path, params: dict[str, torch.Tensor], dims: dict[str, int | None], tp_rank: int, tp_size: int,
+                vocab_size: int, prefix: str = ""):
+    """Yields (name, this TP rank's slice of tensor `prefix + name` of the safetensors file `path`), one
+    parameter at a time and reading only that slice (vocab rows padded), so that a resume into a new layout
+    never holds more than one of this rank's tensors on top of the model. `params`: the TP-local tensors (or
+    anything with their shape) by full name."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = set(f.keys())
+        for name, local in params.items():
+            key = prefix + name
+            if key not in stored:
+                raise ValueError(f"{path} does not match the model: {key} is missing")
+            piece = f.get_slice(key)
+            full_shape = list(piece.get_shape())
+            dim = dims.get(name) if tp_size > 1 else None
+            expected = list(local.shape)
+            if dim is not None:
+                expected[dim] *= tp_size
+            if _is_vocab(name):
+                if full_shape[0] != vocab_size:
+                    raise ValueError(f"{key} has {full_shape[0]} vocab rows, the model config says {vocab_size}")
+                full_shape[0] = expected[0]  # compared padded; the padding rows are zeros
+            if full_shape != expected:
+                raise ValueError(f"{key}: shape {tuple(full_shape)} does not fit the model's {tuple(local.shape)}")
+            if dim is None:
+                begin, end = 0, local.shape[0]
+            else:
+                begin, end = tp_rank * local.shape[dim], (tp_rank + 1) * local.shape[dim]
+            if dim == 1:
+                tensor = piece[:, begin:end]
+            else:
+                stop = min(end, vocab_size) if _is_vocab(name) else end
+                tensor = piece[begin:stop] if stop > begin else torch.empty(0, *local.shape[1:])
+                if tensor.shape[0] < local.shape[0]:
+                    tensor = torch.cat([tensor, tensor.new_zeros(local.shape[0] - tensor.shape[0], *local.shape[1:])])
+            yield name, tensor.contiguous()
+
+
+def load_named_from_file(params: dict[str, torch.Tensor], dims: dict[str, int | None], path, tp_rank: int,
+                         tp_size: int, vocab_size: int) -> None:
+    """Copies this TP rank's slices of the safetensors file `path` into `params`, one tensor at a time."""
     with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(shards[name])
+        for name, shard in read_shards(path, params, dims, tp_rank, tp_size, vocab_size):
+            params[name].copy_(shard)
 
 
 def gather_named(params: dict[str, torch.Tensor], dims: dict[str, int | None], vocab_size: int,

@@ -324,20 +324,24 @@ def test_bf16_zero2_trains_resumes_exactly_and_exports(corpus, tmp_path):
     assert worst < 1e-3, done.stdout
 
 
-def _masters_worker(rank, world_size, zero_stage, full_state):
+def _masters_worker(rank, world_size, zero_stage, full_state, directory):
     """A bf16 DeepSpeed engine over the tiny model: its masters start as the bf16-rounded weights; after
-    load_fp32_master_weights they are the given fp32 state, and fp32_master_weights reads them back whole."""
+    load_fp32_master_weights (from a model.safetensors) they are the given fp32 state, and the sharded save
+    writes them back whole, each rank its own ZeRO partition."""
     import sys
 
     import deepspeed
+    import torch.distributed as dist
 
-    from nvium_dist.config import ModelConfig, ParallelConfig
+    from nvium_dist.checkpoint_io import MODEL_FILE, load_tensors, save_tensors
+    from nvium_dist.config import ModelConfig, NviumConfig, ParallelConfig
     from nvium_dist.model import NviumModel
     from nvium_dist.parallel import DeepSpeedMPU, init_distributed
-    from nvium_dist.tp_layout import gather_named, partition_dims
-    from nvium_dist.training.checkpoint import fp32_master_weights, load_fp32_master_weights
+    from nvium_dist.tp_layout import partition_dims
+    from nvium_dist.training.checkpoint import load_fp32_master_weights
+    from nvium_dist.training.sharded_state import save_files
 
-    init_distributed(ParallelConfig(dtype="bf16", zero_stage=zero_stage))
+    info = init_distributed(ParallelConfig(dtype="bf16", zero_stage=zero_stage))
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96, exits=[1],
@@ -349,17 +353,25 @@ def _masters_worker(rank, world_size, zero_stage, full_state):
                 "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": zero_stage},
                 "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
     params, dims = dict(engine.module.named_parameters()), partition_dims(engine.module)
-    before = gather_named(fp32_master_weights(params), dims, config.vocab_size)
-    load_fp32_master_weights(params, dims, full_state, 0, 1, config.vocab_size)
-    after = gather_named(fp32_master_weights(params), dims, config.vocab_size)
+    source, saved = directory / "source", directory / "saved"
+    if rank == 0:
+        source.mkdir()
+        saved.mkdir()
+        save_tensors(source / MODEL_FILE, full_state)
+    dist.barrier()
+    before = {n: deepspeed.utils.safe_get_full_fp32_param(p) for n, p in params.items()}
+    load_fp32_master_weights(params, dims, source, 0, 1, config.vocab_size)
+    save_files(saved, engine, NviumConfig(model=config), params, dims, info, set())()
+    dist.barrier()
+    after = load_tensors(saved / MODEL_FILE)
     return {"before_off_grid": sum((t != t.bfloat16().float()).sum().item() for t in before.values()),
             "after_equal": all(torch.equal(after[n], full_state[n]) for n in full_state), "names": sorted(after)}
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_fp32_masters_are_written_and_restored_whole(zero_stage):
-    """What a checkpoint of a bf16 run stores (the optimizer's fp32 masters, gathered over the data-parallel
-    partitions) and what a resume into another layout restores: ZeRO-1 (DeepSpeed's BF16 optimizer), 2, 3."""
+def test_fp32_masters_are_written_and_restored_whole(zero_stage, tmp_path):
+    """What a checkpoint of a bf16 run stores (the optimizer's fp32 masters, each data-parallel rank writing
+    its partition) and what a resume into another layout restores: ZeRO-1 (DeepSpeed's BF16 optimizer), 2, 3."""
     from nvium_dist.config import ModelConfig, ParallelConfig
     from nvium_dist.model import NviumModel
     from nvium_dist.parallel import init_distributed
@@ -369,10 +381,10 @@ def test_fp32_masters_are_written_and_restored_whole(zero_stage):
     config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=96, exits=[1],
                          make_vocab_size_divisible_by=64)
     full_state = {n: t + 1e-4 * torch.randn_like(t) for n, t in gather_full_state_dict(NviumModel(config)).items()}
-    for result in run_distributed(_masters_worker, 2, zero_stage, full_state):
+    for result in run_distributed(_masters_worker, 2, zero_stage, full_state, tmp_path):
         assert result["names"] == sorted(full_state)
         assert result["before_off_grid"] == 0  # the engine made its masters from the bf16 weights ...
-        assert result["after_equal"]  # ... and holds the checkpoint's fp32 values after loading them
+        assert result["after_equal"]  # ... and holds (and writes) the checkpoint's fp32 values after loading them
 
 
 @pytest.mark.slow

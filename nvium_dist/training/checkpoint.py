@@ -9,12 +9,17 @@ RUN_DIR/checkpoints/step_XXXXXXXX/
     manifest.json                                                size and sha256 of every file above
 RUN_DIR/checkpoints/latest                                       name of the newest complete checkpoint
 
-Every rank writes into `.tmp_step_X`; rank 0 writes the manifest once all ranks are done, renames the
+Every rank writes its own share into `.tmp_step_X` (its DeepSpeed files and RNG state, and its fragment of
+the weights and moments at their offsets in model.safetensors and optimizer.safetensors: sharded_state.py),
+hashes what it wrote and reports it; rank 0 writes the manifest from the union of those reports (never a
+directory listing, which on a shared file system can miss what another node just wrote), renames the
 directory to `step_X` and only then rewrites `latest`, so a job killed at any point leaves either the old
-or the new checkpoint. On resume rank 0 alone chooses: the newest checkpoint of the run's lineage whose
-every file matches its manifest (nothing planted, nothing changed) and reads back whole; every rank then
-loads that one. DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's
-chain of checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
+or the new checkpoint. With training.async_save all of that after the copy to host memory runs in a
+background thread (async_save.py). On resume rank 0 alone chooses: the newest checkpoint of the run's
+lineage whose every file matches its manifest (nothing planted, nothing changed) and reads back whole;
+every rank then loads that one (in another layout: only its own slices, tp_layout.read_shards).
+DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's chain of
+checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import re
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,12 +39,13 @@ import torch.distributed as dist
 
 from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
                                       atomic_write_json, check_weights_usable, file_record,
-                                      list_files, load_tensors, read_checkpoint, read_json_object, step_dir_name,
+                                      read_checkpoint, read_json_object, step_dir_name,
                                       update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.output_dir import disk_full_message, is_disk_full
 from nvium_dist.parallel import broadcast_object, gather_object
-from nvium_dist.tp_layout import shard_named
+from nvium_dist.tp_layout import read_shards
+from nvium_dist.training.async_save import HostCopy
 
 DEEPSPEED_TAG = "state"
 STEP_DIR = re.compile(r"step_(\d{8})")
@@ -118,63 +125,145 @@ def load_weights_only(path, map_location=None):
             raise CheckpointError(f"{path} could not be loaded with weights_only=True ({err})") from None
 
 
-def install_weights_only_loading(engine) -> None:
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` for torch.save without copying: torch.save writes a tensor's whole storage, so a view into a
+    flat buffer (DeepSpeed's ZeRO and pipeline weights) gets a storage of its own bytes, aliasing them (host
+    tensors) or copied to the host (device tensors, as DeepSpeed does)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        return tensor.cpu()
+    if tensor.untyped_storage().nbytes() == tensor.nbytes or tensor.dim() == 0:
+        return tensor
+    if not tensor.is_contiguous():
+        return tensor.clone()
+    return torch.from_numpy(tensor.view(torch.uint8).numpy()).view(tensor.dtype)
+
+
+class DeepSpeedWrites:
+    """The files DeepSpeed's save_checkpoint asked for on this rank: written at once, or, for a save that
+    writes in the background, their state copied to host memory now (`host_copy`, async_save.HostCopy) and
+    written by `write()` later."""
+
+    def __init__(self, host_copy=None):
+        self.host_copy = host_copy
+        self.paths: list[str] = []
+        self._pending: list[tuple[object, str]] = []
+
+    def save(self, state_dict, path: str) -> None:
+        from torch.utils._pytree import tree_map_only
+
+        self.paths.append(path)
+        if self.host_copy is not None:
+            self._pending.append((tree_map_only(torch.Tensor, self.host_copy, state_dict), path))
+        else:
+            torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
+
+    def write(self) -> None:
+        from torch.utils._pytree import tree_map_only
+
+        while self._pending:
+            state_dict, path = self._pending.pop(0)
+            torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
+
+
+def install_checkpoint_engine(engine) -> None:
     """Replaces the engine's checkpoint engine by one whose `load` is `load_weights_only` (DeepSpeed's own
-    TorchCheckpointEngine unpickles with weights_only=False); saving stays DeepSpeed's."""
+    TorchCheckpointEngine unpickles with weights_only=False) and whose saves go to `DeepSpeedWrites`: every
+    rank knows the files it wrote (the manifest is their union), and no state dict is cloned whole."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
                            "only the torch engine is supported (it is loaded with weights_only=True)")
 
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    class NviumCheckpointEngine(TorchCheckpointEngine):
+        writes: DeepSpeedWrites | None = None
+
         def load(self, path: str, map_location=None):
             return load_weights_only(path, map_location)
 
-    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+        def preserves_storage_sharing(self):  # `own_storage` does what DeepSpeed's whole-state-dict clone did
+            return False
+
+        def save(self, state_dict, path: str):
+            if self.writes is None:
+                raise RuntimeError("DeepSpeed saves only through save_checkpoint here")
+            self.writes.save(state_dict, path)
+
+    engine.checkpoint_engine = NviumCheckpointEngine(engine._config)
 
 
 # -- saving --------------------------------------------------------------------------------------------
 
+@contextmanager
+def _full_disk_is_one_line(tmp: Path, root: Path):
+    """A full disk is one error line naming the path and the free space (torch.save alone says "[enforce fail
+    ...] unexpected pos"); the half-written step goes, the previous checkpoints and `latest` stay."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(disk_full_message(tmp, err) + f"; {root / LATEST_FILE} still names the last good "
+                              "checkpoint") from None
+
+
 def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, write_parts, rank: int,
-                    world_size: int) -> Path:
-    """Collective: every rank calls it. `write_parts(tmp_dir)` writes the layout-independent files
-    (model, optimizer, sample) into the temporary step directory; it may run collectives."""
+                    world_size: int, background=None) -> Path:
+    """Collective: every rank calls it. `write_parts(tmp_dir, host_copy)` prepares this rank's share of the
+    layout-independent files (model, optimizer, sample; it may run collectives; copied to host memory with
+    `host_copy` for a background save, None otherwise) and returns `finish(group)`, which writes it and
+    returns the names this rank reports for the manifest. With `background`
+    (async_save.BackgroundSaver) the call returns once the state is copied to host memory; writing, hashing,
+    the manifest, the rename and `latest` then run in its thread, on its own process group."""
     root = checkpoint_root(config.training.run_dir)
     final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
+    if background is not None:
+        background.wait()  # at most one save in flight
     if rank == 0:
         for leftover in root.glob(".tmp_step_*"):  # from saves a kill interrupted; the run-dir lock rules out a writer
             shutil.rmtree(leftover)
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    try:
-        engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-        write_parts(tmp)
-    except (OSError, RuntimeError) as err:  # torch.save on a full disk: "[enforce fail ...] unexpected pos"
-        if not is_disk_full(err):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints and `latest` are untouched
-        raise CheckpointError(disk_full_message(tmp, err) + f"; {root / LATEST_FILE} still names the last good "
-                              "checkpoint") from None
-    dist.barrier()
-    if rank == 0:
-        for script in DEEPSPEED_SCRIPTS:
-            (tmp / "deepspeed" / script).unlink(missing_ok=True)
-        state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
-        atomic_write_json(tmp / TRAINER_STATE_FILE, state)
-    dist.barrier()
-    # every rank hashes a share of the files; rank 0 writes the manifest
-    files = list_files(tmp)
-    records = gather_object({name: file_record(tmp, name) for name in files[rank::world_size]})
-    if rank == 0:
-        write_manifest(tmp, {name: record for part in records for name, record in part.items()})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        update_latest(root, final.name)
-        prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
-    dist.barrier()
+    host_copy = HostCopy() if background is not None else None
+    writes = engine.checkpoint_engine.writes = DeepSpeedWrites(host_copy)
+    with _full_disk_is_one_line(tmp, root):
+        try:
+            engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+        finally:
+            engine.checkpoint_engine.writes = None
+        rng = rng_state()
+        finish_parts = write_parts(tmp, host_copy)
+    state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
+
+    def finish(group=None) -> Path:
+        rng_file = f"rng/rank_{rank:05d}.pt"
+        with _full_disk_is_one_line(tmp, root):
+            writes.write()
+            torch.save(rng, tmp / rng_file)
+            mine = [Path(p).relative_to(tmp).as_posix() for p in writes.paths] + [rng_file] + finish_parts(group)
+        dist.barrier(group)
+        if rank == 0:
+            for script in DEEPSPEED_SCRIPTS:
+                (tmp / "deepspeed" / script).unlink(missing_ok=True)
+            atomic_write_json(tmp / TRAINER_STATE_FILE, state)
+            mine.append(TRAINER_STATE_FILE)
+        # every rank hashes what it wrote; the manifest is the union, never a listing of the directory
+        records = gather_object({name: file_record(tmp, name) for name in mine}, group=group)
+        if rank == 0:
+            write_manifest(tmp, {name: record for part in records for name, record in part.items()})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            update_latest(root, final.name)
+            prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
+        dist.barrier(group)
+        return final
+
+    if background is None:
+        return finish()
+    background.submit(finish)
     return final
 
 
@@ -316,41 +405,15 @@ def find_resume(run_dir: str | Path, config: NviumConfig, rank: int) -> dict | N
     return {"path": Path(choice), "trainer_state": read_json_object(Path(choice) / TRAINER_STATE_FILE)}
 
 
-def read_full_state(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The chosen checkpoint's full weights, or just `names` of them (rank 0 verified them against the
-    manifest)."""
-    if names is not None:
-        return load_tensors(Path(path) / MODEL_FILE, names)
-    return read_checkpoint(path, verified=True)[1]
-
-
-def fp32_master_weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The optimizer's fp32 master copy of each of this rank's (TP-local) parameters, whole.
-
-    DeepSpeed's ZeRO 1/2/3 and BF16 optimizers keep the masters partitioned over the data-parallel ranks,
-    so this is a collective over that group: every rank calls it. A parameter without a separate master
-    (fp32 without ZeRO) is its own master.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    masters = {}
-    for name, param in params.items():
-        master = safe_get_full_fp32_param(param)
-        masters[name] = (master if master is not None else param.detach()).float()
-    return masters
-
-
-def load_fp32_master_weights(params: dict[str, torch.Tensor], dims: dict[str, int | None],
-                             full_state: dict[str, torch.Tensor], tp_rank: int, tp_size: int, vocab_size: int) -> None:
-    """Sets the optimizer's fp32 masters of this rank's parameters from a full (layout-independent) state,
-    so a weights-only resume of a bf16 run keeps the checkpoint's fp32 precision."""
+def load_fp32_master_weights(params: dict[str, torch.Tensor], dims: dict[str, int | None], path: Path, tp_rank: int,
+                             tp_size: int, vocab_size: int) -> None:
+    """Sets the optimizer's fp32 masters of this rank's parameters from the checkpoint's full weights, one
+    TP slice at a time, so a weights-only resume of a bf16 run keeps the checkpoint's fp32 precision."""
     from deepspeed.utils import safe_set_full_fp32_param
 
-    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}  # ZeRO-3: full shape
-    shards = shard_named({name: torch.empty(shape) for name, shape in shapes.items()}, dims, full_state,
-                         tp_rank, tp_size, vocab_size)
-    for name, param in params.items():
-        safe_set_full_fp32_param(param, shards[name].to(param.device, torch.float32))
+    shapes = {name: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for name, p in params.items()}
+    for name, shard in read_shards(Path(path) / MODEL_FILE, shapes, dims, tp_rank, tp_size, vocab_size):
+        safe_set_full_fp32_param(params[name], shard.to(params[name].device, torch.float32))
 
 
 def load_deepspeed_state(engine, path: Path, rank: int) -> None:

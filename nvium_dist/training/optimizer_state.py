@@ -3,14 +3,15 @@
 DeepSpeed's own optimizer files are flat partitions that only the layout which wrote them can read.
 Next to them a checkpoint holds `optimizer.safetensors`: for every parameter of the full (TP=1,
 vocab rows unpadded) model, `exp_avg.<name>` and `exp_avg_sq.<name>` in fp32, and the Adam step count
-in the metadata. Under ZeRO the full moments of a parameter come from DeepSpeed's own accessors
-(`safe_get/set_full_optimizer_state`), TP shards are joined and split like the weights (tp_layout.py).
+in the metadata. Every rank writes its own ZeRO fragment of them (training/sharded_state.py); a resume
+in another layout reads each rank's TP slices (tp_layout.read_shards) and hands them to DeepSpeed's
+`safe_set_full_optimizer_state`, one parameter at a time.
 """
 from __future__ import annotations
 
 import torch
 
-from nvium_dist.tp_layout import gather_named, shard_named
+from nvium_dist.tp_layout import read_shards
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -46,27 +47,6 @@ def adam_step(engine) -> int:
     return 0  # (the state is a defaultdict: DeepSpeed's look-ups may leave empty entries)
 
 
-def _local_moment(engine, param, key: str) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if _deepspeed_managed(param):
-        return safe_get_full_optimizer_state(param, key)  # a collective over the parameter's ZeRO group
-    return _inner_optimizer(engine).state[param][key]
-
-
-def gather_moments(engine, params: dict, dims: dict, vocab_size: int, tp_group) -> dict[str, torch.Tensor] | None:
-    """Collective over the data- and tensor-parallel ranks of this stage: {"exp_avg.<name>": full tensor, ...}
-    on CPU for this stage's parameters (by NviumModel name), or None before the optimizer's first step."""
-    if adam_step(engine) == 0:
-        return None
-    _map_state_slices(engine)
-    full = {}
-    for key in MOMENTS:
-        local = {name: _local_moment(engine, param, key).float() for name, param in params.items()}
-        full.update({f"{key}.{name}": t for name, t in gather_named(local, dims, vocab_size, tp_group).items()})
-    return full
-
-
 def _optimizer_tensors(engine) -> list[torch.Tensor]:
     """The tensors the torch optimizer updates: ZeRO-3's flat fp32 partitions (it hands them to the optimizer
     one sub-group at a time, so its param groups are empty between steps), else its param groups' tensors."""
@@ -89,21 +69,20 @@ def _create_adam_state(engine, step: int) -> None:
     _map_state_slices(engine)
 
 
-def load_moments(engine, params: dict, dims: dict, moments: dict[str, torch.Tensor], step: int, tp_rank: int,
-                 tp_size: int, vocab_size: int) -> None:
-    """Sets this rank's share of the Adam moments and step count from full (layout-independent) moments."""
+def load_moments(engine, params: dict, dims: dict, path, step: int, tp_rank: int, tp_size: int,
+                 vocab_size: int) -> None:
+    """Sets this rank's share of the Adam moments and step count from a checkpoint's optimizer.safetensors
+    (`path`), reading one TP slice at a time."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     _create_adam_state(engine, step)
     inner = _inner_optimizer(engine)
     # ZeRO-3 parameters are partitioned in place; their shape as the model sees it is ds_shape
-    shapes = {name: torch.empty(p.ds_shape, device="meta") if hasattr(p, "ds_shape") else p
-              for name, p in params.items()}
+    shapes = {name: torch.empty(getattr(p, "ds_shape", p.shape), device="meta") for name, p in params.items()}
     for key in MOMENTS:
-        full = {name: moments[f"{key}.{name}"] for name in params if f"{key}.{name}" in moments}
-        shards = shard_named(shapes, dims, full, tp_rank, tp_size, vocab_size)
-        for name, param in params.items():
+        for name, shard in read_shards(path, shapes, dims, tp_rank, tp_size, vocab_size, prefix=f"{key}."):
+            param = params[name]
             if _deepspeed_managed(param):
-                safe_set_full_optimizer_state(param, shards[name].to(param.device), key)
+                safe_set_full_optimizer_state(param, shard.to(param.device), key)
             else:
-                inner.state[param][key].copy_(shards[name])
+                inner.state[param][key].copy_(shard)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from nvium_dist.config import ConfigError, NviumConfig
 from nvium_dist.mixture import LossComponents, evaluation_sums, nvium_loss, router_warmup_steps
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
+from nvium_dist.training.async_save import BackgroundSaver
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
 from nvium_dist.training.fault import DivergedError, DivergenceGuard, all_finite
 from nvium_dist.training.metrics import MetricsLogger
@@ -149,6 +149,8 @@ class Trainer:
         self.guard = DivergenceGuard(t, self.info.rank)
         self.watchdog = HangWatchdog(t.hang_timeout_s, self.info.rank)
         self.last_eval_ce: float | None = None
+        self._lower_stage_names: set[str] | None = None  # shared parameters a lower pipeline stage writes
+        self._background: BackgroundSaver | None = None  # training.async_save's writer, made at the first save
         self._lock_run_dir()
         if self.is_logger:
             note = config.vocab_padding_note()
@@ -227,8 +229,9 @@ class Trainer:
         ckpt.raise_rank0_error(error, "check the training data")
 
     def _build_model(self, resume: dict | None):
+        from nvium_dist.checkpoint_io import MODEL_FILE
         from nvium_dist.model import NviumModel
-        from nvium_dist.tp_layout import load_named
+        from nvium_dist.tp_layout import load_named_from_file
 
         c, t = self.config, self.config.training
         if self.pipelined:
@@ -243,8 +246,8 @@ class Trainer:
                                activation_checkpointing=t.activation_checkpointing,
                                loss_chunk_tokens=t.loss_chunk_tokens)
         if resume is not None and not resume["same_layout"]:
-            load_named(*self._named_parameters(model), resume["full_state"], self.info.tp_rank, self.info.tp_size,
-                       c.model.vocab_size)
+            load_named_from_file(*self._named_parameters(model), resume["path"] / MODEL_FILE, self.info.tp_rank,
+                                 self.info.tp_size, c.model.vocab_size)
         return model.to(self.info.device)
 
     def _named_parameters(self, module) -> tuple[dict, dict]:
@@ -272,7 +275,7 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self._deepspeed_config(),
                                                mpu=None if self.pipelined else DeepSpeedMPU())
-        ckpt.install_weights_only_loading(engine)
+        ckpt.install_checkpoint_engine(engine)
         self.guard.install(engine, self._loss_share)
         return engine
 
@@ -284,7 +287,6 @@ class Trainer:
         found["same_layout"] = (state.get("layout") == ckpt.layout_key(self.config, self.info.world_size)
                                 and (found["path"] / "deepspeed").is_dir())
         if not found["same_layout"]:
-            found["full_state"] = ckpt.read_full_state(found["path"])
             if self.is_logger:
                 ckpt.warn(f"{found['path']} was written with layout {state.get('layout')}; resuming from its "
                           "layout-independent weights and optimizer moments")
@@ -292,31 +294,34 @@ class Trainer:
 
     def _load_optimizer_moments(self, path: Path) -> None:
         """After a layout change: the Adam moments and step from the checkpoint's optimizer.safetensors."""
-        from nvium_dist.checkpoint_io import read_optimizer_file
+        from nvium_dist.checkpoint_io import OPTIMIZER_FILE, optimizer_file_step
         from nvium_dist.training.optimizer_state import load_moments
 
-        found = read_optimizer_file(path, self.config.model)
-        if found is None:
+        adam_step = optimizer_file_step(path, self.config.model)
+        if adam_step is None:
             if self.is_logger:
                 ckpt.warn(f"{path} has no optimizer moments; the optimizer starts fresh")
             return
-        moments, adam_step = found
         params, dims = self._named_parameters(self.engine.module)
-        load_moments(self.engine, params, dims, moments, adam_step, self.info.tp_rank, self.info.tp_size,
-                     self.config.model.vocab_size)
+        load_moments(self.engine, params, dims, path / OPTIMIZER_FILE, adam_step, self.info.tp_rank,
+                     self.info.tp_size, self.config.model.vocab_size)
 
     def _restore_tied_weights(self, path: Path) -> None:
         """DeepSpeed's pipeline checkpoints hold one file per layer that is a module; a tied module called
         through a forward_fn (the shared output matrix) is in none of them and would come back with its
         initial weights. It comes from the checkpoint's full weights instead (its Adam state and, under
         ZeRO, its fp32 master are in DeepSpeed's optimizer files)."""
-        from nvium_dist.tp_layout import load_named
+        from nvium_dist.checkpoint_io import MODEL_FILE
+        from nvium_dist.tp_layout import load_named_from_file
 
+        load_named_from_file(*self._tied_parameters(), path / MODEL_FILE, self.info.tp_rank, self.info.tp_size,
+                             self.config.model.vocab_size)
+
+    def _tied_parameters(self) -> tuple[dict, dict]:
+        """(parameters by NviumModel name, TP split dims) of this pipeline stage's tied modules."""
         params, dims = self._named_parameters(self.engine.module)
         tied = {id(p) for module in self.engine.module.tied_modules.values() for p in module.parameters()}
-        params = {name: p for name, p in params.items() if id(p) in tied}
-        load_named(params, dims, ckpt.read_full_state(path, list(params)), self.info.tp_rank, self.info.tp_size,
-                   self.config.model.vocab_size)
+        return {name: p for name, p in params.items() if id(p) in tied}, dims
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -425,43 +430,25 @@ class Trainer:
 
     # -- checkpoint pieces ------------------------------------------------------------------------------
 
-    def _write_layout_independent_files(self, directory: Path) -> None:
-        """Collective. The first rank of each pipeline stage (DP 0, TP 0) holds its stage's full fp32 master
-        weights (not the bf16 module weights) and Adam moments; stages > 0 write theirs to disk, where rank 0
-        merges them into model.safetensors and optimizer.safetensors. Nothing model-sized travels through a
-        collective to rank 0."""
-        from megatron.core import parallel_state
+    def _write_layout_independent_files(self, directory: Path, host_copy=None):
+        """Collective. model.safetensors and optimizer.safetensors get every rank's own share of the fp32 master
+        weights (not the bf16 module weights) and Adam moments, written at its offsets, nothing gathered
+        (training/sharded_state.py); the sample check comes from the rank that computed it. -> `finish(group)`
+        (see checkpoint.save_checkpoint)."""
+        from nvium_dist.checkpoint_io import SAMPLE_FILE, write_sample_check
+        from nvium_dist.training import sharded_state
 
-        from nvium_dist.checkpoint_io import (load_tensors, save_tensors, write_model_files, write_optimizer_file,
-                                              write_sample_check)
-        from nvium_dist.tp_layout import gather_named
-        from nvium_dist.training.optimizer_state import adam_step, gather_moments
-
-        info, vocab = self.info, self.config.model.vocab_size
-        tp_group = parallel_state.get_tensor_model_parallel_group()
         params, dims = self._named_parameters(self.engine.module)
-        weights = gather_named(ckpt.fp32_master_weights(params), dims, vocab, tp_group)
-        moments = gather_moments(self.engine, params, dims, vocab, tp_group)
+        if self.pipelined and self._lower_stage_names is None:
+            self._lower_stage_names = sharded_state.lower_stage_names(list(self._tied_parameters()[0]),
+                                                                      self.info.pp_rank)
+        finish = sharded_state.save_files(directory, self.engine, self.config, params, dims, self.info,
+                                          self._lower_stage_names or set(), host_copy)
         sample = self._sample_check()
-        if sample is not None:
-            write_sample_check(directory, sample)
-        parts = directory / "stage_parts"
-        if info.dp_rank == 0 and info.tp_rank == 0 and info.pp_rank > 0:
-            parts.mkdir(exist_ok=True)
-            save_tensors(parts / f"weights_{info.pp_rank:03d}.safetensors", weights)
-            if moments is not None:
-                save_tensors(parts / f"moments_{info.pp_rank:03d}.safetensors", moments)
-        dist.barrier()
-        if info.rank != 0:
-            return
-        for stage in range(1, info.pp_size):
-            weights.update(load_tensors(parts / f"weights_{stage:03d}.safetensors"))
-            if moments is not None:
-                moments.update(load_tensors(parts / f"moments_{stage:03d}.safetensors"))
-        shutil.rmtree(parts, ignore_errors=True)
-        write_model_files(directory, self.config, weights, None)
-        if moments is not None:
-            write_optimizer_file(directory, moments, adam_step(self.engine))
+        if sample is None:
+            return finish
+        write_sample_check(directory, sample)
+        return lambda group=None: finish(group) + [SAMPLE_FILE]
 
     @torch.no_grad()
     def _sample_check(self):
@@ -515,11 +502,17 @@ class Trainer:
         state = {"consumed_samples": self.consumed_samples, "controller": self.controller.state(),
                  "router_warmup_steps": self.warmup_steps, "lineage": self.lineage,
                  "last_eval_ce": self.last_eval_ce, **self.guard.state()}
+        if self.config.training.async_save and self._background is None:
+            self._background = BackgroundSaver()
         started = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
-                                    self.info.rank, self.info.world_size)
-        # slurm/pretrain.sbatch reads the seconds from this line to time its pre-timeout signal
-        self.metrics.message(f"[checkpoint] step {self.step} -> {path} ({time.perf_counter() - started:.1f} s)")
+                                    self.info.rank, self.info.world_size, self._background)
+        seconds = time.perf_counter() - started
+        if self._background is None:  # slurm/pretrain.sbatch reads the seconds from this line to time its signal
+            self.metrics.message(f"[checkpoint] step {self.step} -> {path} ({seconds:.1f} s)")
+        else:
+            self.metrics.message(f"[checkpoint] step {self.step} -> {path} (blocked training {seconds:.2f} s; "
+                                 "writing in the background)")
         return path
 
     # -- signals ----------------------------------------------------------------------------------------
@@ -545,6 +538,13 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> int:
+        try:
+            return self._train()
+        finally:
+            if self._background is not None:  # the end of training, a preemption or an error: the save completes
+                self._background.wait()
+
+    def _train(self) -> int:
         c, t = self.config, self.config.training
         self._install_signal_handlers()
         self._build_data()
@@ -636,7 +636,7 @@ class Trainer:
             if self.pipelined:
                 self._restore_tied_weights(found["path"])
         else:  # the engine made its masters from the (bf16) module weights: restore the checkpoint's fp32 ones
-            ckpt.load_fp32_master_weights(*self._named_parameters(self.engine.module), found["full_state"],
+            ckpt.load_fp32_master_weights(*self._named_parameters(self.engine.module), found["path"],
                                           self.info.tp_rank, self.info.tp_size, self.config.model.vocab_size)
             self._load_optimizer_moments(found["path"])
         state = found["trainer_state"]
@@ -650,6 +650,8 @@ class Trainer:
         t = self.config.training
         diverged_at = self.step
         self.guard.check_rollback_left(diverged_at)
+        if self._background is not None:  # the newest checkpoint may still be in the writer's hands
+            self._background.wait()
         found = self._resume_point()
         if found is None:
             raise DivergedError(f"training diverged at step {diverged_at} ({t.max_skipped_steps} steps in a row "
