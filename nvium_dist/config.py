@@ -129,6 +129,18 @@ class ParallelConfig:
     dtype: str = "auto"  # "auto" = bf16 on cuda, fp32 on cpu; or "fp32" / "bf16"
     # DeepSpeed's shared-memory allreduce for CPU ranks on one node: JIT-compiled at first use (~60 s).
     cpu_shm_allreduce: bool = False
+    # One fp32 process has nothing to partition or reduce: run DeepSpeed at ZeRO-0 without its gradient
+    # allreduce whatever zero_stage says (nvium_dist/training/lean.py). False keeps the configured stage.
+    lean_single_process: bool = True
+
+    def engine_zero_stage(self, world_size: int) -> int:
+        """The ZeRO stage DeepSpeed runs with: 0 on the lean path, else zero_stage."""
+        return 0 if self.is_lean(world_size) else self.zero_stage
+
+    def is_lean(self, world_size: int) -> bool:
+        """One process, fp32 (bf16 needs ZeRO's fp32 masters), no offload, and lean_single_process on."""
+        return (self.lean_single_process and world_size == 1 and self.torch_dtype_name == "float32"
+                and not (self.offload_optimizer or self.offload_params))
 
     @property
     def torch_dtype_name(self) -> str:
@@ -240,6 +252,10 @@ class TrainingConfig:
     # (0: all tokens of a micro-batch at once, every head's logits kept until backward).
     activation_checkpointing: bool = False
     loss_chunk_tokens: int = 0
+    # torch.compile each transformer block and head (nvium_dist/training/compile.py). Same losses within
+    # float rounding; costs a compilation in the first step (about a minute per new shape on a 2-core CPU,
+    # seconds from inductor's on-disk cache), so it is off by default (docs/performance.md has the numbers).
+    compile: bool = False
     wandb_project: str = ""  # empty: wandb off; otherwise offline unless WANDB_MODE says otherwise
     tensorboard: bool = False
     beta_controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)

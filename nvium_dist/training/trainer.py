@@ -20,6 +20,8 @@ from nvium_dist.mixture import LossComponents, evaluation_sums, nvium_loss, rout
 from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_rank_layout, init_distributed
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
+from nvium_dist.training.compile import compile_blocks_and_heads, compile_summary
+from nvium_dist.training.lean import make_lean
 from nvium_dist.training.metrics import MetricsLogger
 from nvium_dist.training.run_lock import RunDirLock
 from nvium_dist.training.schedule import build_optimizer, lr_multiplier
@@ -196,6 +198,8 @@ class Trainer:
             model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=t.seed,
                                activation_checkpointing=t.activation_checkpointing,
                                loss_chunk_tokens=t.loss_chunk_tokens)
+        if t.compile:
+            compile_blocks_and_heads(model)
         if resume is not None and not resume["same_layout"]:
             load_named(*self._named_parameters(model), resume["full_state"], self.info.tp_rank, self.info.tp_size,
                        c.model.vocab_size)
@@ -213,7 +217,7 @@ class Trainer:
 
     def _deepspeed_config(self) -> dict:
         p, t = self.config.parallel, self.config.training
-        zero = {"stage": p.zero_stage}
+        zero = {"stage": p.engine_zero_stage(self.info.world_size)}
         if p.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         if p.offload_params:
@@ -247,6 +251,8 @@ class Trainer:
                                                config=self._deepspeed_config(),
                                                mpu=None if self.pipelined else DeepSpeedMPU())
         ckpt.install_weights_only_loading(engine)
+        if p.is_lean(self.info.world_size):
+            make_lean(engine)
         return engine
 
     def _resume_point(self) -> dict | None:
@@ -530,12 +536,18 @@ class Trainer:
             self.step += 1
             self.consumed_samples += t.global_batch_size
             elapsed = time.perf_counter() - started
+            if t.compile and self.step == (self.resumed_step or 0) + 1:
+                compiled = compile_summary()
+                self.metrics.message(f"[compile] first step {elapsed:.1f} s, of which {compiled['seconds']} s compiling "
+                                     f"{compiled['graphs']} graphs")
             if self.step % t.log_interval == 0 or self.step == t.train_iters:
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"step": self.step, **losses, "lr": lr, "beta": self.controller.beta,
                           "tokens_per_s": tokens_per_step / elapsed, "consumed_samples": self.consumed_samples,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "router_warmup": self.step <= self.warmup_steps, "peak_memory_mb": peak_memory_mb()}
+                if t.compile:  # a count that grows after the first step means recompilation
+                    record["compiled_graphs"] = compile_summary()["graphs"]
                 self.metrics.log(record)
                 self.metrics.progress(self.step, {"loss": f"{losses['loss']:.4f}", "lr": f"{lr:.2e}",
                                                   "tok/s": f"{record['tokens_per_s']:.0f}"})
@@ -592,10 +604,12 @@ class Trainer:
         where = f"resumed from {resume['path']} at step {self.step}" if resume else "fresh start"
         print(f"[setup] {report['total_parameters']:,} parameters {report['parameters_by_part']}\n"
               f"[setup] world {info.world_size} = TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}, "
-              f"ZeRO-{c.parallel.zero_stage}, grad accumulation {self.grad_accumulation}, device {info.device}, "
+              f"ZeRO-{c.parallel.engine_zero_stage(info.world_size)}"
+              f"{' (lean single process)' if c.parallel.is_lean(info.world_size) else ''}, grad accumulation {self.grad_accumulation}, device {info.device}, "
               f"{c.parallel.torch_dtype_name}, optimizer {type(self.engine.basic_optimizer).__name__}\n"
               f"[setup] memory estimate per GPU: model states {memory['per_gpu_gib']} GiB (DeepSpeed; CPU "
               f"{memory['cpu_gib']} GiB) + activations {activations['peak_gib']} GiB (activation checkpointing "
               f"{'on' if t.activation_checkpointing else 'off'}, loss chunk {t.loss_chunk_tokens or 'off'})\n"
+              f"[setup] torch.compile {'on: blocks and heads compile in the first step' if t.compile else 'off'}\n"
               f"[setup] run dir {self.run_dir.resolve()} ({where})", flush=True)
 
