@@ -87,6 +87,34 @@ def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
     assert_same_final_weights(tmp_path, reference[2], "TP=2 x PP=2")
 
 
+COMPILED = {"training.compile": "true"}
+
+
+def test_compiled_single_process_matches_eager_without_recompiling(corpus, reference, tmp_path):
+    """training.compile: the same losses and weights as eager, and every graph compiled in the first step (the
+    count in the metrics never grows after it)."""
+    records, evals, _ = train(1, corpus, tmp_path, **COMPILED)
+    assert_same_losses(records, reference[0], "compiled")
+    assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+    assert_same_final_weights(tmp_path, reference[2], "compiled")
+    graphs = [records[step]["compiled_graphs"] for step in sorted(records)]
+    assert graphs[0] > 0 and graphs == [graphs[0]] * len(graphs), graphs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    pytest.param({"parallel.tensor_parallel": 2, "parallel.zero_stage": 3}, id="tp2-zero3"),
+    pytest.param({"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1, **MEMORY_SAVERS}, id="pp2-checkpointed-chunked"),
+    pytest.param({"parallel.zero_stage": 3, **MEMORY_SAVERS}, id="dp2-zero3-checkpointed-chunked"),
+])
+def test_compiled_layouts_match_single_process(layout, corpus, reference, tmp_path):
+    """Each parallel layout and memory switch once under training.compile, against the eager single process."""
+    records, evals, _ = train(2, corpus, tmp_path, **layout, **COMPILED)
+    assert_same_losses(records, reference[0], f"compiled {layout}")
+    assert abs(evals[-1]["eval_ce"] - reference[1][-1]["eval_ce"]) < TOLERANCE
+    assert_same_final_weights(tmp_path, reference[2], f"compiled {layout}")
+
+
 @pytest.mark.slow
 def test_dense_baseline_pipeline_matches_single_stage(corpus, tmp_path):
     dense = {"model.exits": "[]", "model.ffn_hidden_size": 136}
