@@ -3,7 +3,7 @@
 
 Inputs are dataset prefixes (X for X.bin/X.idx; a trailing .bin/.idx is accepted). They are
 validated, must share a token dtype (and tokenizer, when their summary JSONs say which), and are
-concatenated with megatron-core's IndexedDatasetBuilder.add_index.
+concatenated in megatron-core's format (as its IndexedDatasetBuilder.add_index would, without importing it).
 
 Example:
   python tools/merge_datasets.py --inputs data/bin/a_text_document data/bin/b_text_document \\

@@ -1,4 +1,5 @@
-"""Concatenate several Megatron datasets into one (megatron-core IndexedDatasetBuilder.add_index)."""
+"""Concatenate several Megatron datasets into one (IndexedDatasetWriter.add_index: megatron-core's format,
+without importing megatron-core)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 import time
 
-from .indexed import DatasetFormatError, normalize_prefix, validate_indexed_files
+from .indexed import DatasetFormatError, IndexedDatasetWriter, normalize_prefix, validate_indexed_files
 
 
 def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
@@ -15,8 +16,6 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
     All inputs are validated first and must share a token dtype. The output is written under
     ``.tmp`` names and renamed when complete; a ``.summary.json`` is written next to it.
     """
-    from .preprocess import _import_builder
-
     if not prefixes:
         raise ValueError("no datasets to merge")
     prefixes = [normalize_prefix(p) for p in prefixes]
@@ -44,18 +43,17 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> dict:
             f"{len(tokenizers - {None})} model hashes); merging them would mix incompatible ids. "
             f"Fix: re-run tools/preprocess_data.py on all inputs with one --tokenizer-model."
         )
-    IndexedDatasetBuilder = _import_builder()
     t0 = time.time()
     dtype = dtypes.pop()
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     tmp_bin, tmp_idx = output_prefix + ".bin.tmp", output_prefix + ".idx.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    writer = IndexedDatasetWriter(tmp_bin, dtype)
     try:
         for p in prefixes:
-            builder.add_index(p)
-        builder.finalize(tmp_idx)
+            writer.add_index(p)
+        writer.finalize(tmp_idx)
     except BaseException:
-        builder.data_file.close()
+        writer.close()
         for x in (tmp_bin, tmp_idx):
             if os.path.exists(x):
                 os.remove(x)
