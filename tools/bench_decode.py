@@ -87,6 +87,9 @@ def parse_args(argv=None):
                    help="time for speedups, fits and the profile: this process's CPU time (default on CPU: leaves out "
                         "waiting for a core on a shared machine; meant for one thread) or wall time (default on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (dynamic shapes) every layer's MLP of both models before timing; the compile "
+                        "happens in the warm-up (on this 2-core CPU it made decoding slower: docs/performance.md)")
     return p.parse_args(argv)
 
 
@@ -273,6 +276,10 @@ def main(argv=None) -> int:
     except (CheckpointError, BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.compile:
+        for generator in filter(None, (nvium, dense)):
+            for block in generator.model.layers:
+                block.mlp.compile(dynamic=True)
     if dense is not None and dense.config.exits:
         print(f"warning: --baseline {args.baseline} has exits {dense.config.exits}; it is timed at full depth",
               file=sys.stderr)
@@ -286,7 +293,7 @@ def main(argv=None) -> int:
               "num_layers": num_layers, "exit_layers": config.exit_layers, "hidden_size": config.hidden_size,
               "vocab_size": config.vocab_size, "threads": torch.get_num_threads(), "device": args.device,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "clock": clock_name, "settings": []}
+              "clock": clock_name, "compiled_mlps": args.compile, "settings": []}
     try:
         for rows, count, serving in settings:
             load_before = os.getloadavg()
