@@ -303,6 +303,11 @@ class NviumConfig:
                 raise ConfigError(
                     f"training.global_batch_size={self.training.global_batch_size} is not divisible by "
                     f"micro_batch_size x data_parallel = {self.training.micro_batch_size} x {dp}")
+            if self.training.compile and dp > 1 and self.parallel.engine_zero_stage(world_size) == 3:
+                raise ConfigError(
+                    "training.compile with parallel.zero_stage=3 and data parallelism: ZeRO-3 partitions every weight "
+                    "over the data-parallel ranks and gathers it in module hooks that torch.compile traces past. "
+                    "Use zero_stage 1 or 2, or set training.compile=false")
 
     def vocab_padding_note(self) -> str | None:
         padded = self.model.padded_vocab_size(self.parallel.tensor_parallel)

@@ -368,3 +368,7 @@ def test_world_size_and_vocab_padding_messages():
     assert "padded to 1024" in config.vocab_padding_note()
     with pytest.raises(ConfigError, match="needs at least one transformer block"):
         load_config(None, ["parallel.pipeline_parallel=8", "model.num_layers=6"])
+    compiled_zero3 = load_config(None, ["training.compile=true", "parallel.zero_stage=3"])
+    compiled_zero3.validate(world_size=1)  # one process: the lean path runs ZeRO-0
+    with pytest.raises(ConfigError, match="training.compile with parallel.zero_stage=3 and data parallelism"):
+        compiled_zero3.validate(world_size=2)

@@ -18,6 +18,9 @@ def compile_blocks_and_heads(module: nn.Module) -> int:
     place: parameter names and state dicts stay as they were. -> how many modules were compiled."""
     from nvium_dist.model import Block, ExitHead
 
+    # DeepSpeed's pipeline engine back-propagates in ways (retain_graph) that compiled backwards with donated
+    # buffers refuse; not donating costs one activation buffer per graph
+    torch._functorch.config.donated_buffer = False
     targets = [m for m in module.modules() if isinstance(m, (Block, ExitHead))]
     for target in targets:
         target.compile()
