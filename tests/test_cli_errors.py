@@ -34,6 +34,7 @@ CASES = [
     ("tools/bench_memory.py", ["--config", "{h}/bad.yaml"], "invalid YAML"),
     ("tools/bench_preprocess.py", ["--files", "0"], "--files: must be >= 1"),
     ("tools/bench_preprocess.py", ["--keep", "{h}/text.txt"], "is not an empty directory"),
+    ("tools/bench_preprocess.py", ["--megatron", "{h}/emptydir"], "has no tools/preprocess_data.py"),
     ("tools/bench_train.py", ["--nproc", "0"], "--nproc: must be >= 1"),
     ("tools/bench_train.py", ["--config", "{h}/text.txt"], "must be a mapping of sections"),
     ("tools/build_default_corpus.py", ["--output-dir", "{h}/text.txt"], "is a file"),
