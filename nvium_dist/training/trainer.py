@@ -594,9 +594,9 @@ class Trainer:
 
         c, t, info = self.config, self.config.training, self.info
         report = model_report(c.model)
-        memory = model_state_memory(report["total_parameters"], report["largest_module_parameters"],
-                                    c.parallel.zero_stage, info.world_size, 1, info.tp_size * info.pp_size,
-                                    c.parallel.offload_optimizer)
+        zero_stage = c.parallel.engine_zero_stage(info.world_size)
+        memory = model_state_memory(report["total_parameters"], report["largest_module_parameters"], zero_stage,
+                                    info.world_size, 1, info.tp_size * info.pp_size, c.parallel.offload_optimizer)
         activations = activation_memory(
             c.model, t.micro_batch_size, tensor_parallel=info.tp_size, pipeline_parallel=info.pp_size,
             dtype_bytes=c.parallel.dtype_bytes, fused_norm=info.device.type == "cuda",
@@ -604,8 +604,8 @@ class Trainer:
         where = f"resumed from {resume['path']} at step {self.step}" if resume else "fresh start"
         print(f"[setup] {report['total_parameters']:,} parameters {report['parameters_by_part']}\n"
               f"[setup] world {info.world_size} = TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}, "
-              f"ZeRO-{c.parallel.engine_zero_stage(info.world_size)}"
-              f"{' (lean single process)' if c.parallel.is_lean(info.world_size) else ''}, grad accumulation {self.grad_accumulation}, device {info.device}, "
+              f"ZeRO-{zero_stage}{' (lean single process)' if c.parallel.is_lean(info.world_size) else ''}, "
+              f"grad accumulation {self.grad_accumulation}, device {info.device}, "
               f"{c.parallel.torch_dtype_name}, optimizer {type(self.engine.basic_optimizer).__name__}\n"
               f"[setup] memory estimate per GPU: model states {memory['per_gpu_gib']} GiB (DeepSpeed; CPU "
               f"{memory['cpu_gib']} GiB) + activations {activations['peak_gib']} GiB (activation checkpointing "
