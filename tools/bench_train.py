@@ -7,6 +7,9 @@ its metrics). The plain loop is what one would write by hand: transformers' Llam
 baseline's shape and parameter count, the same AdamW parameter groups, clipping and gradient accumulation,
 random tokens of the same shape. All runs get the same threads per process (cores / --nproc) and are
 interleaved round by round so that load changes hit them alike; load averages are printed with each.
+Speeds are given by wall clock (tokens/s) and by CPU time (tokens per CPU-second of all processes of the
+run: on a shared machine this leaves out waiting for a core). The ratios between runs use CPU time; the
+process scaling uses wall time (a second process only pays off if a second core is free).
 
   python tools/bench_train.py --config pretrain/configs/tiny.yaml --nproc 2 --steps 30 --rounds 3
 """
@@ -39,7 +42,7 @@ def timed_steps(records: list[dict]) -> list[dict]:
     return records[len(records) // 3:] or records  # the first third warms up (and compiles)
 
 
-def run_trainer(config_path, overrides, nproc, threads, run_dir) -> dict:
+def run_trainer(config_path, overrides, nproc, threads, run_dir, tokens_per_step) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
            str(ROOT / "pretrain" / "pretrain_nvium.py"), "--config", str(config_path)]
     for kv in overrides + [f"training.run_dir={run_dir}"]:
@@ -49,7 +52,8 @@ def run_trainer(config_path, overrides, nproc, threads, run_dir) -> dict:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     train = timed_steps([r for r in records if "tokens_per_s" in r])
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in train)}
+            # rank 0's CPU time stands for every rank's (they run the same step)
+            "tokens_per_cpu_s": statistics.median(tokens_per_step / (nproc * r["step_cpu_s"]) for r in train)}
 
 
 def plain_loop(spec: dict) -> dict:
@@ -71,9 +75,10 @@ def plain_loop(spec: dict) -> dict:
     forward = torch.compile(model) if spec["compile"] else model
     micro, accumulation, seq = spec["micro_batch_size"], spec["grad_accumulation"], spec["seq_length"]
     batches = torch.randint(0, spec["vocab_size"], (spec["steps"], accumulation, micro, seq + 1))
-    tokens_per_s = []
+    tokens_per_s, tokens_per_cpu_s = [], []
+    tokens = accumulation * micro * seq
     for step in range(spec["steps"]):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for micro_batch in batches[step]:
             logits = forward(input_ids=micro_batch[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), micro_batch[:, 1:].flatten()) / accumulation
@@ -81,8 +86,10 @@ def plain_loop(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip_grad"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_per_s.append(accumulation * micro * seq / (time.perf_counter() - started))
+        tokens_per_s.append(tokens / (time.perf_counter() - started))
+        tokens_per_cpu_s.append(tokens / (time.process_time() - cpu_started))
     return {"tokens_per_s": statistics.median(timed_steps(tokens_per_s)),
+            "tokens_per_cpu_s": statistics.median(timed_steps(tokens_per_cpu_s)),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
             f"data.valid_data=[{data_run}/data/shakespeare_valid_text_document]",
             f"data.tokenizer_model={data_run}/data/tokenizer.model"]
         if shared:
-            run_trainer(args.config, args.set + ["training.train_iters=1"], 1, threads, data_run)
+            run_trainer(args.config, args.set + ["training.train_iters=1"], 1, threads, data_run, 1)
         for round_index in range(args.rounds):
             for name, (_, (kind, extra, nproc)) in runs.items():
                 load_before = os.getloadavg()[0]
@@ -154,18 +161,21 @@ def main(argv=None) -> int:
                     result = run_plain({**plain_spec, "compile": extra}, threads)
                 else:
                     result = run_trainer(args.config, common + shared + extra, nproc, threads,
-                                         Path(tmp) / f"{name}-{round_index}")
+                                         Path(tmp) / f"{name}-{round_index}", t.global_batch_size * m.seq_length)
                 result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 results[name].append(result)
-                print(f"[bench] round {round_index + 1}/{args.rounds} {name}: {result['tokens_per_s']:.0f} tokens/s",
-                      file=sys.stderr)
+                print(f"[bench] round {round_index + 1}/{args.rounds} {name}: {result['tokens_per_s']:.0f} tokens/s, "
+                      f"{result['tokens_per_cpu_s']:.0f} tokens/CPU-s", file=sys.stderr)
     summary = {name: {"what": runs[name][0],
                       "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rounds)),
+                      "tokens_per_cpu_s": round(statistics.median(r["tokens_per_cpu_s"] for r in rounds)),
                       "per_round": [round(r["tokens_per_s"]) for r in rounds],
+                      "per_round_cpu": [round(r["tokens_per_cpu_s"]) for r in rounds],
                       "loadavg_1min_before_after": [r["loadavg_1min"] for r in rounds]}
                for name, rounds in results.items()}
     summary["plain_eager"]["parameters"] = results["plain_eager"][0]["parameters"]
-    speed = {name: s["tokens_per_s"] for name, s in summary.items()}
+    speed = {name: s["tokens_per_cpu_s"] for name, s in summary.items()}
+    wall = {name: s["tokens_per_s"] for name, s in summary.items()}
     ratios = {"nvium_dense_vs_plain_eager": speed["nvium_dense_1p"] / speed["plain_eager"],
               "nvium_dense_vs_plain_compiled": speed["nvium_dense_1p"] / speed["plain_compiled"],
               "nvium_dense_compiled_vs_plain_compiled": speed["nvium_dense_1p_compiled"] / speed["plain_compiled"],
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
         measured = speed["nvium"] / speed["dense"]
         ratios.update({"nvium_vs_dense": measured, "analytic_throughput_ratio": analytic,
                        "efficiency_vs_analytic": measured / analytic,
-                       "scaling": speed["dense"] / speed["nvium_dense_1p"]})
+                       "scaling": wall["dense"] / wall["nvium_dense_1p"]})
         report["forward_flops_per_token"] = flops
     report["ratios"] = {name: round(value, 4) for name, value in ratios.items()}
     report["targets"] = {name: target for name, target in TARGETS.items() if name in ratios}

@@ -530,12 +530,12 @@ class Trainer:
         tokens_per_step = t.global_batch_size * c.model.seq_length
         last_saved = self.step
         while self.step < t.train_iters:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             lr = self.engine.get_lr()[0]
             losses = self._train_step(iterator)
             self.step += 1
             self.consumed_samples += t.global_batch_size
-            elapsed = time.perf_counter() - started
+            elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
             if t.compile and self.step == (self.resumed_step or 0) + 1:
                 compiled = compile_summary()
                 self.metrics.message(f"[compile] first step {elapsed:.1f} s, of which {compiled['seconds']} s compiling "
@@ -543,7 +543,8 @@ class Trainer:
             if self.step % t.log_interval == 0 or self.step == t.train_iters:
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"step": self.step, **losses, "lr": lr, "beta": self.controller.beta,
-                          "tokens_per_s": tokens_per_step / elapsed, "consumed_samples": self.consumed_samples,
+                          "tokens_per_s": tokens_per_step / elapsed, "step_cpu_s": cpu_elapsed,
+                          "consumed_samples": self.consumed_samples,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "router_warmup": self.step <= self.warmup_steps, "peak_memory_mb": peak_memory_mb()}
                 if t.compile:  # a count that grows after the first step means recompilation
