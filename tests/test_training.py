@@ -92,6 +92,7 @@ def test_tp2_x_pp2_matches_single_process(corpus, reference, tmp_path):
 COMPILED = {"training.compile": "true"}
 
 
+@pytest.mark.slow  # a cold inductor cache compiles for about a minute on 2 cores
 def test_compiled_single_process_matches_eager_without_recompiling(corpus, reference, tmp_path):
     """training.compile: the same losses and weights as eager, and every graph compiled in the first step (the
     count in the metrics never grows after it)."""
