@@ -147,6 +147,18 @@ class ParallelConfig:
     overlap_comm: bool = True
     reduce_bucket_size: int = 25_000_000
     allgather_bucket_size: int = 25_000_000
+    # One fp32 process has nothing to partition or reduce: run DeepSpeed at ZeRO-0 without its gradient
+    # allreduce whatever zero_stage says (nvium_dist/training/lean.py). False keeps the configured stage.
+    lean_single_process: bool = True
+
+    def engine_zero_stage(self, world_size: int) -> int:
+        """The ZeRO stage DeepSpeed runs with: 0 on the lean path, else zero_stage."""
+        return 0 if self.is_lean(world_size) else self.zero_stage
+
+    def is_lean(self, world_size: int) -> bool:
+        """One process, fp32 (bf16 needs ZeRO's fp32 masters), no offload, and lean_single_process on."""
+        return (self.lean_single_process and world_size == 1 and self.torch_dtype_name == "float32"
+                and not (self.offload_optimizer or self.offload_params))
 
     @property
     def torch_dtype_name(self) -> str:
@@ -294,6 +306,10 @@ class TrainingConfig:
     # "torch": torch AdamW everywhere; "deepspeed": DeepSpeed's FusedAdam on CUDA, DeepSpeedCPUAdam on CPU
     # (both JIT-compiled at first use).
     optimizer: str = "auto"
+    # torch.compile each transformer block and head (nvium_dist/training/compile.py). Same losses within
+    # float rounding; costs a compilation in the first step (about a minute per new shape on a 2-core CPU,
+    # seconds from inductor's on-disk cache), so it is off by default (docs/performance.md has the numbers).
+    compile: bool = False
     wandb_project: str = ""  # empty: wandb off; otherwise offline unless WANDB_MODE says otherwise
     tensorboard: bool = False
     beta_controller: BetaControllerConfig = field(default_factory=BetaControllerConfig)
@@ -352,6 +368,11 @@ class NviumConfig:
             if self.training.inject_loss_batches and self.training.inject_loss_rank >= world_size:
                 raise ConfigError(f"training.inject_loss_rank={self.training.inject_loss_rank} is not a rank "
                                   f"of this world of {world_size}")
+            if self.training.compile and dp > 1 and self.parallel.engine_zero_stage(world_size) == 3:
+                raise ConfigError(
+                    "training.compile with parallel.zero_stage=3 and data parallelism: ZeRO-3 partitions every weight "
+                    "over the data-parallel ranks and gathers it in module hooks that torch.compile traces past. "
+                    "Use zero_stage 1 or 2, or set training.compile=false")
 
     def vocab_padding_note(self) -> str | None:
         padded = self.model.padded_vocab_size(self.parallel.tensor_parallel)

@@ -6,8 +6,8 @@ RMSNorm, a zero-initialised residual adapter, the shared vocab-parallel output m
 exits) a router giving [continue, exit] logits. Segments and heads are callable on their own so the
 decoder and pipeline stages can run them one at a time; the mixture math lives in `mixture.py`.
 
-Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product_attention`. Without
-autograd at one TP rank (decoding, evaluation) the megatron layers' plain torch op runs on their weights.
+Activations are [batch, seq, hidden]; attention runs through `scaled_dot_product_attention`. At one TP rank
+the megatron layers' plain torch op runs on their weights (same numbers, no wrapper overhead).
 
 Memory switches for training (both off by default, neither changes a number): per-block activation
 checkpointing (`activation_checkpointing`: a block keeps only its input and is recomputed in backward)
@@ -96,10 +96,11 @@ class RMSNorm(nn.Module):
 
 def plain_torch_suffices(layer) -> bool:
     """True when a megatron tensor-parallel layer may be replaced by the plain torch op on its weight: one TP
-    rank (its region copies and reductions are identities) and no autograd. Its wrapper (those identities,
-    an autograd Function, config checks) costs about 14 us a call on CPU, as much as a matrix product for a
-    decode step's few tokens."""
-    return not torch.is_grad_enabled() and (layer.tp_group is None or layer.tp_group.size() == 1)
+    rank, where its region copies and reductions are identities and its autograd Function computes the same
+    products as torch's own backward (bitwise: tests/test_model.py). Its wrapper (those identities, the
+    Function, config checks) costs about 14 us a call on CPU, as much as a matrix product for a decode step's
+    few tokens, and torch.compile cannot fuse across it."""
+    return layer.tp_group is None or layer.tp_group.size() == 1
 
 
 def parallel_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -442,8 +443,7 @@ class NviumModel(nn.Module):
     def head_label_log_probs(self, head: int, hidden: torch.Tensor, labels: torch.Tensor):
         """-> (log p_head(label) [b, s] through vocab-parallel cross entropy, router logits or None);
         `loss_chunk_tokens` at a time when set."""
-        normed, router_logits = self.head_router(head, hidden)
-        adapted = self.heads[head].adapt(normed)
+        adapted, router_logits = self.heads[head](hidden)  # through forward: what training.compile compiles
         return output_label_log_probs(self.output, self.padding_mask, adapted, labels,
                                       self.loss_chunk_tokens), router_logits
 

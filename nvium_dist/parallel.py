@@ -107,7 +107,10 @@ def collective_device(group=None) -> torch.device:
 
 
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
-    """In-place all-reduce of a tensor on any device, run on the group's collective device."""
+    """In-place all-reduce of a tensor on any device, run on the group's collective device. A group of one
+    process returns the tensor as it is (a gloo call there costs more than the step's loss arithmetic)."""
+    if dist.get_world_size(group) == 1:
+        return tensor
     device = collective_device(group)
     if tensor.device == device:
         dist.all_reduce(tensor, op=op, group=group)

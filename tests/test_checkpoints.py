@@ -31,6 +31,8 @@ LAYOUTS = {  # name -> (processes, settings)
     "pp2-zero1": (2, {"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1}),
 }
 STEP4 = "step_00000004"
+# DeepSpeed's ZeRO-1 files from one process: the lean path would run ZeRO-0 (parallel.lean_single_process)
+ZERO1_ONE_PROCESS = {"parallel.zero_stage": 1, "parallel.lean_single_process": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ class PlantedPayload:
 def zero1_run(corpus, tmp_path_factory):  # noqa: F811
     """One process, ZeRO-1 (DeepSpeed writes model and optimizer pickles), checkpoints at steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("zero1")
-    train(1, corpus, run_dir, **{"training.train_iters": 4, "training.save_interval": 2, "parallel.zero_stage": 1})
+    train(1, corpus, run_dir, **{"training.train_iters": 4, "training.save_interval": 2, **ZERO1_ONE_PROCESS})
     return run_dir
 
 
@@ -143,7 +145,7 @@ def test_planted_pickle_is_refused_and_never_runs(zero1_run, corpus, tmp_path, c
     state = checkpoints / STEP4 / "deepspeed" / "state"
     torch.save({"module": PlantedPayload(marker)}, state / "mp_rank_00_model_states.pt")
     torch.save(PlantedPayload(marker), state / "extra.pt")
-    settings = {"training.train_iters": 6, "training.save_interval": 2, "parallel.zero_stage": 1}
+    settings = {"training.train_iters": 6, "training.save_interval": 2, **ZERO1_ONE_PROCESS}
     assert choose(tmp_path / "run", corpus, settings) == checkpoints / "step_00000002"
     err = capsys.readouterr().err
     assert f"WARNING: checkpoint {checkpoints / STEP4} is unusable" in err and "manifest does not list" in err
@@ -163,7 +165,7 @@ def test_planted_pickle_with_a_forged_manifest_still_never_runs(zero1_run, corpu
     planted = checkpoints / STEP4 / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": PlantedPayload(marker)}, planted)
     write_manifest(checkpoints / STEP4)
-    settings = {"training.train_iters": 6, "training.save_interval": 2, "parallel.zero_stage": 1}
+    settings = {"training.train_iters": 6, "training.save_interval": 2, **ZERO1_ONE_PROCESS}
     assert choose(tmp_path / "run", corpus, settings) == checkpoints / "step_00000002"
     err = capsys.readouterr().err
     assert f"WARNING: checkpoint {checkpoints / STEP4} is unusable ({planted} names " in err, err
@@ -217,7 +219,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, zero1_run,
     else:
         target = newest / "model.safetensors"
         target.write_bytes(target.read_bytes()[:1000])
-    settings = {"training.train_iters": 5, "training.save_interval": 100, "parallel.zero_stage": 1}
+    settings = {"training.train_iters": 5, "training.save_interval": 100, **ZERO1_ONE_PROCESS}
     assert choose(tmp_path, corpus, settings) == checkpoints / "step_00000002"
     assert f"WARNING: checkpoint {newest} is unusable" in capsys.readouterr().err
     records, _, resumed = train(1, corpus, tmp_path, **settings)
@@ -228,7 +230,7 @@ def test_no_good_checkpoint_is_an_error_unless_fresh_starts_are_allowed(zero1_ru
                                                                          tmp_path, capsys):
     checkpoints = copy_checkpoints(zero1_run, tmp_path, STEP4)
     (checkpoints / STEP4 / "trainer_state.json").write_text("{}")
-    settings = {"training.train_iters": 2, "parallel.zero_stage": 1}
+    settings = {"training.train_iters": 2, **ZERO1_ONE_PROCESS}
     with pytest.raises(RuntimeError, match="no usable checkpoint .* training.allow_fresh_start=true"):
         train(1, corpus, tmp_path, **settings)
     allowed = {**settings, "training.allow_fresh_start": "true"}
@@ -248,7 +250,7 @@ def test_pruning_keeps_to_the_lineage(zero1_run, corpus, tmp_path):  # noqa: F81
     (old / "model.safetensors").unlink()
     (checkpoints / "latest").write_text(old.name + "\n")
     settings = {"training.train_iters": 6, "training.save_interval": 2, "training.keep_checkpoints": 1,
-                "parallel.zero_stage": 1, "training.allow_fresh_start": "true"}
+                **ZERO1_ONE_PROCESS, "training.allow_fresh_start": "true"}
     train(1, corpus, tmp_path, **settings)
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", old.name]
     assert (checkpoints / "latest").read_text().strip() == "step_00000006"
@@ -258,7 +260,7 @@ def test_pruning_keeps_to_the_lineage(zero1_run, corpus, tmp_path):  # noqa: F81
 
 def test_resume_with_another_model_or_seed_is_refused(zero1_run, corpus, tmp_path):  # noqa: F811
     copy_checkpoints(zero1_run, tmp_path, STEP4)
-    settings = {"training.train_iters": 6, "parallel.zero_stage": 1}
+    settings = {"training.train_iters": 6, **ZERO1_ONE_PROCESS}
     with pytest.raises(RuntimeError, match=r"model.hidden_size: checkpoint 64 != config 96"):
         train(1, corpus, tmp_path, **settings, **{"model.hidden_size": 96})
     with pytest.raises(RuntimeError, match=r"training.seed: checkpoint 1234 != config 99.*sample order"):
@@ -286,7 +288,7 @@ def test_rank0_chooses_the_checkpoint_and_its_errors_reach_every_rank(zero1_run,
     good = copy_checkpoints(zero1_run, tmp_path / "good", "step_00000002", STEP4)
     damaged = copy_checkpoints(zero1_run, tmp_path / "damaged", "step_00000002", STEP4)
     (damaged / STEP4 / "trainer_state.json").unlink()
-    overrides = small_overrides(corpus, tmp_path, **{"parallel.zero_stage": 1})
+    overrides = small_overrides(corpus, tmp_path, **ZERO1_ONE_PROCESS)
     both = run_distributed(_find_resume_per_rank, 2, [tmp_path / "good", tmp_path / "damaged"], overrides)
     assert both == [("chose", str(good / STEP4))] * 2
     both = run_distributed(_find_resume_per_rank, 2, [tmp_path / "damaged", tmp_path / "good"], overrides)

@@ -39,6 +39,7 @@ CASES = [
     ("tools/bench_serve.py", ["--synthetic", "{h}/bench", "--rates", "fast"], "must be comma-separated positive"),
     ("tools/bench_serve.py", ["--model", "{h}/run", "--baseline", "{h}/run"], "is a training run directory"),
     ("tools/bench_serve.py", ["--model", "{h}/run"], "--model needs --baseline"),
+    ("tools/bench_preprocess.py", ["--megatron", "{h}/emptydir"], "has no tools/preprocess_data.py"),
     ("tools/bench_train.py", ["--nproc", "0"], "--nproc: must be >= 1"),
     ("tools/bench_train.py", ["--config", "{h}/text.txt"], "must be a mapping of sections"),
     ("tools/build_default_corpus.py", ["--output-dir", "{h}/text.txt"], "is a file"),

@@ -30,7 +30,8 @@ def _reduction_dtype_worker(rank, world_size, grad_reduce_dtype, zero_stage):
     deepspeed.init_distributed(dist_backend="gloo")
     model = NviumModel(config.model, seed=1)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                      mpu=DeepSpeedMPU(), config=deepspeed_config(config, grad_accumulation=1))
+                                      mpu=DeepSpeedMPU(), config=deepspeed_config(config, grad_accumulation=1,
+                                                                             world_size=dist.get_world_size()))
     reduced = set()
     for name in ("all_reduce", "reduce", "reduce_scatter_tensor"):
         original = getattr(dist, name)

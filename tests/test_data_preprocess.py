@@ -139,3 +139,56 @@ def test_dtype_must_fit_vocab(corpus, tmp_path):  # noqa: F811
     ds = open_indexed_dataset(str(tmp_path / "i32_text_document"))
     assert ds.index.dtype == np.int32
     assert _docs(str(tmp_path / "i32_text_document")) == _docs(corpus["b"])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_writer_is_byte_identical_to_megatron_builder(corpus, tmp_path, dtype):  # noqa: F811
+    """The documents of two real datasets, written and merged by IndexedDatasetWriter and by megatron-core's
+    IndexedDatasetBuilder (one add_document per document, then add_index): the same bytes."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from nvium_dist.data.indexed import IndexedDatasetWriter
+
+    docs = {name: [np.asarray(d, dtype=dtype) for d in _docs(corpus[name])] for name in ("a", "b")}
+    for name, documents in docs.items():
+        ours = IndexedDatasetWriter(f"{tmp_path}/ours_{name}.bin", dtype)
+        half = len(documents) // 2  # two batches, as two worker results
+        for batch in (documents[:half], documents[half:]):
+            ours.add_documents(np.concatenate(batch), np.array([len(d) for d in batch]))
+        ours.finalize(f"{tmp_path}/ours_{name}.idx")
+        theirs = IndexedDatasetBuilder(f"{tmp_path}/theirs_{name}.bin", dtype=dtype)
+        for d in documents:
+            theirs.add_document(d, [len(d)])
+        theirs.finalize(f"{tmp_path}/theirs_{name}.idx")
+    ours, theirs = IndexedDatasetWriter(f"{tmp_path}/ours.bin", dtype), IndexedDatasetBuilder(
+        f"{tmp_path}/theirs.bin", dtype=dtype)
+    for name in ("a", "b"):
+        ours.add_index(f"{tmp_path}/ours_{name}")
+        theirs.add_index(f"{tmp_path}/theirs_{name}")
+    ours.finalize(f"{tmp_path}/ours.idx")
+    theirs.finalize(f"{tmp_path}/theirs.idx")
+    for prefix in ("_a", "_b", ""):
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"ours{prefix}{ext}").read_bytes() == (tmp_path / f"theirs{prefix}{ext}").read_bytes()
+    if dtype == np.uint16:  # and the tokeniser's own output is what megatron's builder writes for its documents
+        for ext in (".bin", ".idx"):
+            assert open(corpus["a"] + ext, "rb").read() == (tmp_path / f"theirs_a{ext}").read_bytes()
+
+
+def test_preprocessing_never_imports_megatron(corpus, tmp_path):  # noqa: F811
+    """Importing megatron-core costs seconds per process: the CLI (and its workers) must not need it."""
+    import subprocess
+    import sys
+
+    from data_fixtures import REPO, TOOLS
+
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('megatron', 'torch'))))")
+    done = subprocess.run([sys.executable, "-c", code, os.path.join(TOOLS, "preprocess_data.py"), "--input",
+                           str(corpus["root"] / "a.jsonl"), "--tokenizer-model", corpus["model"], "--output-prefix",
+                           str(tmp_path / "out"), "--append-eod", "--no-progress", "--workers", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert open(corpus["a"] + ".bin", "rb").read() == (tmp_path / "out_text_document.bin").read_bytes()

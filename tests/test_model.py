@@ -129,10 +129,13 @@ def test_rope_tables_are_built_once_per_forward(single_process, monkeypatch):
     assert model.config.num_heads_total > 1 and len(built) == 1
 
 
-def test_inference_forward_skips_megatron_wrappers_with_the_same_numbers(single_process):
-    """Without autograd at one TP rank the linear layers and the embedding run the plain torch op on their
-    weight (megatron's wrappers are never entered) and every output is bitwise what the wrappers give."""
+def test_one_tp_rank_skips_megatron_wrappers_with_the_same_numbers(single_process, monkeypatch):
+    """At one TP rank the linear layers and the embedding run the plain torch op on their weight, in training
+    (autograd) and in decoding alike: megatron's wrappers are never entered, and every output and every
+    gradient is bitwise what the wrappers give."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    import nvium_dist.model as model_module
 
     model = build()
     wrapped = [m for m in model.modules()
@@ -141,13 +144,27 @@ def test_inference_forward_skips_megatron_wrappers_with_the_same_numbers(single_
     for module in wrapped:
         module.register_forward_pre_hook(lambda module, args: calls.append(module))
     tokens, labels = torch.randint(0, 300, (2, 2, 24)).unbind(0)
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = nvium_loss(model(tokens, labels), torch.ones(tokens.shape), 0.15, False).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
     with torch.no_grad():
-        plain = model(tokens, labels)
+        plain_inference = model(tokens, labels)
+    plain_loss, plain_grads = loss_and_gradients()
     assert not calls
-    wrapped_terms = model(tokens, labels)  # autograd on: through megatron's layers
+    monkeypatch.setattr(model_module, "plain_torch_suffices", lambda layer: False)
+    with torch.no_grad():
+        wrapped_inference = model(tokens, labels)
+    wrapped_loss, wrapped_grads = loss_and_gradients()
     assert {id(m) for m in calls} == {id(m) for m in wrapped}
-    for field, value in plain._asdict().items():
-        assert torch.equal(value, getattr(wrapped_terms, field).detach()), field
+    for field, value in plain_inference._asdict().items():
+        assert torch.equal(value, getattr(wrapped_inference, field)), field
+    assert torch.equal(plain_loss, wrapped_loss)
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, wrapped_grads[name]), name
 
 
 def test_full_model_matches_the_papers_layout(single_process):
@@ -365,3 +382,7 @@ def test_world_size_and_vocab_padding_messages():
     assert "padded to 1024" in config.vocab_padding_note()
     with pytest.raises(ConfigError, match="needs at least one transformer block"):
         load_config(None, ["parallel.pipeline_parallel=8", "model.num_layers=6"])
+    compiled_zero3 = load_config(None, ["training.compile=true", "parallel.zero_stage=3"])
+    compiled_zero3.validate(world_size=1)  # one process: the lean path runs ZeRO-0
+    with pytest.raises(ConfigError, match="training.compile with parallel.zero_stage=3 and data parallelism"):
+        compiled_zero3.validate(world_size=2)

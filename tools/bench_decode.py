@@ -23,15 +23,23 @@ efficiencies, call-cost fits and the profile use one clock (--clock): on CPU by 
 time, which with one thread leaves out the time it waited for a core while other jobs ran (the main noise
 on a shared machine); wall time on CUDA. All three N-vium decoders draw the same tokens (checked).
 
-Bounds on the deferred speedup over full depth, next to the measured one:
-    ideal_speedup    L / E[exit layer] (sequential depth per token)
-    lockstep_bound   L / E[deepest exit layer of a tick] for a lockstep batch (the ticks of deferred_lockstep)
-    work_bound       every token still passes every layer, so at larger batches the step time grows with the
-                     tokens run: the full-depth run's time with the fixed cost of every call of a segment above
-                     the first removed (calls fitted as fixed + per-token cost from profiled runs of the setting)
-                     is what a perfect scheduler could reach when cost is proportional to work.
-efficiency = measured speedup / ideal; efficiency_vs_bound = measured / min(ideal, work bound). Load averages
-are recorded per setting: on a shared machine numbers move by tens of percent; rerun on a quiet one.
+Next to the measured deferred speedup over full depth, one bound and three models (a model is an estimate
+the measurement may exceed, e.g. because a batched catch-up call costs less per token than a single-token
+call, or because full depth also pays for heads the deferred decoder skips):
+    upper_segments_free_bound  a bound: from one profiled full-depth and one profiled deferred run of the
+                     setting, full time / (deferred time minus all its calls of segments above the first),
+                     i.e. the speedup if every layer above the first exit cost nothing. profiled_speedup (the
+                     same two runs) never exceeds it; the timed speedup is from other runs and can, by noise.
+    ideal_speedup    model: L / E[exit layer] (sequential depth per token)
+    lockstep_ideal   model: L / E[deepest exit layer of a tick] for a lockstep batch (deferred_lockstep's ticks)
+    work_model       model: every token still passes every layer, so at larger batches the step time grows
+                     with the tokens run: the full-depth run's time with the fixed cost of every call of a
+                     segment above the first removed (calls fitted as fixed + per-token cost from the profiled
+                     runs), what a scheduler would reach if cost were proportional to work.
+efficiency = measured speedup / ideal; efficiency_vs_work_model = measured / min(ideal, work model).
+When the routers send more than 95% of the tokens to one exit, a warning prints the exit histogram: the
+speedup then describes a shallower model, not N-vium. Load averages are recorded per setting: on a shared
+machine numbers move by tens of percent; rerun on a quiet one.
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ FIRST_EXIT_RATE = 0.7
 SYNTHETIC = dict(vocab_size=8000, hidden_size=256, num_layers=8, num_heads=4, ffn_hidden_size=688, exits=[2, 4, 6],
                  seq_length=512)
 DECODERS = ("dense", "full", "deferred", "deferred_lockstep")
+COLLAPSED_SHARE = 0.95  # routing this much to one exit is warned about
 
 
 def parse_args(argv=None):
@@ -78,6 +87,9 @@ def parse_args(argv=None):
                    help="time for speedups, fits and the profile: this process's CPU time (default on CPU: leaves out "
                         "waiting for a core on a shared machine; meant for one thread) or wall time (default on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile (dynamic shapes) every layer's MLP of both models before timing; the compile "
+                        "happens in the warm-up (on this 2-core CPU it made decoding slower: docs/performance.md)")
     return p.parse_args(argv)
 
 
@@ -164,7 +176,7 @@ def make_prompts(generator, count: int, length: int, seed: int) -> list[list[int
     return prompts
 
 
-def lockstep_bound(tick_depths: list[int], num_layers: int) -> float:
+def lockstep_ideal(tick_depths: list[int], num_layers: int) -> float:
     """L / mean deepest exit layer per tick of a lockstep batch."""
     return num_layers / (sum(tick_depths) / len(tick_depths))
 
@@ -261,6 +273,10 @@ def main(argv=None) -> int:
     except (CheckpointError, BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.compile:
+        for generator in filter(None, (nvium, dense)):
+            for block in generator.model.layers:
+                block.mlp.compile(dynamic=True)
     if dense is not None and dense.config.exits:
         print(f"warning: --baseline {args.baseline} has exits {dense.config.exits}; it is timed at full depth",
               file=sys.stderr)
@@ -274,7 +290,7 @@ def main(argv=None) -> int:
               "num_layers": num_layers, "exit_layers": config.exit_layers, "hidden_size": config.hidden_size,
               "vocab_size": config.vocab_size, "threads": torch.get_num_threads(), "device": args.device,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "clock": clock_name, "settings": []}
+              "clock": clock_name, "compiled_mlps": args.compile, "settings": []}
     try:
         for rows, count, serving in settings:
             load_before = os.getloadavg()
@@ -296,13 +312,17 @@ def main(argv=None) -> int:
             if dense is not None:
                 runs["dense"] = (dense, dense_prompts, limits, dict(mode="full"))
             timed = run_setting(runs, rows, args.seed, args.repeats, sync)
-            calls = []  # segment call timings of this setting, for its work bound
+            calls, profiled = [], {}  # segment call timings of this setting, for its work model and bound
             for mode, schedule in (("full", None), ("deferred", TickSchedule())):
-                profiler, _, _ = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda, clock)
+                profiler, _, seconds = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda,
+                                                    clock)
                 calls += profiler.calls
+                profiled[mode] = (seconds, sum(t for segment, _, t in profiler.calls if segment > 0))
             costs = fit_call_costs(calls, config.num_heads_total)
             entry = summarize(rows, count, serving, timed, costs, num_layers, clock_name, load_before,
                               os.getloadavg())
+            entry.update(profiled_bound(profiled))
+            warn_if_collapsed(label, entry["exit_histogram"], config.exit_layers)
             result["settings"].append(entry)
             if not entry["same_tokens"]:
                 print("warning: full and deferred tokens differ (a floating-point tie at a sampling boundary)",
@@ -310,8 +330,8 @@ def main(argv=None) -> int:
             tps = entry["tokens_per_s"] if clock_name == "wall" else entry["tokens_per_cpu_s"]
             unit = "tok/s" if clock_name == "wall" else "tok/CPU-s"
             print(f"{label}: full {tps['full']:.0f} {unit}, deferred {tps['deferred']:.0f} ({entry['speedup']:.2f}x; "
-                  f"ideal {entry['ideal_speedup']:.2f}x, lockstep bound {entry['lockstep_bound']:.2f}x, work bound "
-                  f"{entry['work_bound']:.2f}x, efficiency vs bound {entry['efficiency_vs_bound']:.2f})"
+                  f"ideal {entry['ideal_speedup']:.2f}x, lockstep ideal {entry['lockstep_ideal']:.2f}x, work model "
+                  f"{entry['work_model']:.2f}x, bound {entry['upper_segments_free_bound']:.2f}x)"
                   + (f", dense {tps['dense']:.0f}" if "dense" in tps else ""), file=sys.stderr, flush=True)
         if args.profile:
             result["profile_batch1"] = profile_batch1(nvium, args, cuda, clock)
@@ -339,7 +359,7 @@ def summarize(rows, count, serving, timed, costs, num_layers, clock, load_before
     full_seconds = statistics.median(timed["full"][0][clock])
     upper_fixed = full_out.ticks * sum(a for a, _ in costs[1:])
     work = full_seconds / max(full_seconds - upper_fixed, 1e-9)
-    bound = min(ideal, work)
+    model = min(ideal, work)
     entry = {"rows": rows, "prompts": count, "serving": serving, "generated_tokens": tokens,
              "segment_call_cost_us": [{"fixed": round(1e6 * a, 1), "per_token": round(1e6 * b, 2)} for a, b in costs],
              "tokens_per_s": {k: round(v, 1) for k, v in per_second["wall"].items()},
@@ -348,11 +368,11 @@ def summarize(rows, count, serving, timed, costs, num_layers, clock, load_before
              "speedup": round(speedup, 3),
              "speedup_lockstep": round(median["deferred_lockstep"] / median["full"], 3),
              "ideal_speedup": round(ideal, 3),
-             "lockstep_bound": round(lockstep_bound(depths, num_layers), 3),
-             "work_bound": round(work, 3),
+             "lockstep_ideal": round(lockstep_ideal(depths, num_layers), 3),
+             "work_model": round(work, 3),
              "efficiency": round(speedup / ideal, 3),
-             "efficiency_vs_bound": round(speedup / bound, 3),
-             "beats_lockstep_bound": speedup > lockstep_bound(depths, num_layers),
+             "efficiency_vs_work_model": round(speedup / model, 3),
+             "beats_lockstep_ideal": speedup > lockstep_ideal(depths, num_layers),
              "mean_exit_layer": round(mean_layer, 3), "exit_histogram": deferred_out.exit_histogram(),
              "ticks": {"full": full_out.ticks, "deferred": deferred_out.ticks, "deferred_lockstep": lockstep_out.ticks},
              "segment_calls": {name: out.engine.segment_calls for name, out in
@@ -368,10 +388,29 @@ def summarize(rows, count, serving, timed, costs, num_layers, clock, load_before
     return entry
 
 
+def profiled_bound(profiled: dict) -> dict:
+    """profiled: {"full"/"deferred": (seconds of one profiled run, seconds of its calls of segments >= 1)} ->
+    the speedup of those two runs and its bound if every segment above the first were free: the deferred run
+    spends at least its other time, so the first can never exceed the second."""
+    (full, _), (deferred, upper) = profiled["full"], profiled["deferred"]
+    return {"profiled_speedup": round(full / deferred, 3),
+            "upper_segments_free_bound": round(full / max(deferred - upper, 1e-12), 3)}
+
+
+def warn_if_collapsed(label: str, histogram: list[int], exit_layers: list[int]) -> None:
+    """A warning (stderr) when the routers send more than COLLAPSED_SHARE of the tokens to one exit."""
+    share = max(histogram) / max(1, sum(histogram))
+    if share > COLLAPSED_SHARE:
+        top = histogram.index(max(histogram))
+        print(f"warning: {label}: the routers send {100 * share:.1f}% of tokens to the exit after layer "
+              f"{exit_layers[top]} (exit histogram {histogram} over layers {exit_layers}); the speedup describes "
+              "that shallower model, not N-vium", file=sys.stderr)
+
+
 def profile_batch1(nvium, args, cuda, clock) -> dict:
     """Microseconds per generated token by part, by `clock` (median of --repeats profiled runs, full depth and
-    deferred alternating), with the bound the heads leave: the full-depth time with its layers scaled by
-    E[exit layer] / L and its routers by the exits actually reached."""
+    deferred alternating), with a model of what the heads leave (heads_model, not a bound): the full-depth time
+    with its layers scaled by E[exit layer] / L and its routers by the exits actually reached."""
     from nvium_dist.inference.engine import TickSchedule
 
     prompts = make_prompts(nvium, 1, args.prompt_tokens, args.seed + 1)
@@ -390,10 +429,10 @@ def profile_batch1(nvium, args, cuda, clock) -> dict:
     mean_layer = sum(c * layer for c, layer in zip(histogram, layers)) / sum(histogram)
     segments = sum(v for k, v in full.items() if k.startswith("segment"))
     routers_reached = sum(c * min(k + 1, len(layers) - 1) for k, c in enumerate(histogram)) / sum(histogram)
-    heads_bound = full["total"] / (full["total"] - segments * (1 - mean_layer / nvium.config.num_layers)
+    heads_model = full["total"] / (full["total"] - segments * (1 - mean_layer / nvium.config.num_layers)
                                    - full.get("router", 0.0) * (1 - routers_reached / max(1, len(layers) - 1)))
     report.update(exit_histogram=histogram, ideal_speedup=round(nvium.config.num_layers / mean_layer, 3),
-                  heads_bound=round(heads_bound, 3),
+                  heads_model=round(heads_model, 3),
                   measured_speedup=round(full["total"] / report["deferred"]["total"], 3))
     return report
 

@@ -3,8 +3,9 @@
 
 Inputs are dataset prefixes (X for X.bin/X.idx; a trailing .bin/.idx is accepted). They are
 validated, must share a token dtype and the tokenizer their .summary.json files record (an input without such a
-record needs --allow-unverified), and are concatenated with megatron-core's IndexedDatasetBuilder.add_index.
-The merged .summary.json records that tokenizer, so training's tokenizer check covers the result.
+record needs --allow-unverified), and are concatenated in megatron-core's format (as its
+IndexedDatasetBuilder.add_index would, without importing it). The merged .summary.json records that tokenizer,
+so training's tokenizer check covers the result.
 
 Example:
   python tools/merge_datasets.py --inputs data/bin/a_text_document data/bin/b_text_document \\

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenise corpora into Megatron .bin/.idx datasets (megatron-core IndexedDatasetBuilder).
+"""Tokenise corpora into Megatron .bin/.idx datasets (megatron-core's format, byte for byte, without importing it).
 
 Inputs, one of:
   --input FILES/DIRS/GLOBS   JSONL (.jsonl/.json/.ndjson, optionally .gz) holds one document per line under

@@ -1,4 +1,5 @@
-"""Concatenate several Megatron datasets into one (megatron-core IndexedDatasetBuilder.add_index)."""
+"""Concatenate several Megatron datasets into one (IndexedDatasetWriter.add_index: megatron-core's format,
+without importing megatron-core)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 import time
 
-from .indexed import DatasetFormatError, normalize_prefix, validate_indexed_files
+from .indexed import DatasetFormatError, IndexedDatasetWriter, normalize_prefix, validate_indexed_files
 
 
 def merge_datasets(prefixes: list[str], output_prefix: str, allow_unverified: bool = False) -> dict:
@@ -18,7 +19,6 @@ def merge_datasets(prefixes: list[str], output_prefix: str, allow_unverified: bo
     complete; a ``.summary.json`` (with the inputs' tokenizer) is written next to it.
     """
     from .gpt_data import recorded_tokenizer
-    from .preprocess import _import_builder
 
     if not prefixes:
         raise ValueError("no datasets to merge")
@@ -48,18 +48,17 @@ def merge_datasets(prefixes: list[str], output_prefix: str, allow_unverified: bo
             f"tools/preprocess_data.py with --tokenizer-model), so nothing shows it matches the other inputs. Fix: "
             f"re-run tools/preprocess_data.py on it, or pass --allow-unverified (the merged summary then vouches for "
             f"no tokenizer and training checks every id)")
-    IndexedDatasetBuilder = _import_builder()
     t0 = time.time()
     dtype = dtypes.pop()
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     tmp_bin, tmp_idx = output_prefix + ".bin.tmp", output_prefix + ".idx.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    writer = IndexedDatasetWriter(tmp_bin, dtype)
     try:
         for p in prefixes:
-            builder.add_index(p)
-        builder.finalize(tmp_idx)
+            writer.add_index(p)
+        writer.finalize(tmp_idx)
     except BaseException:
-        builder.data_file.close()
+        writer.close()
         for x in (tmp_bin, tmp_idx):
             if os.path.exists(x):
                 os.remove(x)

@@ -15,12 +15,13 @@ Design (see tools/preprocess_data.py for the CLI):
 * Workers (``spawn`` processes, each loading the SentencePiece model once) parse JSON, extract the
   keys and tokenise; results come back in input order, so the output bytes do not depend on the
   number of workers or on chunking.
-* Documents are appended with megatron-core's ``IndexedDatasetBuilder`` (uint16 tokens when the
-  vocabulary has < 65500 entries, int32 otherwise) to ``OUT_<key>_document.bin.tmp`` /
-  ``.idx.tmp``; both are renamed into place only when complete, the summary JSON last.
+* Each worker result (a chunk's documents) is appended in one write by ``IndexedDatasetWriter``, which
+  writes megatron-core's format byte for byte without importing it (uint16 tokens when the vocabulary
+  has < 65500 entries, int32 otherwise) to ``OUT_<key>_document.bin.tmp`` / ``.idx.tmp``; both are
+  renamed into place only when complete, the summary JSON last.
 * ``partitions`` > 1 splits the list of input files into that many contiguous groups (balanced
   by size); each becomes a finished partial dataset in ``OUT.partitions.tmp/`` with a done-marker,
-  and the parts are concatenated with the builder's ``add_index``. A re-run after an interruption
+  and the parts are concatenated with the writer's ``add_index``. A re-run after an interruption
   reuses every partition whose inputs, tokenizer and options are unchanged.
 * Malformed JSON, non-object lines, missing keys, non-string values, empty and oversized
   documents, text with lone UTF-16 surrogates (which SentencePiece cannot encode), and, for
@@ -29,8 +30,8 @@ Design (see tools/preprocess_data.py for the CLI):
   ``strict=True`` makes the first one fatal. A truncated or corrupt input file is an error naming it.
 * A run that writes no document is an error unless ``allow_empty``.
 
-Only numpy/sentencepiece are imported at module level (workers stay light); megatron-core and
-tqdm are imported in the parent when writing.
+Only numpy/sentencepiece are imported (workers stay light; tqdm in the parent for the progress bar):
+megatron-core is never imported on this path.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .indexed import check_dtype_fits, dtype_for_vocab
+from .indexed import IndexedDatasetWriter, check_dtype_fits, dtype_for_vocab
 from .inputs import expand_inputs, input_kind, open_binary, read_text_file
 
 CHUNK_BYTES = 1 << 20
@@ -383,16 +384,6 @@ def _remove(*paths):
             pass
 
 
-def _import_builder():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        warnings.filterwarnings("ignore", message=".*tp_group is None.*")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    return IndexedDatasetBuilder
-
-
 @contextlib.contextmanager
 def _signals_deferred():
     """Starting the worker pool must not be cut half-way: a spawned child whose parent stops while sending
@@ -415,9 +406,8 @@ def _signals_deferred():
 def _run_partition(tasks, names: list[str], prefixes, fmt: DocumentFormat, workers, strict, stats, bar):
     """Tokenise `tasks` into builders at prefixes[key] = (bin path, idx path); `names` are the inputs'
     names for skip positions."""
-    IndexedDatasetBuilder = _import_builder()
     keys = list(fmt.keys)
-    builders = {k: IndexedDatasetBuilder(prefixes[k][0], dtype=np.dtype(fmt.dtype).type) for k in keys}
+    writers = {k: IndexedDatasetWriter(prefixes[k][0], fmt.dtype) for k in keys}
     pool = None
     try:
         if workers > 1:
@@ -442,11 +432,8 @@ def _run_partition(tasks, names: list[str], prefixes, fmt: DocumentFormat, worke
                 stats.skip(reason, names[fi], line, key)
             docs_here = 0
             for k, (tokens, lengths) in per_key.items():
-                b = builders[k]
-                off = 0
-                for n in lengths.tolist():
-                    b.add_document(tokens[off:off + n], [n])
-                    off += n
+                writers[k].add_documents(tokens, lengths)
+                off = len(tokens)
                 stats.documents[k] += len(lengths)
                 stats.tokens[k] += off
                 if off:
@@ -458,13 +445,10 @@ def _run_partition(tasks, names: list[str], prefixes, fmt: DocumentFormat, worke
                 bar.set_postfix_str(f"{bar.tokens_total / el:,.0f} tok/s", refresh=False)
                 bar.update(docs_here)
         for k in keys:
-            builders[k].finalize(prefixes[k][1])
+            writers[k].finalize(prefixes[k][1])
     except BaseException:
         for k in keys:
-            try:
-                builders[k].data_file.close()
-            except Exception:
-                pass
+            writers[k].close()
             _remove(*prefixes[k])
         raise
     finally:
@@ -595,7 +579,6 @@ def preprocess(
     if not force:
         for final in finals.values():
             _check_replaceable(final)
-    _import_builder()  # after the checks of the arguments, and not part of the measured time (megatron-core: ~5 s)
     t0 = time.time()
     options = dict(asdict(fmt), tokenizer_sha256=made_with["sha256"])
     stats = _Stats(keys)
@@ -611,7 +594,6 @@ def preprocess(
             _run_partition(tasks_for(groups[0]), files, tmp, fmt, workers, strict, stats, bar)
             reused = 0
         else:
-            IndexedDatasetBuilder = _import_builder()
             part_dir = output_prefix + ".partitions.tmp"
             os.makedirs(part_dir, exist_ok=True)
             reused = 0
@@ -644,13 +626,13 @@ def preprocess(
                 os.replace(done + ".tmp", done)
                 stats.add_json(part_stats.to_json())
             for k in keys:
-                builder = IndexedDatasetBuilder(tmp[k][0], dtype=np.dtype(fmt.dtype).type)
+                writer = IndexedDatasetWriter(tmp[k][0], fmt.dtype)
                 try:
                     for pp in part_prefixes:
-                        builder.add_index(pp[k])
-                    builder.finalize(tmp[k][1])
+                        writer.add_index(pp[k])
+                    writer.finalize(tmp[k][1])
                 except BaseException:
-                    builder.data_file.close()
+                    writer.close()
                     _remove(*tmp[k])
                     raise
         empty = [k for k in keys if stats.documents[k] == 0]

@@ -65,7 +65,7 @@ def layout_key(config: NviumConfig, world_size: int) -> dict:
     """What DeepSpeed's own state depends on; any change resumes from the layout-independent files."""
     p = config.parallel
     return {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
-            "zero_stage": p.zero_stage, "world_size": world_size}
+            "zero_stage": p.engine_zero_stage(world_size), "world_size": world_size}
 
 
 def new_lineage() -> str:

@@ -5,15 +5,16 @@ from __future__ import annotations
 from nvium_dist.config import NviumConfig
 
 
-def deepspeed_config(config: NviumConfig, grad_accumulation: int) -> dict:
+def deepspeed_config(config: NviumConfig, grad_accumulation: int, world_size: int) -> dict:
     p, t = config.parallel, config.training
-    zero = {"stage": p.zero_stage}
-    if p.zero_stage >= 2:
+    stage = p.engine_zero_stage(world_size)  # 0 on the lean single-process path
+    zero = {"stage": stage}
+    if stage >= 2:
         # reduce each bucket of gradients while backward computes the next; buckets far below DeepSpeed's
         # 5e8-element default, which with overlap would hold ~9 GB of buffers per GPU
         zero.update(overlap_comm=p.overlap_comm, reduce_bucket_size=p.reduce_bucket_size,
                     allgather_bucket_size=p.allgather_bucket_size)
-        if p.zero_stage == 3:  # stage 3 names its gather bucket differently
+        if stage == 3:  # stage 3 names its gather bucket differently
             zero["stage3_prefetch_bucket_size"] = zero.pop("allgather_bucket_size")
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": p.device == "cuda"}

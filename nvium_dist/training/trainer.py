@@ -20,7 +20,9 @@ from nvium_dist.parallel import DeepSpeedMPU, ParallelInfo, all_reduce, check_ra
 from nvium_dist.training import checkpoint as ckpt
 from nvium_dist.training.async_save import BackgroundSaver
 from nvium_dist.training.beta_controller import BaselineUnavailable, BetaController
+from nvium_dist.training.compile import compile_blocks_and_heads, compile_summary
 from nvium_dist.training.fault import DivergedError, DivergenceGuard, all_finite
+from nvium_dist.training.lean import make_lean
 from nvium_dist.training.metrics import MetricsLogger
 from nvium_dist.training.run_lock import RunDirLock
 from nvium_dist.training.schedule import build_optimizer, lr_multiplier
@@ -245,6 +247,8 @@ class Trainer:
             model = NviumModel(c.model, tensor_parallel=c.parallel.tensor_parallel, seed=t.seed,
                                activation_checkpointing=t.activation_checkpointing,
                                loss_chunk_tokens=t.loss_chunk_tokens)
+        if t.compile:
+            compile_blocks_and_heads(model)
         if resume is not None and not resume["same_layout"]:
             load_named_from_file(*self._named_parameters(model), resume["path"] / MODEL_FILE, self.info.tp_rank,
                                  self.info.tp_size, c.model.vocab_size)
@@ -263,7 +267,7 @@ class Trainer:
     def _deepspeed_config(self) -> dict:
         from nvium_dist.training.engine_config import deepspeed_config
 
-        return deepspeed_config(self.config, self.grad_accumulation)
+        return deepspeed_config(self.config, self.grad_accumulation, self.info.world_size)
 
     def _build_engine(self, model, lr_offset: int):
         import deepspeed
@@ -277,6 +281,8 @@ class Trainer:
                                                mpu=None if self.pipelined else DeepSpeedMPU())
         ckpt.install_checkpoint_engine(engine)
         self.guard.install(engine, self._loss_share)
+        if p.is_lean(self.info.world_size):
+            make_lean(engine)
         return engine
 
     def _resume_point(self) -> dict | None:
@@ -589,22 +595,29 @@ class Trainer:
         last_saved, save_due = self.step, False
         while self.step < t.train_iters:
             self.watchdog.beat("step", self.step + 1)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             lr = self.engine.get_lr()[0]
             losses = self._train_step(iterator)
             self.step += 1
             self.consumed_samples += t.global_batch_size
-            elapsed = time.perf_counter() - started
+            elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
+            if t.compile and self.step == (self.resumed_step or 0) + 1:
+                compiled = compile_summary()
+                self.metrics.message(f"[compile] first step {elapsed:.1f} s, of which {compiled['seconds']} s compiling "
+                                     f"{compiled['graphs']} graphs")
             verdict, roll_back = self.guard.verdict, self.guard.after_step(self.step)
             if verdict.skipped or self.step % t.log_interval == 0 or self.step == t.train_iters:
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"step": self.step, **losses, "lr": lr, "beta": self.controller.beta,
-                          "tokens_per_s": tokens_per_step / elapsed, "consumed_samples": self.consumed_samples,
+                          "tokens_per_s": tokens_per_step / elapsed, "step_cpu_s": cpu_elapsed,
+                          "consumed_samples": self.consumed_samples,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "router_warmup": self.step <= self.warmup_steps, "peak_memory_mb": peak_memory_mb(),
                           "skipped": verdict.skipped, "skipped_steps": self.guard.skipped_steps}
                 if verdict.skipped:
                     record["skip_reason"] = verdict.reason
+                if t.compile:  # a count that grows after the first step means recompilation
+                    record["compiled_graphs"] = compile_summary()["graphs"]
                 self.metrics.log(record)
                 self.metrics.progress(self.step, {"loss": f"{losses['loss']:.4f}", "lr": f"{lr:.2e}",
                                                   "tok/s": f"{record['tokens_per_s']:.0f}"})
@@ -700,9 +713,9 @@ class Trainer:
 
         c, t, info = self.config, self.config.training, self.info
         report = model_report(c.model)
-        memory = model_state_memory(report["total_parameters"], report["largest_module_parameters"],
-                                    c.parallel.zero_stage, info.world_size, 1, info.tp_size * info.pp_size,
-                                    c.parallel.offload_optimizer)
+        zero_stage = c.parallel.engine_zero_stage(info.world_size)
+        memory = model_state_memory(report["total_parameters"], report["largest_module_parameters"], zero_stage,
+                                    info.world_size, 1, info.tp_size * info.pp_size, c.parallel.offload_optimizer)
         activations = activation_memory(
             c.model, t.micro_batch_size, tensor_parallel=info.tp_size, pipeline_parallel=info.pp_size,
             dtype_bytes=c.parallel.dtype_bytes, fused_norm=info.device.type == "cuda",
@@ -710,11 +723,13 @@ class Trainer:
         where = f"resumed from {resume['path']} at step {self.step}" if resume else "fresh start"
         print(f"[setup] {report['total_parameters']:,} parameters {report['parameters_by_part']}\n"
               f"[setup] world {info.world_size} = TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}, "
-              f"ZeRO-{c.parallel.zero_stage}, grad accumulation {self.grad_accumulation}, device {info.device}, "
+              f"ZeRO-{zero_stage}{' (lean single process)' if c.parallel.is_lean(info.world_size) else ''}, "
+              f"grad accumulation {self.grad_accumulation}, device {info.device}, "
               f"{c.parallel.torch_dtype_name}, optimizer {type(self.engine.basic_optimizer).__name__}, gradient "
               f"reduction {str(self.engine.communication_data_type).removeprefix('torch.')}\n"
               f"[setup] memory estimate per GPU: model states {memory['per_gpu_gib']} GiB (DeepSpeed; CPU "
               f"{memory['cpu_gib']} GiB) + activations {activations['peak_gib']} GiB (activation checkpointing "
               f"{'on' if t.activation_checkpointing else 'off'}, loss chunk {t.loss_chunk_tokens or 'off'})\n"
+              f"[setup] torch.compile {'on: blocks and heads compile in the first step' if t.compile else 'off'}\n"
               f"[setup] run dir {self.run_dir.resolve()} ({where})", flush=True)
 
