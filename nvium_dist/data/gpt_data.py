@@ -181,6 +181,12 @@ def _process_group_for_build(needed: bool):
         dist.destroy_process_group()
 
 
+def _first_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def check_index_caches(cache_dirs: list[str]) -> None:
     """Raises DatasetFormatError naming an index-cache .npy that holds Python objects (a pickle: megatron only
     writes integer arrays, and such a file is never loaded, so the build would stop with numpy's unnamed "Array
@@ -278,7 +284,8 @@ def build_gpt_datasets(
             return (None, None, None)
     cache_dirs = [cache_dir] if cache_dir is not None else [
         os.path.join(p, "cache") for p in prefixes + (valid[0] if valid else [])]
-    check_index_caches(cache_dirs)
+    if _first_rank():  # the others may run while rank 0 writes these caches (megatron's rank-0-first build)
+        check_index_caches(cache_dirs)
     with _process_group_for_build(needed=cache_dir is not None and n_datasets > 1):
         try:
             datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
