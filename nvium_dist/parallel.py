@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 
@@ -50,6 +51,19 @@ def forkserver_context(preload: tuple[str, ...]):
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(list(preload))
     return context
+
+
+def put_result(queue, rank: int, status: str, value) -> None:
+    """Sends a worker's result to its parent by value. A tensor put on a torch.multiprocessing queue travels as
+    a file descriptor that the parent fetches from the worker's process when it reads the queue; a worker that
+    has exited by then makes the parent's read fail (FileNotFoundError on the resource sharer's socket)."""
+    queue.put((rank, status, pickle.dumps(value)))
+
+
+def get_result(queue, timeout: float) -> tuple[int, str, object]:
+    """(rank, status, value) of the next result a worker sent with put_result."""
+    rank, status, payload = queue.get(timeout=timeout)
+    return rank, status, pickle.loads(payload)  # our own workers' bytes, never a file's
 
 
 def _env_int(name: str, default: int) -> int:

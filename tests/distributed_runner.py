@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import traceback
 
-from nvium_dist.parallel import forkserver_context, free_port
+from nvium_dist.parallel import forkserver_context, free_port, get_result, put_result
 
 _PRELOAD = ("torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture")
 
@@ -21,9 +21,9 @@ def _worker(fn, rank, world_size, port, args, queue):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        put_result(queue, rank, "ok", fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
-        queue.put((rank, "error", traceback.format_exc()))
+        put_result(queue, rank, "error", traceback.format_exc())
     finally:
         from megatron.core import parallel_state
 
@@ -44,7 +44,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     results, errors = {}, []
     try:
         for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+            rank, status, value = get_result(queue, timeout=timeout)
             if status == "ok":
                 results[rank] = value
             else:

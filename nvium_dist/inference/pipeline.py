@@ -170,6 +170,8 @@ def stage_device(rank: int, stages: int, device: str) -> torch.device:
 def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
     import torch.distributed as dist
 
+    from nvium_dist.parallel import put_result
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(stages), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(job["threads"])
@@ -203,9 +205,9 @@ def _stage_main(rank: int, stages: int, port: int, job: dict, queue) -> None:
         if job.get("return_caches"):
             result["caches"] = {layer: (engine.cache.keys[layer].cpu(), engine.cache.values[layer].cpu())
                                 for layer in engine.cache.keys}
-        queue.put((rank, "ok", result))
+        put_result(queue, rank, "ok", result)
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        queue.put((rank, "error", traceback.format_exc()))
+        put_result(queue, rank, "error", traceback.format_exc())
     finally:
         try:
             from megatron.core import parallel_state
@@ -232,7 +234,7 @@ def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: list[int
                  return_caches: bool = False, timeout: float = 600.0) -> dict:
     """Decodes with `stages` processes over `rows` rows (default: one per prompt);
     -> {"tokens", "exits", "rows", "seconds" (stage 0's decode time), "caches"?}."""
-    from nvium_dist.parallel import forkserver_context, free_port
+    from nvium_dist.parallel import forkserver_context, free_port, get_result
 
     config = _model_config(export_dir)
     stage_segments(config.num_heads_total, [b - a for a, b in config.segment_ranges], stages)  # validates
@@ -252,7 +254,7 @@ def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: list[int
         deadline = time.time() + timeout
         while len(results) < stages and not errors:
             try:
-                rank, status, value = queue.get(timeout=max(1.0, min(5.0, deadline - time.time())))
+                rank, status, value = get_result(queue, timeout=max(1.0, min(5.0, deadline - time.time())))
             except Exception:  # queue.Empty: check the processes are alive
                 dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in results]
                 if dead or time.time() > deadline:
