@@ -4,6 +4,7 @@
     python tools/bench_decode.py --synthetic                      # the benchmark model, built in memory
     python tools/bench_decode.py --model exports/tiny --baseline exports/tiny-dense
     python tools/bench_decode.py --synthetic --profile            # + where batch-1 time goes, per token
+    python tools/bench_decode.py --synthetic --device cuda --batch-sizes 1 --continuous '' --cuda-graphs
 
 --synthetic builds the issue-14 benchmark model (d256, L8, 4 heads, exits after layers 2/4/6, vocab 8000,
 random weights; routers biased so ~70% of tokens take the first exit and half of the rest each later one)
@@ -39,7 +40,9 @@ call, or because full depth also pays for heads the deferred decoder skips):
 efficiency = measured speedup / ideal; efficiency_vs_work_model = measured / min(ideal, work model).
 When the routers send more than 95% of the tokens to one exit, a warning prints the exit histogram: the
 speedup then describes a shallower model, not N-vium. Load averages are recorded per setting: on a shared
-machine numbers move by tens of percent; rerun on a quiet one.
+machine numbers move by tens of percent; rerun on a quiet one. On CUDA the JSON also counts the host's waits
+for the GPU per generated token at batch 1 (host_syncs_per_token_batch1): one per exit decision that reaches a
+router and one for the tick's sampled tokens is the floor, since the next segment to run depends on both.
 """
 from __future__ import annotations
 
@@ -90,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile (dynamic shapes) every layer's MLP of both models before timing; the compile "
                         "happens in the warm-up (on this 2-core CPU it made decoding slower: docs/performance.md)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --device cuda at batch 1 (--batch-sizes 1 --continuous ''): every decoder replays its "
+                        "single-token segment calls as CUDA graphs (nvium_dist/inference/graphs.py)")
     return p.parse_args(argv)
 
 
@@ -228,14 +234,14 @@ def run_setting(runs: dict, rows: int, seed: int, repeats: int, sync) -> dict:
     return {name: (seconds[name], outputs[name]) for name in names}
 
 
-def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda, clock):
-    """-> (profiler, output, seconds of the run by `clock`)."""
+def profiled_run(generator, prompts, limits, rows, seed, mode, schedule, cuda, clock, options):
+    """-> (profiler, output, seconds of the run by `clock`); options: more generate() arguments."""
     from nvium_dist.inference.profile import TickProfiler
 
     profiler = TickProfiler(cuda, clock)
     start = clock()
     out = generator.generate(prompts, limits, seed=seed, max_batch=rows, mode=mode, schedule=schedule,
-                             timer=profiler)
+                             timer=profiler, **options)
     return profiler, out, clock() - start
 
 
@@ -249,6 +255,10 @@ def main(argv=None) -> int:
     error = torch_setup_error(args.device, args.threads)
     if error:
         print(error, file=sys.stderr)
+        return 2
+    if args.cuda_graphs and (args.device != "cuda" or any(rows != 1 for rows, _, _ in settings)):
+        print("error: --cuda-graphs needs --device cuda and batch 1 only (--batch-sizes 1 --continuous '')",
+              file=sys.stderr)
         return 2
     if args.baseline and args.synthetic:
         print("error: --baseline goes with --model (--synthetic builds its own dense twin)", file=sys.stderr)
@@ -290,7 +300,8 @@ def main(argv=None) -> int:
               "num_layers": num_layers, "exit_layers": config.exit_layers, "hidden_size": config.hidden_size,
               "vocab_size": config.vocab_size, "threads": torch.get_num_threads(), "device": args.device,
               "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "clock": clock_name, "compiled_mlps": args.compile, "settings": []}
+              "clock": clock_name, "compiled_mlps": args.compile, "cuda_graphs": args.cuda_graphs, "settings": []}
+    options = {"fixed_shape_calls": True} if args.cuda_graphs else {}
     try:
         for rows, count, serving in settings:
             load_before = os.getloadavg()
@@ -306,16 +317,16 @@ def main(argv=None) -> int:
                 limits = [rng.randint(args.new_tokens // 2, (3 * args.new_tokens) // 2) for _ in range(count)]
             label = f"{count} prompts through {rows} rows" if serving else f"batch {rows}"
             print(f"{label}: timing", file=sys.stderr, flush=True)
-            runs = {"full": (nvium, prompts, limits, dict(mode="full")),
-                    "deferred": (nvium, prompts, limits, dict(mode="deferred", schedule=TickSchedule())),
-                    "deferred_lockstep": (nvium, prompts, limits, dict(mode="deferred", schedule=None))}
+            runs = {"full": (nvium, prompts, limits, dict(mode="full", **options)),
+                    "deferred": (nvium, prompts, limits, dict(mode="deferred", schedule=TickSchedule(), **options)),
+                    "deferred_lockstep": (nvium, prompts, limits, dict(mode="deferred", schedule=None, **options))}
             if dense is not None:
-                runs["dense"] = (dense, dense_prompts, limits, dict(mode="full"))
+                runs["dense"] = (dense, dense_prompts, limits, dict(mode="full", **options))
             timed = run_setting(runs, rows, args.seed, args.repeats, sync)
             calls, profiled = [], {}  # segment call timings of this setting, for its work model and bound
             for mode, schedule in (("full", None), ("deferred", TickSchedule())):
                 profiler, _, seconds = profiled_run(nvium, prompts, limits, rows, args.seed, mode, schedule, cuda,
-                                                    clock)
+                                                    clock, options)
                 calls += profiler.calls
                 profiled[mode] = (seconds, sum(t for segment, _, t in profiler.calls if segment > 0))
             costs = fit_call_costs(calls, config.num_heads_total)
@@ -334,7 +345,9 @@ def main(argv=None) -> int:
                   f"{entry['work_model']:.2f}x, bound {entry['upper_segments_free_bound']:.2f}x)"
                   + (f", dense {tps['dense']:.0f}" if "dense" in tps else ""), file=sys.stderr, flush=True)
         if args.profile:
-            result["profile_batch1"] = profile_batch1(nvium, args, cuda, clock)
+            result["profile_batch1"] = profile_batch1(nvium, args, cuda, clock, options)
+        if cuda:
+            result["host_syncs_per_token_batch1"] = host_syncs_per_token(nvium, args, options)
     except GenerationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -407,7 +420,33 @@ def warn_if_collapsed(label: str, histogram: list[int], exit_layers: list[int]) 
               "that shallower model, not N-vium", file=sys.stderr)
 
 
-def profile_batch1(nvium, args, cuda, clock) -> dict:
+def host_syncs_per_token(nvium, args, options) -> dict:
+    """CUDA: the calls that made the host wait for the GPU (torch.cuda.set_sync_debug_mode's warnings) per
+    generated token of one batch-1 sequence, full depth and deferred."""
+    import warnings
+
+    import torch
+
+    from nvium_dist.inference.engine import TickSchedule
+
+    prompts = make_prompts(nvium, 1, args.prompt_tokens, args.seed + 1)
+    counts = {}
+    for mode, schedule in (("full", None), ("deferred", TickSchedule())):
+        nvium.generate(prompts, [4], seed=args.seed, mode=mode, schedule=schedule, **options)  # graphs captured
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = nvium.generate(prompts, [args.new_tokens], seed=args.seed, mode=mode, schedule=schedule,
+                                     **options)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        counts[mode] = round(syncs / out.num_tokens, 2)
+    return counts
+
+
+def profile_batch1(nvium, args, cuda, clock, options) -> dict:
     """Microseconds per generated token by part, by `clock` (median of --repeats profiled runs, full depth and
     deferred alternating), with a model of what the heads leave (heads_model, not a bound): the full-depth time
     with its layers scaled by E[exit layer] / L and its routers by the exits actually reached."""
@@ -419,7 +458,7 @@ def profile_batch1(nvium, args, cuda, clock) -> dict:
     for _ in range(args.repeats):
         for mode, schedule in (("full", None), ("deferred", TickSchedule())):
             profiler, out, seconds = profiled_run(nvium, prompts, [args.new_tokens], 1, args.seed, mode, schedule,
-                                                  cuda, clock)
+                                                  cuda, clock, options)
             for name, us in profiler.report(out.num_tokens, seconds).items():
                 parts[mode].setdefault(name, []).append(us)
             histogram = out.exit_histogram()

@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="torch CPU threads (0: 1 thread for models narrower than 1024, else torch's default)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --device cuda and one sequence at a time: replay single-token segment calls as CUDA "
+                        "graphs (same tokens up to float rounding)")
     return p.parse_args(argv)
 
 
@@ -89,6 +92,10 @@ def main(argv=None) -> int:
     id_prompts = args.prompt_ids
     if not texts and not id_prompts:
         print("error: give at least one prompt (positional, --prompt, --prompt-file or --prompt-ids)", file=sys.stderr)
+        return 2
+
+    if args.cuda_graphs and args.device != "cuda":
+        print("error: --cuda-graphs needs --device cuda", file=sys.stderr)
         return 2
 
     from nvium_dist.checkpoint_io import CheckpointError
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
         out = generator.generate(prompts, args.max_new_tokens, seed=args.seed, mode=args.mode,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
                                  eos_id=eos, pipeline_stages=args.pipeline_stages, max_batch=args.max_batch,
-                                 on_step=on_step if streaming else None)
+                                 on_step=on_step if streaming else None, fixed_shape_calls=args.cuda_graphs)
     except (GenerationError, CheckpointError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2

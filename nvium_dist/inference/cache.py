@@ -23,6 +23,14 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: on CUDA through pinned memory, a non-blocking
+    copy (a copy from pageable memory would wait for the GPU to finish its queued work)."""
+    if values.device == device:
+        return values
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SegmentBatch:
     """The tokens of one segment call: rows[i] runs positions starts[i] .. starts[i] + counts[i] - 1."""
@@ -118,8 +126,8 @@ class KVCache:
             query_index += [tokens[-1]] * (n - len(tokens))
         padded = len(query_index) != offset
         # one host -> device copy for every index list
-        flat = torch.tensor(token_rows + token_positions + last_index + list(slot_rows)
-                            + (query_index + unpad_index if padded else []), device=self.device)
+        flat = host_to_device(torch.tensor(token_rows + token_positions + last_index + list(slot_rows)
+                                           + (query_index + unpad_index if padded else [])), self.device)
         t, slots = offset, len(slot_rows)
         views = flat.split([t, t, r, slots] + ([slots * n, t] if padded else []))
         token_rows_t, token_positions_t, last_t, slot_rows_t = views[:4]

@@ -7,6 +7,7 @@ from collections import deque
 
 import torch
 
+from nvium_dist.inference.cache import host_to_device
 from nvium_dist.inference.engine import StageEngine
 
 
@@ -121,7 +122,7 @@ def feed_rows(engine: StageEngine, model, inputs: dict[int, tuple[list[int], int
     last token of a deciding row is its current token, the rest are completed without decisions."""
     rows = sorted(inputs)
     ids = [t for row in rows for t in inputs[row][0]]
-    hidden = model.embed(torch.tensor([ids], dtype=torch.long, device=engine.device))
+    hidden = model.embed(host_to_device(torch.tensor([ids], dtype=torch.long), engine.device))
     engine.write_input(rows, [inputs[row][1] for row in rows], [len(inputs[row][0]) for row in rows], hidden)
     engine.start_tokens([row for row in rows if inputs[row][2]])
     engine.complete([row for row in rows if not inputs[row][2]])

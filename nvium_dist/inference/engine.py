@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvium_dist.inference.cache import KVCache, SegmentBatch
-from nvium_dist.inference.sampling import STREAM_EXIT, STREAM_TOKEN, SamplingTransform, sample_from_logits, uniform
+from nvium_dist.inference.cache import KVCache, SegmentBatch, host_to_device
+from nvium_dist.inference.graphs import SingleTokenCalls
+from nvium_dist.inference.sampling import (STREAM_EXIT, STREAM_TOKEN, SamplingTransform, sample_from_logits,
+                                           uniform_keys, uniforms)
 from nvium_dist.mixture import log_mixture_distribution, router_log_probs
 
 
@@ -70,7 +72,7 @@ class TickOutput:
 class StageEngine:
     def __init__(self, model, segments: range, batch: int, max_len: int, seed: int, full_depth: bool = False,
                  transform: SamplingTransform | None = None, schedule: TickSchedule | None = None,
-                 trace: bool = False, timer=None):
+                 trace: bool = False, timer=None, fixed_shape_calls: bool = False):
         config = model.config
         self.model, self.config = model, config
         self.lo, self.hi = segments.start, segments.stop
@@ -88,6 +90,9 @@ class StageEngine:
         self.cache = KVCache(layers, config.num_layers, batch, max_len, config.num_heads, config.head_dim,
                              self.dtype, self.device)
         self.caches = self.cache.layer_caches
+        # batch 1: single-token segment calls in fixed shapes, replayed as CUDA graphs on CUDA (inference.graphs)
+        self.single_token_calls = SingleTokenCalls(model, self.cache, config.hidden_size, self.dtype, self.device) \
+            if fixed_shape_calls else None
         # hidden[j] = output of segment j (input of segment j + 1); hidden[lo - 1] is this stage's input
         # (the embeddings on stage 0). The final segment's output is never queued.
         self.hidden = {j: torch.zeros(batch, max_len, config.hidden_size, dtype=self.dtype, device=self.device)
@@ -242,7 +247,10 @@ class StageEngine:
                 else:
                     hidden = source[batch.token_rows, batch.token_positions].unsqueeze(0)
         with timer(f"segment {j}", (j, batch.total)):
-            hidden = self.model.run_segment(j, hidden, self.model.rotary(batch.positions), self.caches)
+            if self.single_token_calls is not None and batch.total == 1:
+                hidden = self.single_token_calls.run(j, hidden, batch.starts[0])
+            else:
+                hidden = self.model.run_segment(j, hidden, self.model.rotary(batch.positions), self.caches)
         if j < self.num_heads - 1:
             with timer("bookkeeping"):
                 if batch.single:
@@ -276,8 +284,10 @@ class StageEngine:
                 stop = [True] * len(rows)
             else:
                 log_q, _ = router_log_probs(router)
-                stop = [uniform(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT) < math.exp(lq)
-                        for row, pos, lq in zip(rows, positions, log_q.tolist())]
+                u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT)
+                                    for row, pos in zip(rows, positions)])
+                stop = (u < log_q.double().exp()).tolist()  # the host's one wait per decision: it picks the rows'
+                # next segment
         if self.trace is not None and router is not None:
             for i, (row, pos) in enumerate(zip(rows, positions)):
                 self.trace.append(("router", self.sequence_ids[row], pos, j, router[i].detach().clone()))
@@ -308,8 +318,8 @@ class StageEngine:
         with timer("output"):
             logits = adapted @ self.output_matrix
         with timer("sampling"):
-            u = torch.tensor([uniform(self.seeds[row], self.sequence_ids[row], self.avail[row], head, STREAM_TOKEN)
-                              for row, head, _ in order], dtype=torch.float64, device=logits.device)
+            u = self._uniforms([(self.seeds[row], self.sequence_ids[row], self.avail[row], head, STREAM_TOKEN)
+                                for row, head, _ in order])
             tokens = sample_from_logits(logits, u).tolist()
         for n, ((row, head, _), token) in enumerate(zip(order, tokens)):
             out.results[row] = (token, head)
@@ -333,8 +343,8 @@ class StageEngine:
         if self.num_heads > 1:
             routers = torch.stack([torch.stack([r for _, r in self.mixture_parts[row][:-1]]) for row in rows])
         log_mix = log_mixture_distribution(log_heads, routers)
-        u = torch.tensor([uniform(self.seeds[row], self.sequence_ids[row], pos, -1, STREAM_TOKEN)
-                          for row, pos in zip(rows, positions)], dtype=torch.float64, device=log_mix.device)
+        u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, -1, STREAM_TOKEN)
+                            for row, pos in zip(rows, positions)])
         tokens = [0] * len(rows)
         for transform in {self.transforms[row] for row in rows}:  # rows of a server may each transform differently
             picked = [i for i, row in enumerate(rows) if self.transforms[row] is transform]
@@ -345,6 +355,10 @@ class StageEngine:
             self.deciding.discard(row)
             self.level[row] = None
             del self.mixture_parts[row]
+
+    def _uniforms(self, keys: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+        """The draws of `keys` (sampling.uniform's arguments), computed on the engine's device."""
+        return uniforms(host_to_device(uniform_keys(keys), self.device))
 
     def _forward_work(self, rows: list[int]) -> ForwardWork | None:
         """Everything that passed this stage's last exit and was not forwarded yet: continuing tokens with their

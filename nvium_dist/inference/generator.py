@@ -200,7 +200,8 @@ class NviumGenerator:
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
                  eos_id: int | None = None, pipeline_stages: int = 1, flush: bool = False, trace: bool = False,
                  sequence_ids: list[int] | None = None, on_step=None, max_batch: int | None = None,
-                 schedule: TickSchedule | None = TickSchedule(), timer=None) -> GenerationOutput:
+                 schedule: TickSchedule | None = TickSchedule(), timer=None,
+                 fixed_shape_calls: bool = False) -> GenerationOutput:
         """Exact ancestral sampling from p_mix (see the module docstring).
 
         prompts: token-id lists (or strings, encoded with the export's tokenizer), ragged lengths allowed.
@@ -215,6 +216,8 @@ class NviumGenerator:
         prompt index; rows advance independently, so a tick holds any subset of the sequences).
         schedule: when deferred tokens climb past the first exit (engine.TickSchedule); None completes every
         current token in each tick, like a lockstep batch. timer: profiler hook (nvium_dist.inference.profile).
+        fixed_shape_calls: one sequence at a time (max_batch=1), single-token segment calls in fixed shapes,
+        replayed as CUDA graphs on CUDA (nvium_dist.inference.graphs); equal to the default up to float rounding.
         """
         if mode not in ("deferred", "full"):
             raise GenerationError(f"mode must be 'deferred' or 'full', got {mode!r}")
@@ -237,6 +240,9 @@ class NviumGenerator:
         if eos_id is not None:
             self._check_ids([eos_id])
         rows = min(len(prompts), max_batch or len(prompts))
+        if fixed_shape_calls and (rows != 1 or pipeline_stages != 1):
+            raise GenerationError("fixed-shape calls (CUDA graphs) decode one sequence at a time in one process: "
+                                  "use max_batch=1 and pipeline_stages=1")
         max_len = max(len(p) + n for p, n in zip(prompts, max_new_tokens))
         if pipeline_stages < 1:
             raise GenerationError(f"pipeline_stages must be >= 1, got {pipeline_stages}")
@@ -259,7 +265,7 @@ class NviumGenerator:
         with torch.inference_mode():
             engine = StageEngine(self.model, range(self.config.num_heads_total), rows, max_len, seed,
                                  full_depth=mode == "full", transform=transform, schedule=schedule, trace=trace,
-                                 timer=timer)
+                                 timer=timer, fixed_shape_calls=fixed_shape_calls)
             start = time.perf_counter()
             driver = Driver(engine, self.model, prompts, sequence_ids, max_new_tokens, eos_id, flush, on_step)
             driver.run(lambda: engine.tick().results)

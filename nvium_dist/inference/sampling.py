@@ -7,6 +7,9 @@ full-depth, batched and pipeline-stage decoding with one seed make the same deci
 Exit decision at exit k for the token at `position`: exit iff u(seed, seq, position, k, 0) < q_k.
 Token from head k: inverse CDF of softmax(z_k) at u(seed, seq, position, k, 1).
 Transformed sampling (full mixture, then temperature/top-k/top-p) uses exit index -1.
+
+`uniforms` computes the same numbers, bit for bit, as a tensor on the device that decides with them, so a
+GPU decoder needs no host round trip to draw them.
 """
 from __future__ import annotations
 
@@ -31,6 +34,42 @@ def uniform(seed: int, sequence: int, position: int, exit: int, stream: int) -> 
     for part in (sequence, position, exit, stream):
         h = _mix64(h ^ (part & _M64))
     return ((h >> 11) + 0.5) * (1.0 / (1 << 53))
+
+
+def _as_int64(value: int) -> int:
+    """The two's-complement int64 with the same 64 bits as `value` mod 2^64."""
+    value &= _M64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical shift of the 64 bits of an int64 tensor (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+# int64 arithmetic wraps modulo 2^64 like the masked Python integers of _mix64
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _mix64_tensor(z: torch.Tensor) -> torch.Tensor:
+    z = z + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def uniform_keys(keys: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+    """(seed, sequence, position, exit, stream) per draw -> the int64 [R, 5] host tensor `uniforms` reads."""
+    return torch.tensor([[_as_int64(part) for part in key] for key in keys], dtype=torch.int64)
+
+
+def uniforms(keys: torch.Tensor) -> torch.Tensor:
+    """keys [R, 5] int64 from uniform_keys, on any device -> [R] float64 on that device: uniform(*key) per row,
+    bitwise equal."""
+    h = _mix64_tensor(keys[:, 0])
+    for part in range(1, 5):
+        h = _mix64_tensor(h ^ keys[:, part])
+    return (_shift_right(h, 11).double() + 0.5) * (1.0 / (1 << 53))
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ summary at the end. `--cpu-smoke` runs every check on CPU at toy sizes, to catch
               measured next to tools/model_info's estimate
   budget      a 1.5B-shaped slice (d1536, 4 layers, 1024 tokens) trained 3 steps: the allocator's peak
               (torch.cuda.max_memory_allocated) next to model_info's gpu_memory_budget, and one save timed
-  bench_decode  tools/bench_decode.py --device cuda at batch 1, with and without --cuda-graphs (if offered)
+  bench_decode  tools/bench_decode.py --device cuda at batch 1, with and without --cuda-graphs (host waits per
+              token counted), and tests/test_inference_graphs.py (captured graphs = eager calls)
 With >= 2 GPUs (in --cpu-smoke: 2 CPU processes) also:
   zero2       world 2, ZeRO-2 bf16: trains, and the engine reduces gradients in fp32 (its setup line)
   tp2         world 2, TP=2 ZeRO-1 trains
@@ -301,8 +302,14 @@ class Checks:
                 raise RuntimeError(f"bench_decode {name}: " + done.stderr[-2000:])
             report = json.loads(done.stdout)
             result[name] = report.get("settings", report)
-        result["ok"] = True
         result["cuda_graphs_offered"] = "cuda_graphs" in variants
+        result["ok"] = all(setting.get("same_tokens", True) for name in variants for setting in result[name])
+        if "cuda_graphs" in variants:  # captured graphs against the eager calls: tokens, exits, KV caches
+            graphs_test = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_inference_graphs.py"],
+                                         env=self.env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+            (self.out / "cuda_graphs_test.log").write_text(graphs_test.stdout + graphs_test.stderr)
+            result["cuda_graphs_test"] = graphs_test.stdout.strip().splitlines()[-1:]
+            result["ok"] = result["ok"] and graphs_test.returncode == 0 and "skipped" not in graphs_test.stdout
         return result
 
     # -- with two or more GPUs ----------------------------------------------------------------------------
