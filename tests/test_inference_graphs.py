@@ -22,8 +22,8 @@ def test_device_uniforms_equal_the_counter_hash_bitwise():
     from nvium_dist.inference.sampling import uniform, uniform_keys, uniforms
 
     rng = random.Random(0)
-    keys = [(rng.getrandbits(64), rng.randrange(2 ** 40), rng.randrange(1 << 17), rng.randrange(-1, 9), rng.randrange(2))
-            for _ in range(20_000)]
+    keys = [(rng.getrandbits(64), rng.randrange(2 ** 40), rng.randrange(1 << 17), rng.randrange(-1, 9),
+             rng.randrange(2)) for _ in range(20_000)]
     keys += [(2 ** 64 - 1, 0, 0, -1, 1), (0, 0, 0, 0, 0), (-1, -1, -1, -1, -1), (2 ** 63, 2 ** 63 - 1, 1, 1, 1)]
     assert uniforms(uniform_keys(keys)).tolist() == [uniform(*key) for key in keys]
 

@@ -270,7 +270,8 @@ class StageEngine:
             index = batch.last_index
             if len(rows) != len(batch.rows):
                 deciding = set(rows)
-                index = index[[i for i, row in enumerate(batch.rows) if row in deciding]]
+                index = index[host_to_device(torch.tensor([i for i, row in enumerate(batch.rows) if row in deciding]),
+                                             self.device)]
             last = hidden[0, index]
         positions = [self.avail[row] for row in rows]  # position of the token being sampled
         if self.transform is not None:
