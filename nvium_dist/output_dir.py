@@ -3,7 +3,8 @@
 The rules, for every tool that writes one:
 * the output is never the input, never holds it and never sits inside it (not even with --force);
 * it is built under `<out>.tmp-<pid>` and swapped in only when complete; a temporary directory left by a
-  writer that died is removed by the next run;
+  writer that died is removed by the next run, and so is the replaced output a writer killed mid-swap left
+  as `<out>.old-<pid>` (put back in place when the new output never arrived);
 * the tool marks its output with `nvium_conversion.json` (MARKER_FILE): the tool's name and the sha256 of
   every file it wrote, so a re-run replaces only what the tool wrote, and a reader can tell a tampered file
   (a modeling_nvium.py loaded with trust_remote_code, say) before it runs it;
@@ -80,6 +81,7 @@ def check_output_dir(out: Path, tool: str, force: bool, sources: Iterable[Path] 
     recognises an output of an older version that has no file list (replaced only with --force)."""
     for source in sources:
         check_apart(out, Path(source), tool)
+    recover_interrupted_swap(out)
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
@@ -122,15 +124,37 @@ def verify_marker(directory: Path) -> dict | None:
     return marker
 
 
-def _writer_is_gone(tmp: Path) -> bool:
+def _process_is_gone(pid: int) -> bool:
     try:
-        pid = json.loads((tmp / PARTIAL_FILE).read_text())["pid"]
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (OSError, ValueError, KeyError, TypeError):  # not ours, unreadable, or a live process of another user
+    except OSError:  # a live process of another user
         return False
     return False
+
+
+def _writer_is_gone(tmp: Path) -> bool:
+    try:
+        pid = int(json.loads((tmp / PARTIAL_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):  # not ours, or unreadable
+        return False
+    return _process_is_gone(pid)
+
+
+def recover_interrupted_swap(out: Path) -> None:
+    """Finishes what a writer killed inside install_dir left: `<out>.old-<pid>` of a process that no longer
+    exists is the marked output it was replacing. With `out` missing (killed between the two renames) it is
+    put back; with the writer's new marked output in place it is removed. Anything else is left alone."""
+    for old in out.parent.glob(f"{out.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if (not pid.isdigit() or old.is_symlink() or not old.is_dir() or read_marker(old) is None
+                or not _process_is_gone(int(pid))):
+            continue
+        if not out.exists() and not out.is_symlink():
+            os.replace(old, out)
+        elif out.is_dir() and not out.is_symlink() and read_marker(out) is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_tmp_dirs(out: Path) -> None:

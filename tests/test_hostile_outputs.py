@@ -209,3 +209,30 @@ def test_full_disk_is_one_line_and_keeps_the_old_output(export, small_disk):
         save_export(small_disk / "exp", exported.model_config, exported.state, None)
     assert snapshot(small_disk / "exp") == old_export and snapshot(small_disk / "hf") == old_hf
     assert sorted(p.name for p in small_disk.iterdir()) == ["exp", "filler", "hf", "hf.tmp-1"]
+
+
+def test_a_writer_killed_mid_swap_loses_nothing(export, tmp_path):
+    """install_dir renames the old output to `<out>.old-<pid>` and then the new one into place. A writer killed
+    between the two renames left no `out` at all; killed after them, a stale `.old-<pid>`. The next run puts the
+    old output back, or removes the superseded one; directories it did not make are left alone."""
+    hf = tmp_path / "hf"
+    assert tool("convert_to_hf.py", export, hf, "--no-check")["code"] == 0
+    before = snapshot(hf)
+    dead = _dead_pid()
+    os.replace(hf, tmp_path / f"hf.old-{dead}")  # killed between the renames
+    unmarked = tmp_path / f"hf.old-{dead + 1 if dead + 1 != os.getpid() else dead + 2}"
+    unmarked.mkdir()
+    (unmarked / "mine.txt").write_text("not the tool's\n")
+    alive = tmp_path / "hf.old-1"  # pid 1 is alive
+    alive.mkdir()
+    (alive / "nvium_conversion.json").write_text("{}")
+    result = tool("convert_to_hf.py", export, hf, "--no-check")  # a re-run over the restored, unchanged output
+    assert result["code"] == 0, result["stderr"][-2000:]
+    assert snapshot(hf) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf", unmarked.name, alive.name])
+
+    superseded = tmp_path / f"hf.old-{dead}"  # killed after the renames: the new output is in place
+    superseded.mkdir()
+    (superseded / "nvium_conversion.json").write_text("{}")
+    assert tool("convert_to_hf.py", export, hf, "--no-check")["code"] == 0
+    assert not superseded.exists() and unmarked.exists() and alive.exists() and snapshot(hf) == before
