@@ -133,6 +133,19 @@ def test_diverging_learning_rate_no_longer_exits_0(corpus, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_the_guard_names_a_deepspeed_without_its_hook():
+    """The guard gates a private DeepSpeed method; a version without it is one clear error, not an
+    AttributeError mid-setup."""
+    from nvium_dist.config import TrainingConfig
+    from nvium_dist.training.fault import DivergenceGuard
+
+    class EngineOfAnotherVersion:
+        pass
+
+    with pytest.raises(ValueError, match=r"_take_model_step, which deepspeed .* does not have; install the version"):
+        DivergenceGuard(TrainingConfig(), rank=0).install(EngineOfAnotherVersion(), lambda: torch.zeros(()))
+
+
 def test_resume_refuses_non_finite_weights_and_evaluations(corpus, tmp_path, capsys):
     """A checkpoint that verifies against its manifest but holds NaN weights, or whose last evaluation was NaN,
     is passed over for the previous one; with none left the choice is an error naming the NaN."""

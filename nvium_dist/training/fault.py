@@ -62,7 +62,12 @@ class DivergenceGuard:
     def install(self, engine, loss_share: Callable[[], torch.Tensor]) -> None:
         """Gates every optimizer step of `engine`. `loss_share()` is this rank's part of the step's mean loss:
         the shares of all ranks add up to it (0 on ranks that hold no loss)."""
-        take_model_step = engine._take_model_step
+        take_model_step = getattr(engine, "_take_model_step", None)
+        if not callable(take_model_step):  # a private method: another DeepSpeed version may not have it
+            import deepspeed
+
+            raise ValueError(f"the divergence guard gates DeepSpeed's engine._take_model_step, which deepspeed "
+                             f"{deepspeed.__version__} does not have; install the version requirements.txt pins")
 
         def gated_model_step(lr_kwargs=None):
             reason = self._reason_to_skip(engine, loss_share())
