@@ -35,7 +35,7 @@ import torch
 from nvium_dist.inference.cache import KVCache, SegmentBatch, host_to_device
 from nvium_dist.inference.graphs import SingleTokenCalls
 from nvium_dist.inference.sampling import (STREAM_EXIT, STREAM_TOKEN, SamplingTransform, sample_from_logits,
-                                           uniform_keys, uniforms)
+                                           uniform, uniform_keys, uniforms)
 from nvium_dist.mixture import log_mixture_distribution, router_log_probs
 
 
@@ -358,7 +358,11 @@ class StageEngine:
             del self.mixture_parts[row]
 
     def _uniforms(self, keys: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
-        """The draws of `keys` (sampling.uniform's arguments), computed on the engine's device."""
+        """The draws of `keys` (sampling.uniform's arguments) on the engine's device, bitwise equal either way:
+        on a GPU computed there (no host round trip); on CPU by the Python hash, which for a tick's few draws
+        costs ~5 us where the ~40 small tensor operations of `uniforms` cost ~120 us."""
+        if self.device.type == "cpu":
+            return torch.tensor([uniform(*key) for key in keys], dtype=torch.float64)
         return uniforms(host_to_device(uniform_keys(keys), self.device))
 
     def _forward_work(self, rows: list[int]) -> ForwardWork | None:
