@@ -145,6 +145,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.resumed_step: int | None = None
+        self.good_checkpoint_step: int | None = None  # of the newest checkpoint this run wrote or resumed from
         self.lineage = ckpt.new_lineage()
         self._stop_reason: str | None = None
         self._launcher_pid: int | None = None
@@ -514,6 +515,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
                                     self.info.rank, self.info.world_size, self._background)
         seconds = time.perf_counter() - started
+        self.good_checkpoint_step = self.step
         if self._background is None:  # slurm/pretrain.sbatch reads the seconds from this line to time its signal
             self.metrics.message(f"[checkpoint] step {self.step} -> {path} ({seconds:.1f} s)")
         else:
@@ -556,7 +558,7 @@ class Trainer:
         self._build_data()
         resume = self._resume_point()
         if resume is not None:
-            self.step = self.resumed_step = int(resume["trainer_state"]["step"])
+            self.step = self.resumed_step = self.good_checkpoint_step = int(resume["trainer_state"]["step"])
             self.lineage = resume["trainer_state"].get("lineage", self.lineage)
             self.guard.load_state(resume["trainer_state"])
         model = self._build_model(resume)
@@ -599,6 +601,7 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             losses = self._train_step(iterator)
             self.step += 1
+            self.guard.poison_weights(self.engine, self.step)
             self.consumed_samples += t.global_batch_size
             elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
             if t.compile and self.step == (self.resumed_step or 0) + 1:
@@ -633,14 +636,24 @@ class Trainer:
             save_due = save_due or self.step % t.save_interval == 0
             # a periodic save waits out a run of skipped steps: it could become the target of a rollback
             if stopping or self.step == t.train_iters or (save_due and not self.guard.consecutive_skips):
-                self.save()
+                saved = self.save()
                 last_saved, save_due = self.step, False
             if stopping:
                 self.metrics.message(f"[train] stopping early: {self._stop_reason or 'another rank was told to stop'}")
-                self.metrics.message(f"preempted: checkpoint saved at step {self.step}")
+                self.metrics.message(self._preemption_line(saved))
                 break
         if last_saved != self.step:
             self.save()
+
+    def _preemption_line(self, saved: Path | None) -> str:
+        """What a stop says about its checkpoint; slurm/pretrain.sbatch requeues on the "preempted: " prefix of
+        either line (a refused save still restarts, from the newest good checkpoint)."""
+        if saved is not None:
+            return f"preempted: checkpoint saved at step {self.step}"
+        resumes = (f"resumes from step {self.good_checkpoint_step}" if self.good_checkpoint_step is not None
+                   else "starts from step 0 (this run has no good checkpoint)")
+        return (f"preempted: no checkpoint written at step {self.step} (non-finite weights or evaluation); "
+                f"the restart {resumes}")
 
     def _load_checkpoint(self, found: dict) -> None:
         """The chosen checkpoint (`_resume_point`'s answer) into the live engine and the trainer's counters."""
@@ -676,6 +689,7 @@ class Trainer:
                                 "which resumes from it")
         self.watchdog.beat("rollback", diverged_at)
         self._load_checkpoint(found)
+        self.good_checkpoint_step = self.step
         self.guard.rolled_back()
         self.consumed_samples += t.rollback_skip_batches * t.global_batch_size
         self.guard.report(f"rollback {self.guard.rollbacks} of at most {t.max_rollbacks}: step {diverged_at} -> "
