@@ -45,16 +45,32 @@ def pretrain_cli(rank, world_size, args, log_dir):
     return code
 
 
+FILE_SIZE_LIMIT = 64 * 1024  # above what rank 1 logs, below its share of a checkpoint
+
+
+def pretrain_cli_rank1_small_files(rank, world_size, args, log_dir):
+    """pretrain_cli where rank 1 can write no file past FILE_SIZE_LIMIT bytes (RLIMIT_FSIZE): its share of a
+    checkpoint fails with EFBIG, like a full disk on its node, while rank 0 writes on. SIGXFSZ is ignored, so
+    the write fails instead of killing the process."""
+    import resource
+
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    return pretrain_cli(rank, world_size, args, log_dir)
+
+
 def cli_args(corpus, run_dir: Path, **settings) -> list[str]:
     """pretrain_nvium.py's arguments: tiny.yaml at the small test shape."""
     overrides = small_overrides(corpus, run_dir, **settings)
     return ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
 
 
-def pretrain(corpus, run_dir: Path, world_size: int = 2, **settings) -> tuple[list[int], str]:
-    """The trainer CLI on `world_size` forkserver ranks -> (exit codes by rank, rank 0's output)."""
+def pretrain(corpus, run_dir: Path, world_size: int = 2, target=pretrain_cli, timeout: float = 600,
+             **settings) -> tuple[list[int], str]:
+    """The trainer CLI (`target`) on `world_size` forkserver ranks -> (exit codes by rank, rank 0's output)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    codes = run_distributed(pretrain_cli, world_size, cli_args(corpus, run_dir, **settings), str(run_dir), timeout=600)
+    codes = run_distributed(target, world_size, cli_args(corpus, run_dir, **settings), str(run_dir), timeout=timeout)
     return codes, (run_dir / "rank0.log").read_text()
 
 
@@ -305,3 +321,36 @@ def test_the_batch_script_requeues_after_either_preemption_line(tmp_path, checkp
     script = f"declare -A log_offsets=([{log}]={len(earlier)})\n{functions}\nstopped_early"
     requeues = subprocess.run(["bash", "-c", script]).returncode == 0
     assert requeues == (checkpoint != "none"), lines[checkpoint]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_checkpoint_write_failing_on_one_rank_ends_every_rank_promptly(corpus, tmp_path, async_save):
+    """A run saves step 20. Resumed with rank 1 unable to write any file past 64 KiB, its save of step 40 fails
+    on rank 1 alone (DeepSpeed's optimizer file). Every rank learns of it at the save's agreement point and exits
+    with exit code 2 and the same error line naming rank 1, in seconds rather than the collective timeout;
+    `latest` still names step 20 and nothing of step 40 stays. A background save's failure ends the run within
+    a few steps, long before the next save (step 60) would have waited for it."""
+    settings = {"parallel.zero_stage": 1, "training.save_interval": 20, "training.eval_interval": 1000,
+                "training.async_save": async_save}
+    codes, output = pretrain(corpus, tmp_path, **settings, **{"training.train_iters": 20})
+    assert codes == [0, 0], output
+    started = time.monotonic()
+    codes, _ = pretrain(corpus, tmp_path, target=pretrain_cli_rank1_small_files, timeout=120,
+                        **settings, **{"training.train_iters": 1000})
+    assert time.monotonic() - started < 60
+    assert codes == [exit_codes.CONFIG_ERROR] * 2
+    records, _ = read_metrics(tmp_path)
+    assert (max(records) == 40) if not async_save else (40 < max(records) < 60), sorted(records)
+    root = tmp_path / "checkpoints"
+    errors = []
+    for rank in (0, 1):
+        log = (tmp_path / f"rank{rank}.log").read_text()
+        errors.append([line for line in log.replace("\r", "\n").splitlines() if line.startswith("error: ")])
+        assert len(errors[-1]) == 1, log
+    assert errors[0] == errors[1]
+    # torch.save reports the failed write as "unexpected pos", which reads as a full disk
+    assert errors[0][0].startswith("error: checkpoint step_00000040 was not written: rank 1 could not write its share "
+                                   f"(no space left on the device writing {root / '.tmp_step_00000040'} ("), errors
+    assert errors[0][0].endswith(f"{root / 'latest'} still names the last good checkpoint (step_00000020)"), errors
+    assert (root / "latest").read_text().strip() == "step_00000020"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000020"]

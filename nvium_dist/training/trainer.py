@@ -440,8 +440,8 @@ class Trainer:
     def _write_layout_independent_files(self, directory: Path, host_copy=None):
         """Collective. model.safetensors and optimizer.safetensors get every rank's own share of the fp32 master
         weights (not the bf16 module weights) and Adam moments, written at its offsets, nothing gathered
-        (training/sharded_state.py); the sample check comes from the rank that computed it. -> `finish(group)`
-        (see checkpoint.save_checkpoint)."""
+        (training/sharded_state.py); the sample check comes from the rank that computed it. -> this rank's
+        sharded_state.ShareWriter (see checkpoint.save_checkpoint)."""
         from nvium_dist.checkpoint_io import SAMPLE_FILE, write_sample_check
         from nvium_dist.training import sharded_state
 
@@ -449,13 +449,12 @@ class Trainer:
         if self.pipelined and self._lower_stage_names is None:
             self._lower_stage_names = sharded_state.lower_stage_names(list(self._tied_parameters()[0]),
                                                                       self.info.pp_rank)
-        finish = sharded_state.save_files(directory, self.engine, self.config, params, dims, self.info,
-                                          self._lower_stage_names or set(), host_copy)
+        share = sharded_state.save_files(directory, self.engine, self.config, params, dims, self.info,
+                                         self._lower_stage_names or set(), host_copy)
         sample = self._sample_check()
-        if sample is None:
-            return finish
-        write_sample_check(directory, sample)
-        return lambda group=None: finish(group) + [SAMPLE_FILE]
+        if sample is not None:
+            share.add(SAMPLE_FILE, lambda: write_sample_check(directory, sample))
+        return share
 
     @torch.no_grad()
     def _sample_check(self):
@@ -538,10 +537,17 @@ class Trainer:
             self._launcher_pid = os.getppid()
 
     def _any_rank_stopping(self) -> bool:
+        """Collective, once a step: whether any rank was told to stop. A background save that failed on any
+        rank raises here on every rank (each rank's writer raised the same error at the save's agreement), so
+        the run ends within a step rather than at the next save."""
         if self._launcher_pid is not None and os.getppid() != self._launcher_pid:
             self._stop_reason = f"the launcher (pid {self._launcher_pid}) died"
-        flag = torch.tensor([1.0 if self._stop_reason else 0.0])
-        return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
+        failed = self._background is not None and self._background.failed
+        flags = torch.tensor([1.0 if self._stop_reason else 0.0, 1.0 if failed else 0.0])
+        stop, failed = all_reduce(flags, op=dist.ReduceOp.MAX).tolist()
+        if failed:
+            self._background.wait()
+        return bool(stop)
 
     # -- the loop ---------------------------------------------------------------------------------------
 
