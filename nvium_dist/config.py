@@ -302,6 +302,9 @@ class TrainingConfig:
     inject_loss_batches: list[int] = field(default_factory=list)
     inject_loss_rank: int = 0
     inject_loss_scale: float = 0.0
+    # Test hook: after this step (0: never) rank inject_loss_rank's weights turn NaN, as a silent corruption would
+    # leave them; every later step is skipped and no checkpoint of them is written.
+    inject_nan_weights_step: int = 0
     # "auto": torch AdamW (fused on CUDA; DeepSpeedCPUAdam for an optimizer offloaded from CUDA);
     # "torch": torch AdamW everywhere; "deepspeed": DeepSpeed's FusedAdam on CUDA, DeepSpeedCPUAdam on CPU
     # (both JIT-compiled at first use).
@@ -328,7 +331,8 @@ class TrainingConfig:
         } | {name: NON_NEGATIVE for name in ("weight_decay", "clip_grad", "beta", "router_warmup_steps", "aux_head_loss",
                                               "keep_checkpoints", "loss_chunk_tokens", "max_skipped_steps",
                                               "rollback_skip_batches", "max_rollbacks", "loss_spike_window",
-                                              "hang_timeout_s", "inject_loss_rank")} | {
+                                              "hang_timeout_s", "inject_loss_rank",
+                                              "inject_nan_weights_step")} | {
             "loss_spike_sigmas": POSITIVE,
             "inject_loss_batches": (lambda v: all(b >= 1 for b in v), "global batch numbers >= 1"),
             "adam_beta1": ADAM_BETA, "adam_beta2": ADAM_BETA,
@@ -365,7 +369,8 @@ class NviumConfig:
                 raise ConfigError(
                     f"training.global_batch_size={self.training.global_batch_size} is not divisible by "
                     f"micro_batch_size x data_parallel = {self.training.micro_batch_size} x {dp}")
-            if self.training.inject_loss_batches and self.training.inject_loss_rank >= world_size:
+            injects = self.training.inject_loss_batches or self.training.inject_nan_weights_step
+            if injects and self.training.inject_loss_rank >= world_size:
                 raise ConfigError(f"training.inject_loss_rank={self.training.inject_loss_rank} is not a rank "
                                   f"of this world of {world_size}")
             if self.training.compile and dp > 1 and self.parallel.engine_zero_stage(world_size) == 3:

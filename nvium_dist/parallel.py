@@ -149,6 +149,15 @@ def gather_object(obj, dst: int = 0, group=None) -> list | None:
     return gathered
 
 
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's `obj` as a list by rank in `group`, on every rank (small objects only)."""
+    if dist.get_world_size(group) == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def current_parallel_info(device: str = "cpu") -> ParallelInfo:
     from megatron.core import parallel_state as ps
 

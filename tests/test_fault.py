@@ -45,17 +45,60 @@ def pretrain_cli(rank, world_size, args, log_dir):
     return code
 
 
+FILE_SIZE_LIMIT = 64 * 1024  # above what rank 1 logs, below its share of a checkpoint
+
+
+def pretrain_cli_rank1_small_files(rank, world_size, args, log_dir):
+    """pretrain_cli where rank 1 can write no file past FILE_SIZE_LIMIT bytes (RLIMIT_FSIZE): its share of a
+    checkpoint fails with EFBIG, like a full disk on its node, while rank 0 writes on. SIGXFSZ is ignored, so
+    the write fails instead of killing the process."""
+    import resource
+
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    return pretrain_cli(rank, world_size, args, log_dir)
+
+
 def cli_args(corpus, run_dir: Path, **settings) -> list[str]:
     """pretrain_nvium.py's arguments: tiny.yaml at the small test shape."""
     overrides = small_overrides(corpus, run_dir, **settings)
     return ["--config", str(ROOT / "pretrain" / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
 
 
-def pretrain(corpus, run_dir: Path, world_size: int = 2, **settings) -> tuple[list[int], str]:
-    """The trainer CLI on `world_size` forkserver ranks -> (exit codes by rank, rank 0's output)."""
+def pretrain(corpus, run_dir: Path, world_size: int = 2, target=pretrain_cli, timeout: float = 600,
+             **settings) -> tuple[list[int], str]:
+    """The trainer CLI (`target`) on `world_size` forkserver ranks -> (exit codes by rank, rank 0's output)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    codes = run_distributed(pretrain_cli, world_size, cli_args(corpus, run_dir, **settings), str(run_dir), timeout=600)
+    codes = run_distributed(target, world_size, cli_args(corpus, run_dir, **settings), str(run_dir), timeout=timeout)
     return codes, (run_dir / "rank0.log").read_text()
+
+
+def start_pretrain(corpus, run_dir: Path, world_size: int, **settings) -> tuple[list, object]:
+    """pretrain_cli on `world_size` forkserver ranks, left running -> (their processes, the queue their
+    results arrive on)."""
+    from distributed_runner import _PRELOAD, _worker
+    from nvium_dist.parallel import forkserver_context, free_port
+
+    args = cli_args(corpus, run_dir, **settings)
+    context = forkserver_context(_PRELOAD)
+    results = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_worker, args=(pretrain_cli, rank, world_size, port, (args, str(run_dir)), results))
+             for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    return ranks, results
+
+
+def wait_for_records(run_dir: Path, ranks: list, ready, what: str) -> None:
+    """Until `ready(records of metrics.jsonl)`; fails with rank 0's log if a rank exits first or 300 s pass."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and ready([json.loads(line) for line in metrics.read_text().splitlines()])):
+        assert time.monotonic() < deadline, f"training did not reach {what}"
+        assert all(p.is_alive() for p in ranks), (run_dir / "rank0.log").read_text()
+        time.sleep(0.5)
 
 
 def final_weights(run_dir: Path) -> tuple[dict, dict]:
@@ -185,28 +228,13 @@ def test_watchdog_ends_every_rank_when_one_freezes(corpus, tmp_path, world_size)
     its rank, step and phase in one line and exits with exit code HUNG within hang_timeout_s + 60 s."""
     import queue as queue_module
 
-    from distributed_runner import _PRELOAD, _worker
-    from nvium_dist.parallel import forkserver_context, free_port
-
     hang_timeout = 10
-    args = cli_args(corpus, tmp_path, **{
+    ranks, results = start_pretrain(corpus, tmp_path, world_size, **{
         "training.train_iters": 10_000, "training.eval_interval": 10_000, "training.save_interval": 10_000,
         "training.global_batch_size": 4 * world_size, "training.hang_timeout_s": hang_timeout})
-    context = forkserver_context(_PRELOAD)
-    results = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=_worker, args=(pretrain_cli, rank, world_size, port, (args, str(tmp_path)), results))
-             for rank in range(world_size)]
-    for process in ranks:
-        process.start()
     frozen = ranks[1]
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-            assert time.monotonic() < deadline, "training did not reach step 3"
-            assert all(p.is_alive() for p in ranks), (tmp_path / "rank0.log").read_text()
-            time.sleep(0.5)
+        wait_for_records(tmp_path, ranks, lambda records: len(records) >= 3, "step 3")
         os.kill(frozen.pid, signal.SIGSTOP)
         stopped = time.monotonic()
         for process in ranks:
@@ -244,3 +272,98 @@ def test_the_batch_script_requeues_exactly_the_requeue_exit_codes():
     assert re.findall(r"^HUNG_EXIT=(\d+)$", script, re.M) == [str(exit_codes.HUNG)]
     assert exit_codes.REQUEUE == (exit_codes.HUNG,)
     assert len({exit_codes.OK, exit_codes.ERROR, exit_codes.CONFIG_ERROR, exit_codes.DIVERGED, exit_codes.HUNG}) == 5
+
+
+def test_preemption_of_a_non_finite_model_says_no_checkpoint_was_written(corpus, tmp_path):
+    """Rank 1's weights turn NaN after step 3 (training.inject_nan_weights_step), so every later step is skipped
+    (max_skipped_steps=0: no rollback) and the periodic save of step 4 waits. SIGUSR1 then stops the run: its
+    save is refused, and the stop line says so and names step 2, the checkpoint a restart resumes from, instead
+    of claiming a checkpoint of the stop step."""
+    from nvium_dist.parallel import get_result
+
+    ranks, results = start_pretrain(corpus, tmp_path, 2, **{
+        "training.train_iters": 10_000, "training.eval_interval": 10_000, "training.save_interval": 2,
+        "training.max_skipped_steps": 0, "training.inject_nan_weights_step": 3, "training.inject_loss_rank": 1})
+    try:
+        wait_for_records(tmp_path, ranks, lambda records: any(r.get("skipped") for r in records), "a skipped step")
+        os.kill(ranks[0].pid, signal.SIGUSR1)
+        codes = dict(get_result(results, timeout=120)[::2] for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    output = (tmp_path / "rank0.log").read_text()
+    assert codes == {0: 0, 1: 0}, output
+    assert "preempted: checkpoint saved" not in output
+    stops = re.findall(r"^preempted: no checkpoint written at step (\d+) \(non-finite weights or evaluation\); "
+                       r"the restart resumes from step 2$", output, re.M)
+    assert len(stops) == 1, output
+    assert int(stops[0]) > 3
+    assert f"[fault] step {stops[0]}: the model is not finite" in output
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert (root / "latest").read_text().strip() == "step_00000002"
+
+
+def sbatch_functions(*names: str) -> str:
+    """The definitions of these shell functions in slurm/pretrain.sbatch (one-line, or up to a line "}")."""
+    script = (ROOT / "slurm" / "pretrain.sbatch").read_text()
+    found = [re.search(rf"^{name}\(\) \{{(?: [^\n]*; \}}|\n.*?\n\}})$", script, re.M | re.S) for name in names]
+    assert all(found), names
+    return "\n".join(match.group(0) for match in found)
+
+
+@pytest.mark.parametrize("checkpoint", ["saved", "refused", "none"])
+def test_the_batch_script_requeues_after_either_preemption_line(tmp_path, checkpoint):
+    """pretrain.sbatch's own stopped_early, over a node log whose earlier run (before this run's offset) said
+    preempted: the trainer's stop line requeues whether its save was written or refused; no line, no requeue."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from nvium_dist.training.trainer import Trainer
+
+    trainer = SimpleNamespace(step=7, good_checkpoint_step=4)
+    lines = {"saved": Trainer._preemption_line(trainer, tmp_path / "step_00000007"),
+             "refused": Trainer._preemption_line(trainer, None), "none": "[train] step 40 of 40"}
+    earlier = Trainer._preemption_line(trainer, tmp_path / "step_00000007") + "\n"
+    log = tmp_path / "node1.log"
+    log.write_text(earlier + f"[setup] resumed\n{lines[checkpoint]}\n")
+    functions = sbatch_functions("this_run_logged", "stopped_early")
+    script = f"declare -A log_offsets=([{log}]={len(earlier)})\n{functions}\nstopped_early"
+    requeues = subprocess.run(["bash", "-c", script]).returncode == 0
+    assert requeues == (checkpoint != "none"), lines[checkpoint]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_checkpoint_write_failing_on_one_rank_ends_every_rank_promptly(corpus, tmp_path, async_save):
+    """A run saves step 20. Resumed with rank 1 unable to write any file past 64 KiB, its save of step 40 fails
+    on rank 1 alone (DeepSpeed's optimizer file). Every rank learns of it at the save's agreement point and exits
+    with exit code 2 and the same error line naming rank 1, in seconds rather than the collective timeout;
+    `latest` still names step 20 and nothing of step 40 stays. A background save's failure ends the run within
+    a few steps, long before the next save (step 60) would have waited for it."""
+    settings = {"parallel.zero_stage": 1, "training.save_interval": 20, "training.eval_interval": 1000,
+                "training.async_save": async_save}
+    codes, output = pretrain(corpus, tmp_path, **settings, **{"training.train_iters": 20})
+    assert codes == [0, 0], output
+    started = time.monotonic()
+    codes, _ = pretrain(corpus, tmp_path, target=pretrain_cli_rank1_small_files, timeout=120,
+                        **settings, **{"training.train_iters": 1000})
+    assert time.monotonic() - started < 60
+    assert codes == [exit_codes.CONFIG_ERROR] * 2
+    records, _ = read_metrics(tmp_path)
+    assert (max(records) == 40) if not async_save else (40 < max(records) < 60), sorted(records)
+    root = tmp_path / "checkpoints"
+    errors = []
+    for rank in (0, 1):
+        log = (tmp_path / f"rank{rank}.log").read_text()
+        errors.append([line for line in log.replace("\r", "\n").splitlines() if line.startswith("error: ")])
+        assert len(errors[-1]) == 1, log
+    assert errors[0] == errors[1]
+    # torch.save reports the failed write as "unexpected pos", which reads as a full disk
+    assert errors[0][0].startswith("error: checkpoint step_00000040 was not written: rank 1 could not write its share "
+                                   f"(no space left on the device writing {root / '.tmp_step_00000040'} ("), errors
+    assert errors[0][0].endswith(f"{root / 'latest'} still names the last good checkpoint (step_00000020)"), errors
+    assert (root / "latest").read_text().strip() == "step_00000020"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000020"]

@@ -140,6 +140,47 @@ def test_llama_import_refusals(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def write_declared_safetensors(path: Path, tensors: dict, declared: dict[str, tuple[int, ...]]) -> None:
+    """A safetensors file holding `tensors`, plus float32 tensors of the `declared` shapes whose bytes are a
+    sparse hole at the end: the file has the full size its header describes, and no disk space behind it."""
+    import struct
+
+    header, data, offset = {}, [], 0
+    for name, tensor in tensors.items():
+        raw = tensor.contiguous().float().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        data.append(raw)
+        offset += len(raw)
+    for name, shape in declared.items():
+        size = 4 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded + b"".join(data))
+        f.truncate(8 + len(encoded) + offset)
+
+
+def test_mismatched_weights_are_refused_from_their_header_before_any_is_read(tmp_path):
+    """config.json says a vocabulary of 64; model.safetensors declares an embedding of 2^34 x 64 (4 TiB, a sparse
+    hole on disk, more than the process can even map). The shapes are checked from the headers first, so the
+    refusal names the mismatch in one line (exit code 2) instead of failing to load the data (or, for a real
+    file, reading it whole before refusing it)."""
+    llama = tiny_llama(vocab=64, layers=2)
+    llama.config.save_pretrained(tmp_path / "llama")
+    weights = {k: v for k, v in llama.state_dict().items() if k != "model.embed_tokens.weight"}
+    declared = (2**34, 64)
+    write_declared_safetensors(tmp_path / "llama" / "model.safetensors", weights,
+                               {"model.embed_tokens.weight": declared})
+    result = run_cli(tmp_path / "llama", tmp_path / "out", "--exits", "1")
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if "error" in line.lower()] == [
+        f"convert_from_hf.py: error: {tmp_path / 'llama'}/config.json does not describe its weights: "
+        f"model.embed_tokens.weight is {declared}, config.json says (64, 64)"], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # -- the paper's layout ---------------------------------------------------------------------------------
 
 EXITS = [1, 2, 4]

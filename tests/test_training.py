@@ -393,7 +393,7 @@ def _masters_worker(rank, world_size, zero_stage, full_state, directory):
     dist.barrier()
     before = {n: deepspeed.utils.safe_get_full_fp32_param(p) for n, p in params.items()}
     load_fp32_master_weights(params, dims, source, 0, 1, config.vocab_size)
-    save_files(saved, engine, NviumConfig(model=config), params, dims, info, set())()
+    save_files(saved, engine, NviumConfig(model=config), params, dims, info, set()).write()
     dist.barrier()
     after = load_tensors(saved / MODEL_FILE)
     return {"before_off_grid": sum((t != t.bfloat16().float()).sum().item() for t in before.values()),

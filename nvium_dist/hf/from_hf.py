@@ -26,7 +26,7 @@ import torch
 from nvium_dist.checkpoint_io import EXPORT_FORMAT, CheckpointError, check_state_matches
 from nvium_dist.cli import parse_int_list
 from nvium_dist.config import ConfigError, ModelConfig, NviumConfig, quadrivium_exits
-from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_state, rope_theta
+from nvium_dist.hf.weights import backbone_from_llama, read_hf_config, read_hf_shapes, read_hf_state, rope_theta
 from nvium_dist.output_dir import building, check_output_dir, install_dir, write_marker
 
 TOOL = "convert_from_hf.py"
@@ -111,11 +111,12 @@ def sample_outputs(model) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "labels": labels, "log_p_heads": terms.log_p_heads, "log_p_mix": terms.log_p_mix}
 
 
-def check_llama_shapes(hf_config: dict, state: dict[str, torch.Tensor], hf_dir: Path) -> None:
-    """Compares the tensors with the sizes config.json states, before anything of those sizes is allocated (a
-    config.json claiming a vocabulary of 10^12 would otherwise ask for terabytes)."""
+def check_llama_shapes(hf_config: dict, shapes: dict[str, tuple[int, ...]], hf_dir: Path) -> None:
+    """Compares the tensors' shapes (from the safetensors headers) with the sizes config.json states, before any
+    tensor is read or anything of those sizes allocated (a config.json claiming a vocabulary of 10^12 would
+    otherwise ask for terabytes; weights of another model would be read whole before being refused)."""
     d, vocab, ffn = (hf_config.get(k) for k in ("hidden_size", "vocab_size", "intermediate_size"))
-    layers = {int(name.split(".")[2]) for name in state if name.startswith("model.layers.")
+    layers = {int(name.split(".")[2]) for name in shapes if name.startswith("model.layers.")
               and name.split(".")[2].isdigit()}
     if hf_config.get("num_hidden_layers") != len(layers):
         raise CheckpointError(f"{hf_dir}/config.json says num_hidden_layers={hf_config.get('num_hidden_layers')!r} but "
@@ -135,8 +136,8 @@ def check_llama_shapes(hf_config: dict, state: dict[str, torch.Tensor], hf_dir: 
         expected.update({prefix + "mlp.gate_proj.weight": (ffn, d), prefix + "mlp.up_proj.weight": (ffn, d),
                          prefix + "mlp.down_proj.weight": (d, ffn), prefix + "input_layernorm.weight": (d,),
                          prefix + "post_attention_layernorm.weight": (d,)})
-    wrong = [f"{name} is {tuple(state[name].shape)}, config.json says {shape}"
-             for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
+    wrong = [f"{name} is {shapes[name]}, config.json says {shape}"
+             for name, shape in expected.items() if name in shapes and shapes[name] != shape]
     if wrong:
         raise CheckpointError(f"{hf_dir}/config.json does not describe its weights: {'; '.join(wrong[:3])}")
 
@@ -149,9 +150,8 @@ def read_llama(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if kind != "llama":
         what = f"a {kind!r} model" if kind else "no model_type in its config.json"
         raise CheckpointError(f"{hf_dir} holds {what}; convert_from_hf reads LLaMA models (model_type llama)")
-    state = read_hf_state(hf_dir)
-    check_llama_shapes(hf_config, state, hf_dir)
-    return hf_config, state
+    check_llama_shapes(hf_config, read_hf_shapes(hf_dir), hf_dir)
+    return hf_config, read_hf_state(hf_dir)
 
 
 def write_run_dir(run_dir: Path, hf_dir: Path, config: NviumConfig, state: dict[str, torch.Tensor], model) -> Path:

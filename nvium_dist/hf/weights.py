@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nvium_dist.checkpoint_io import CheckpointError, load_tensors, read_json_object
+from nvium_dist.checkpoint_io import CheckpointError, check_safetensors, load_tensors, read_json_object
 from nvium_dist.output_dir import verify_marker
 
 # nvium name inside layers.{i} -> transformers name inside model.layers.{i}
@@ -67,25 +67,44 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
     return read_json_object(path)
 
 
-def read_hf_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors or of the shards model.safetensors.index.json lists."""
+def hf_weight_files(directory: str | os.PathLike) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json lists."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map of tensor -> file)")
-        shards = sorted(set(weight_map.values()))
-        state = {}
-        for shard in shards:
-            state.update(load_tensors(directory / shard))
-        return state
+        return [directory / shard for shard in sorted(set(weight_map.values()))]
     if (directory / "model.safetensors").is_file():
-        return load_tensors(directory / "model.safetensors")
+        return [directory / "model.safetensors"]
     pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     hint = (f" It has {pickled[:3]}: pickled weights are not read (they can run code); re-save the model with "
             "`model.save_pretrained(DIR)` (safetensors is the default)") if pickled else ""
     raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def read_hf_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor, from the safetensors headers alone: no tensor data is read, so sizes can be
+    checked against config.json before gigabytes are."""
+    shapes = {}
+    for path in hf_weight_files(directory):
+        for name, info in check_safetensors(path).items():
+            if name == "__metadata__":
+                continue
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+                raise CheckpointError(f"{path}: tensor {name!r} has no valid shape in its header; the file is corrupt")
+            shapes[name] = tuple(shape)
+    return shapes
+
+
+def read_hf_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors or of the shards model.safetensors.index.json lists."""
+    state = {}
+    for path in hf_weight_files(directory):
+        state.update(load_tensors(path))
+    return state
 
 
 def rope_theta(hf_config: dict) -> float:

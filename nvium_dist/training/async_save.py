@@ -4,9 +4,11 @@ The training step blocks only while `checkpoint.save_checkpoint` copies this ran
 (its share of the layout-independent files and DeepSpeed's state dicts, nothing gathered); writing,
 hashing, the manifest, the rename and `latest` then run in one thread per rank, whose collectives use a
 gloo process group of their own, so they never interleave with the step's. At most one save is in flight:
-the next save, the end of training, a preemption and an error all wait for it. A kill during the
-background write leaves only `.tmp_step_X` behind, never `latest` pointing at it: the previous checkpoint
-stays the one every resume path uses, and the next save removes the leftover.
+the next save, the end of training, a preemption and an error all wait for it. A save that failed (on any
+rank: the ranks agree on it) is raised on every rank at the next step's stop check
+(trainer._any_rank_stopping). A kill during the background write leaves only `.tmp_step_X` behind, never
+`latest` pointing at it: the previous checkpoint stays the one every resume path uses, and the next save
+removes the leftover.
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ class BackgroundSaver:
 
         self._thread = threading.Thread(target=run, name="nvium-checkpoint-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        """Whether the save in flight has ended with an error (which `wait` raises)."""
+        return self._thread is not None and not self._thread.is_alive() and self._error is not None
 
     def wait(self) -> None:
         """Returns once no save is in flight; raises the error the last one hit, if any."""

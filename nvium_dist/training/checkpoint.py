@@ -13,13 +13,15 @@ Every rank writes its own share into `.tmp_step_X` (its DeepSpeed files and RNG 
 the weights and moments at their offsets in model.safetensors and optimizer.safetensors: sharded_state.py),
 hashes what it wrote and reports it; rank 0 writes the manifest from the union of those reports (never a
 directory listing, which on a shared file system can miss what another node just wrote), renames the
-directory to `step_X` and only then rewrites `latest`, so a job killed at any point leaves either the old
-or the new checkpoint. With training.async_save all of that after the copy to host memory runs in a
-background thread (async_save.py). On resume rank 0 alone chooses: the newest checkpoint of the run's
-lineage whose every file matches its manifest (nothing planted, nothing changed) and reads back whole;
-every rank then loads that one (in another layout: only its own slices, tp_layout.read_shards).
-DeepSpeed's pickles are read with torch.load(weights_only=True). A lineage is one run's chain of
-checkpoints: a fresh start begins a new one, so pruning never touches another run's steps.
+directory to `step_X` and only then rewrites `latest`, so a job killed at any point leaves either the old or
+the new checkpoint. Each rank's write and hash errors travel in the same collectives as its byte counts and
+hashes: a write failing on one rank fails the save on every rank, never leaving the others waiting for it.
+With training.async_save all of that after the copy to host memory runs in a background thread
+(async_save.py). On resume rank 0 alone chooses: the newest checkpoint of the run's lineage whose every file
+matches its manifest (nothing planted, nothing changed) and reads back whole; every rank then loads that one
+(in another layout: only its own slices, tp_layout.read_shards). DeepSpeed's pickles are read with
+torch.load(weights_only=True). A lineage is one run's chain of checkpoints: a fresh start begins a new one,
+so pruning never touches another run's steps.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FILE, CheckpointError,
                                       atomic_write_json, check_weights_usable, file_record,
@@ -43,7 +44,7 @@ from nvium_dist.checkpoint_io import (LATEST_FILE, MODEL_FILE, TRAINER_STATE_FIL
                                       update_latest, verify_manifest, write_manifest)
 from nvium_dist.config import NviumConfig
 from nvium_dist.output_dir import disk_full_message, is_disk_full
-from nvium_dist.parallel import broadcast_object, gather_object
+from nvium_dist.parallel import all_gather_object, broadcast_object
 from nvium_dist.tp_layout import read_shards
 from nvium_dist.training.async_save import HostCopy
 
@@ -93,10 +94,10 @@ class RankZeroError(RuntimeError):
     """Raised on ranks > 0 when rank 0 failed at something all ranks wait on; rank 0 raises the original."""
 
 
-def raise_rank0_error(error: Exception | None, what: str) -> None:
+def raise_rank0_error(error: Exception | None, what: str, group=None) -> None:
     """Collective: rank 0 passes the exception it hit (None elsewhere or when it succeeded); rank 0 re-raises
     it and every other rank raises RankZeroError, so no rank waits forever for one that gave up."""
-    message = broadcast_object(f"{type(error).__name__}: {error}" if error is not None else None)
+    message = broadcast_object(f"{type(error).__name__}: {error}" if error is not None else None, group=group)
     if error is not None:
         raise error
     if message is not None:
@@ -148,6 +149,7 @@ class DeepSpeedWrites:
         self.host_copy = host_copy
         self.paths: list[str] = []
         self._pending: list[tuple[object, str]] = []
+        self._error: Exception | None = None
 
     def save(self, state_dict, path: str) -> None:
         from torch.utils._pytree import tree_map_only
@@ -155,12 +157,19 @@ class DeepSpeedWrites:
         self.paths.append(path)
         if self.host_copy is not None:
             self._pending.append((tree_map_only(torch.Tensor, self.host_copy, state_dict), path))
-        else:
-            torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
+        elif self._error is None:
+            try:
+                torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
+            except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a failed write as RuntimeError
+                # DeepSpeed's save_checkpoint ends in a barrier: this rank must reach it, and raise in `write`
+                self._error = err
 
     def write(self) -> None:
+        """Writes what `save` held back; raises the error an immediate write hit."""
         from torch.utils._pytree import tree_map_only
 
+        if self._error is not None:
+            raise self._error
         while self._pending:
             state_dict, path = self._pending.pop(0)
             torch.save(tree_map_only(torch.Tensor, own_storage, state_dict), path)
@@ -195,70 +204,126 @@ def install_checkpoint_engine(engine) -> None:
 
 # -- saving --------------------------------------------------------------------------------------------
 
+def _error_line(err: BaseException, tmp: Path) -> str:
+    """One line for a failed write; a full disk names the path and the free space (torch.save alone says
+    "[enforce fail ...] unexpected pos")."""
+    return disk_full_message(tmp, err) if is_disk_full(err) else f"{type(err).__name__}: {err}"
+
+
+def _latest_note(root: Path) -> str:
+    pointer = root / LATEST_FILE
+    try:
+        return f"{pointer} still names the last good checkpoint ({pointer.read_text().strip()})"
+    except OSError:
+        return f"there is no {pointer} yet"
+
+
 @contextmanager
 def _full_disk_is_one_line(tmp: Path, root: Path):
-    """A full disk is one error line naming the path and the free space (torch.save alone says "[enforce fail
-    ...] unexpected pos"); the half-written step goes, the previous checkpoints and `latest` stay."""
+    """A full disk is one error line; the half-written step goes, the previous checkpoints and `latest` stay."""
     try:
         yield
     except (OSError, RuntimeError) as err:
         if not is_disk_full(err):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(disk_full_message(tmp, err) + f"; {root / LATEST_FILE} still names the last good "
-                              "checkpoint") from None
+        raise CheckpointError(f"{_error_line(err, tmp)}; {_latest_note(root)}") from None
+
+
+def _raise_failures(errors: list[str | None], what: str, final: Path, tmp: Path, rank: int) -> None:
+    """Every rank calls it with the same `errors` (one line per rank, None where its part succeeded), so a
+    failure on any rank ends the save on every rank with the same error; rank 0 removes the partial step."""
+    failed = [(r, line) for r, line in enumerate(errors) if line is not None]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    first, line = failed[0]
+    others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    raise CheckpointError(f"checkpoint {final.name} was not written: rank {first} could not {what} ({line}){others}; "
+                          f"{_latest_note(final.parent)}")
 
 
 def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict, write_parts, rank: int,
                     world_size: int, background=None) -> Path:
     """Collective: every rank calls it. `write_parts(tmp_dir, host_copy)` prepares this rank's share of the
     layout-independent files (model, optimizer, sample; it may run collectives; copied to host memory with
-    `host_copy` for a background save, None otherwise) and returns `finish(group)`, which writes it and
-    returns the names this rank reports for the manifest. With `background`
-    (async_save.BackgroundSaver) the call returns once the state is copied to host memory; writing, hashing,
-    the manifest, the rename and `latest` then run in its thread, on its own process group."""
+    `host_copy` for a background save, None otherwise) and returns its sharded_state.ShareWriter. With
+    `background` (async_save.BackgroundSaver) the call returns once the state is copied to host memory;
+    writing, hashing, the manifest, the rename and `latest` then run in its thread, on its own process group.
+
+    A write that fails on one rank (its disk full, its mount gone) is a failure of the save on every rank: the
+    ranks write their files without waiting for each other, then exchange their errors (and the bytes they
+    wrote) in one collective, and likewise for hashing; any error raises the same CheckpointError on every
+    rank, before anything is renamed, so `latest` keeps naming the previous checkpoint and no rank waits in a
+    collective for one that gave up."""
     root = checkpoint_root(config.training.run_dir)
     final, tmp = root / step_dir_name(step), root / f".tmp_{step_dir_name(step)}"
     if background is not None:
         background.wait()  # at most one save in flight
-    if rank == 0:
-        for leftover in root.glob(".tmp_step_*"):  # from saves a kill interrupted; the run-dir lock rules out a writer
-            shutil.rmtree(leftover)
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    host_copy = HostCopy() if background is not None else None
-    writes = engine.checkpoint_engine.writes = DeepSpeedWrites(host_copy)
     with _full_disk_is_one_line(tmp, root):
+        error = None
+        if rank == 0:
+            try:
+                # leftovers of saves a kill interrupted; the run-dir lock rules out a writer
+                for leftover in root.glob(".tmp_step_*"):
+                    shutil.rmtree(leftover)
+                (tmp / "rng").mkdir(parents=True)
+            except OSError as err:  # every rank raises it below
+                error = err
+        raise_rank0_error(error, f"create {tmp}")
+        host_copy = HostCopy() if background is not None else None
+        writes = engine.checkpoint_engine.writes = DeepSpeedWrites(host_copy)
         try:
             engine.save_checkpoint(str(tmp / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
         finally:
             engine.checkpoint_engine.writes = None
         rng = rng_state()
-        finish_parts = write_parts(tmp, host_copy)
+        share = write_parts(tmp, host_copy)
     state = dict(trainer_state, step=step, layout=layout_key(config, world_size))
 
     def finish(group=None) -> Path:
         rng_file = f"rng/rank_{rank:05d}.pt"
-        with _full_disk_is_one_line(tmp, root):
+        error, mine = None, []
+        try:
             writes.write()
             torch.save(rng, tmp / rng_file)
-            mine = [Path(p).relative_to(tmp).as_posix() for p in writes.paths] + [rng_file] + finish_parts(group)
-        dist.barrier(group)
+            mine = [Path(p).relative_to(tmp).as_posix() for p in writes.paths] + [rng_file] + share.write()
+            if rank == 0:
+                for script in DEEPSPEED_SCRIPTS:
+                    (tmp / "deepspeed" / script).unlink(missing_ok=True)
+                atomic_write_json(tmp / TRAINER_STATE_FILE, state)
+                mine.append(TRAINER_STATE_FILE)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+            error = _error_line(err, tmp)
+        # also the barrier before hashing: other ranks write into the files this rank reports
+        reports = all_gather_object((error, share.written), group=group)
+        _raise_failures([line for line, _ in reports], "write its share", final, tmp, rank)
+        share.check(sum(written for _, written in reports))
+        error, records = None, {}
+        try:  # every rank hashes what it reports; the manifest is the union, never a listing of the directory
+            records = {name: file_record(tmp, name) for name in mine}
+        except OSError as err:
+            error = _error_line(err, tmp)
+        reports = all_gather_object((error, records), group=group)
+        _raise_failures([line for line, _ in reports], "read back its share", final, tmp, rank)
+        error = None
         if rank == 0:
-            for script in DEEPSPEED_SCRIPTS:
-                (tmp / "deepspeed" / script).unlink(missing_ok=True)
-            atomic_write_json(tmp / TRAINER_STATE_FILE, state)
-            mine.append(TRAINER_STATE_FILE)
-        # every rank hashes what it wrote; the manifest is the union, never a listing of the directory
-        records = gather_object({name: file_record(tmp, name) for name in mine}, group=group)
+            try:
+                write_manifest(tmp, {name: record for _, part in reports for name, record in part.items()})
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                update_latest(root, final.name)
+            except OSError as err:
+                error = _error_line(err, tmp)
+        _raise_failures(all_gather_object(error, group=group), "publish it (manifest, rename, `latest`)", final, tmp,
+                        rank)
         if rank == 0:
-            write_manifest(tmp, {name: record for part in records for name, record in part.items()})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            update_latest(root, final.name)
-            prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
-        dist.barrier(group)
+            try:
+                prune(root, trainer_state["lineage"], config.training.keep_checkpoints)
+            except OSError as err:  # the new checkpoint is good; failing rank 0 alone would strand the others
+                warn(f"could not prune old checkpoints in {root} ({err}); they stay")
         return final
 
     if background is None:

@@ -57,6 +57,14 @@ class DivergenceGuard:
             return loss * (self.config.inject_loss_scale or float("nan"))
         return loss
 
+    def poison_weights(self, engine, step: int) -> None:
+        """training.inject_nan_weights_step: after that step, rank inject_loss_rank's weights (its ZeRO-3
+        partitions) are NaN."""
+        if step == self.config.inject_nan_weights_step and self.rank == self.config.inject_loss_rank:
+            with torch.no_grad():
+                for param in engine.module.parameters():
+                    getattr(param, "ds_tensor", param).fill_(float("nan"))
+
     # -- the decision at the optimizer step -----------------------------------------------------------
 
     def install(self, engine, loss_share: Callable[[], torch.Tensor]) -> None:

@@ -12,7 +12,8 @@ they add up to the files' size, so a hole or an overlap is an error rather than 
 
 `collect` takes the (cheap) views in the training thread; `OwnedPieces.snapshot` copies them to host
 memory for a save that writes in the background (async_save.HostCopy: the ZeRO partitions DeepSpeed's
-state dicts point into are copied once for both); `OwnedPieces.write` writes.
+state dicts point into are copied once for both); `OwnedPieces.write` writes. `ShareWriter` writes one rank's
+share locally, then checks collectively that the ranks' bytes add up.
 """
 from __future__ import annotations
 
@@ -179,35 +180,61 @@ def lower_stage_names(names: list[str], pp_rank: int) -> set[str]:
     return {name for stage, theirs in stages if stage < pp_rank for name in theirs} & set(names)
 
 
-def save_files(directory: Path, engine, config, params: dict, dims: dict, info, skip: set[str], host_copy=None):
+class ShareWriter:
+    """This rank's share of a save's layout-independent files. `write()` is local: it writes the share (and any
+    file `add`ed) and returns the names this rank reports (and hashes) for the manifest. It may fail on one rank
+    alone, so the caller lets every rank learn of that and of the bytes each wrote (`written`) before `check`."""
+
+    def __init__(self, directory: Path, pieces: OwnedPieces, expected: int, reported: list[str]):
+        self.directory, self.pieces, self.expected = directory, pieces, expected
+        self.reported = list(reported)
+        self.written = 0
+        self._extra: list = []
+
+    def add(self, name: str, write) -> None:
+        """Another file this rank writes (`write()`) and reports with its share."""
+        self._extra.append(write)
+        self.reported.append(name)
+
+    def write(self) -> list[str]:
+        self.written = self.pieces.write(self.directory)
+        for write in self._extra:
+            write()
+        return self.reported
+
+    def check(self, written_by_all: int) -> None:
+        """The ranks' bytes (the sum of their `written`) cover both files exactly: a hole or an overlap is an error."""
+        from nvium_dist.checkpoint_io import CheckpointError
+
+        if written_by_all != self.expected:
+            raise CheckpointError(f"{self.directory}: the ranks wrote {written_by_all} bytes of weights and moments, "
+                                  f"the files hold {self.expected}; the ownership of some parameter is wrong")
+
+
+def save_files(directory: Path, engine, config, params: dict, dims: dict, info, skip: set[str],
+               host_copy=None) -> ShareWriter:
     """Collective. Rank 0 creates model.safetensors, optimizer.safetensors (after the first optimizer step) and
-    config.json; every rank collects its share (copied to host memory by `host_copy`, if given). -> `finish(group)`,
-    which writes the share (in a background thread for an async save), checks over `group` that the ranks'
-    bytes cover both files exactly, and returns the names this rank reports (and hashes) for the manifest."""
+    config.json (its failure is raised on every rank); every rank collects its share (copied to host memory by
+    `host_copy`, if given). -> the ShareWriter that writes it (in a background thread for an async save)."""
     from dataclasses import asdict
 
-    from nvium_dist.checkpoint_io import CONFIG_FILE, CheckpointError, atomic_write_json, expected_parameter_shapes
-    from nvium_dist.parallel import all_reduce
+    from nvium_dist.checkpoint_io import CONFIG_FILE, atomic_write_json, expected_parameter_shapes
+    from nvium_dist.training.checkpoint import raise_rank0_error
 
     full_shapes = expected_parameter_shapes(config.model)
     step = adam_step(engine)
+    error = None
     if info.rank == 0:
-        create_files(directory, full_shapes, step if step > 0 else None)
-        atomic_write_json(directory / CONFIG_FILE, asdict(config))
-    dist.barrier()
+        try:
+            create_files(directory, full_shapes, step if step > 0 else None)
+            atomic_write_json(directory / CONFIG_FILE, asdict(config))
+        except OSError as err:  # every rank raises it below, before writing into files that are not there
+            error = err
+    raise_rank0_error(error, f"create the checkpoint files in {directory}")
     pieces = collect(engine, params, dims, full_shapes, skip, info.tp_rank, info.tp_size, info.dp_rank)
     if host_copy is not None:
         pieces = pieces.snapshot(host_copy)
     reported = [CONFIG_FILE, MODEL_FILE] if info.rank == 0 else []
     if step > 0 and info.rank == info.world_size - 1:  # another rank than the model file's, to hash in parallel
         reported.append(OPTIMIZER_FILE)
-
-    def finish(group=None) -> list[str]:
-        written = all_reduce(torch.tensor([pieces.write(directory)], dtype=torch.int64), group=group)
-        expected = expected_bytes(full_shapes, step > 0)
-        if int(written.item()) != expected:
-            raise CheckpointError(f"{directory}: the ranks wrote {int(written.item())} bytes of weights and moments, "
-                                  f"the files hold {expected}; the ownership of some parameter is wrong")
-        return reported
-
-    return finish
+    return ShareWriter(directory, pieces, expected_bytes(full_shapes, step > 0), reported)

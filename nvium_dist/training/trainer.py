@@ -145,6 +145,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.resumed_step: int | None = None
+        self.good_checkpoint_step: int | None = None  # of the newest checkpoint this run wrote or resumed from
         self.lineage = ckpt.new_lineage()
         self._stop_reason: str | None = None
         self._launcher_pid: int | None = None
@@ -439,8 +440,8 @@ class Trainer:
     def _write_layout_independent_files(self, directory: Path, host_copy=None):
         """Collective. model.safetensors and optimizer.safetensors get every rank's own share of the fp32 master
         weights (not the bf16 module weights) and Adam moments, written at its offsets, nothing gathered
-        (training/sharded_state.py); the sample check comes from the rank that computed it. -> `finish(group)`
-        (see checkpoint.save_checkpoint)."""
+        (training/sharded_state.py); the sample check comes from the rank that computed it. -> this rank's
+        sharded_state.ShareWriter (see checkpoint.save_checkpoint)."""
         from nvium_dist.checkpoint_io import SAMPLE_FILE, write_sample_check
         from nvium_dist.training import sharded_state
 
@@ -448,13 +449,12 @@ class Trainer:
         if self.pipelined and self._lower_stage_names is None:
             self._lower_stage_names = sharded_state.lower_stage_names(list(self._tied_parameters()[0]),
                                                                       self.info.pp_rank)
-        finish = sharded_state.save_files(directory, self.engine, self.config, params, dims, self.info,
-                                          self._lower_stage_names or set(), host_copy)
+        share = sharded_state.save_files(directory, self.engine, self.config, params, dims, self.info,
+                                         self._lower_stage_names or set(), host_copy)
         sample = self._sample_check()
-        if sample is None:
-            return finish
-        write_sample_check(directory, sample)
-        return lambda group=None: finish(group) + [SAMPLE_FILE]
+        if sample is not None:
+            share.add(SAMPLE_FILE, lambda: write_sample_check(directory, sample))
+        return share
 
     @torch.no_grad()
     def _sample_check(self):
@@ -514,6 +514,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.engine, self.config, self.step, state, self._write_layout_independent_files,
                                     self.info.rank, self.info.world_size, self._background)
         seconds = time.perf_counter() - started
+        self.good_checkpoint_step = self.step
         if self._background is None:  # slurm/pretrain.sbatch reads the seconds from this line to time its signal
             self.metrics.message(f"[checkpoint] step {self.step} -> {path} ({seconds:.1f} s)")
         else:
@@ -536,10 +537,17 @@ class Trainer:
             self._launcher_pid = os.getppid()
 
     def _any_rank_stopping(self) -> bool:
+        """Collective, once a step: whether any rank was told to stop. A background save that failed on any
+        rank raises here on every rank (each rank's writer raised the same error at the save's agreement), so
+        the run ends within a step rather than at the next save."""
         if self._launcher_pid is not None and os.getppid() != self._launcher_pid:
             self._stop_reason = f"the launcher (pid {self._launcher_pid}) died"
-        flag = torch.tensor([1.0 if self._stop_reason else 0.0])
-        return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
+        failed = self._background is not None and self._background.failed
+        flags = torch.tensor([1.0 if self._stop_reason else 0.0, 1.0 if failed else 0.0])
+        stop, failed = all_reduce(flags, op=dist.ReduceOp.MAX).tolist()
+        if failed:
+            self._background.wait()
+        return bool(stop)
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -556,7 +564,7 @@ class Trainer:
         self._build_data()
         resume = self._resume_point()
         if resume is not None:
-            self.step = self.resumed_step = int(resume["trainer_state"]["step"])
+            self.step = self.resumed_step = self.good_checkpoint_step = int(resume["trainer_state"]["step"])
             self.lineage = resume["trainer_state"].get("lineage", self.lineage)
             self.guard.load_state(resume["trainer_state"])
         model = self._build_model(resume)
@@ -599,6 +607,7 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             losses = self._train_step(iterator)
             self.step += 1
+            self.guard.poison_weights(self.engine, self.step)
             self.consumed_samples += t.global_batch_size
             elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
             if t.compile and self.step == (self.resumed_step or 0) + 1:
@@ -633,14 +642,24 @@ class Trainer:
             save_due = save_due or self.step % t.save_interval == 0
             # a periodic save waits out a run of skipped steps: it could become the target of a rollback
             if stopping or self.step == t.train_iters or (save_due and not self.guard.consecutive_skips):
-                self.save()
+                saved = self.save()
                 last_saved, save_due = self.step, False
             if stopping:
                 self.metrics.message(f"[train] stopping early: {self._stop_reason or 'another rank was told to stop'}")
-                self.metrics.message(f"preempted: checkpoint saved at step {self.step}")
+                self.metrics.message(self._preemption_line(saved))
                 break
         if last_saved != self.step:
             self.save()
+
+    def _preemption_line(self, saved: Path | None) -> str:
+        """What a stop says about its checkpoint; slurm/pretrain.sbatch requeues on the "preempted: " prefix of
+        either line (a refused save still restarts, from the newest good checkpoint)."""
+        if saved is not None:
+            return f"preempted: checkpoint saved at step {self.step}"
+        resumes = (f"resumes from step {self.good_checkpoint_step}" if self.good_checkpoint_step is not None
+                   else "starts from step 0 (this run has no good checkpoint)")
+        return (f"preempted: no checkpoint written at step {self.step} (non-finite weights or evaluation); "
+                f"the restart {resumes}")
 
     def _load_checkpoint(self, found: dict) -> None:
         """The chosen checkpoint (`_resume_point`'s answer) into the live engine and the trainer's counters."""
@@ -676,6 +695,7 @@ class Trainer:
                                 "which resumes from it")
         self.watchdog.beat("rollback", diverged_at)
         self._load_checkpoint(found)
+        self.good_checkpoint_step = self.step
         self.guard.rolled_back()
         self.consumed_samples += t.rollback_skip_batches * t.global_batch_size
         self.guard.report(f"rollback {self.guard.rollbacks} of at most {t.max_rollbacks}: step {diverged_at} -> "
