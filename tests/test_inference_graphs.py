@@ -72,6 +72,32 @@ def test_cuda_graphs_equal_eager_on_gpu(tmp_path):
         graphs = on_gpu.generate([PROMPT], 30, seed=7, flush=True, fixed_shape_calls=True)
     assert graphs.tokens == eager.tokens and graphs.exits == eager.exits
     assert graphs.engine.single_token_calls.graphs  # captured
+    full = on_gpu.generate([PROMPT], 30, seed=7, mode="full", fixed_shape_calls=True)
+    assert full.engine.decide_per_tick and full.tokens == eager.tokens and full.exits == eager.exits
     n = len(graphs.sequences[0])
     for layer, keys in eager.engine.cache.keys.items():
         torch.testing.assert_close(graphs.engine.cache.keys[layer][0, :, :n], keys[0, :, :n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompts", [[PROMPT], [[5, 6, 7], [8, 9, 10, 11, 12], [1], [4, 4, 20]]], ids=["batch1", "batch4"])
+def test_full_depth_decisions_per_tick_draw_the_same_tokens(generator, prompts):
+    """The GPU's full-depth path (exit decisions kept on the device until the tick's tokens are drawn), run on CPU:
+    the same tokens and exits as the exit-by-exit path and as deferred decoding, and the same KV caches."""
+    from nvium_dist.inference.driver import Driver
+    from nvium_dist.inference.engine import StageEngine
+
+    reference = generator.generate(prompts, 24, seed=9, mode="full", flush=True)
+    assert not reference.engine.decide_per_tick  # CPU keeps the exit-by-exit path
+    config = generator.config
+    with torch.inference_mode():
+        engine = StageEngine(generator.model, range(config.num_heads_total), len(prompts), reference.engine.max_len, 9,
+                             full_depth=True)
+        engine.decide_per_tick = True
+        driver = Driver(engine, generator.model, prompts, list(range(len(prompts))), [24] * len(prompts), None, True)
+        driver.run(lambda: engine.tick().results)
+    assert driver.tokens == reference.tokens and driver.exits == reference.exits
+    assert len({e for row in driver.exits for e in row}) > 1
+    deferred = generator.generate(prompts, 24, seed=9)
+    assert driver.tokens == deferred.tokens
+    for layer, keys in reference.engine.cache.keys.items():
+        torch.testing.assert_close(engine.cache.keys[layer], keys, atol=1e-6, rtol=0)

@@ -41,8 +41,9 @@ efficiency = measured speedup / ideal; efficiency_vs_work_model = measured / min
 When the routers send more than 95% of the tokens to one exit, a warning prints the exit histogram: the
 speedup then describes a shallower model, not N-vium. Load averages are recorded per setting: on a shared
 machine numbers move by tens of percent; rerun on a quiet one. On CUDA the JSON also counts the host's waits
-for the GPU per generated token at batch 1 (host_syncs_per_token_batch1): one per exit decision that reaches a
-router and one for the tick's sampled tokens is the floor, since the next segment to run depends on both.
+for the GPU per generated token at batch 1 (host_syncs_per_token_batch1): deferred, one per exit decision that
+reaches a router and one for the tick's sampled tokens is the floor, since the next segment to run depends on
+both; full depth decides on the device and reads back once per token.
 """
 from __future__ import annotations
 

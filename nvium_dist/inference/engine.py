@@ -119,6 +119,12 @@ class StageEngine:
         self.arrivals = [0.0] * self.num_heads
         self.arrived = [0] * self.num_heads
         self.mixture_parts: dict[int, list] = {}
+        # full depth in one process on a GPU: every segment runs whatever the routers say, so the exit decisions
+        # stay on the device until the tick's tokens are drawn (one read-back a tick instead of one per exit), for
+        # the price of every head's adapter on every token; on CPU there is no read-back to save
+        self.decide_per_tick = (full_depth and transform is None and self.lo == 0 and self.is_last
+                                and self.device.type == "cuda")
+        self.head_states: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # this tick's (normed, exits here)
         self.segment_calls = [0] * self.num_heads  # statistics: calls and tokens run per segment
         self.segment_tokens = [0] * self.num_heads
         self.trace = [] if trace else None
@@ -277,6 +283,9 @@ class StageEngine:
         if self.transform is not None:
             self._mixture_decide(j, rows, positions, last, out)
             return
+        if self.decide_per_tick:
+            self._full_depth_decide(j, rows, positions, last, out)
+            return
         final = j == self.num_heads - 1
         with timer("router"):
             # the router runs on every token reaching exit j, the adapter and output matrix only on those exiting
@@ -326,6 +335,47 @@ class StageEngine:
             out.results[row] = (token, head)
             if self.trace is not None:
                 self.trace.append(("logits", self.sequence_ids[row], self.avail[row], head, logits[n].clone()))
+
+    def _full_depth_decide(self, j, rows, positions, last, out: TickOutput) -> None:
+        """Full depth (decide_per_tick): the same decisions and draws as the exit-by-exit path, taken on the device
+        at the final head: a token exits at the first head whose draw is below its exit probability. Every
+        current token climbs in every tick at full depth, so `rows` are the same at each head of a tick."""
+        final = j == self.num_heads - 1
+        with self.timer("router"):
+            normed, router = self.model.head_router(j, last)
+            if not final:
+                log_q, _ = router_log_probs(router)
+                u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT)
+                                    for row, pos in zip(rows, positions)])
+                exits_here = u < log_q.double().exp()
+        if self.trace is not None and router is not None:
+            for i, (row, pos) in enumerate(zip(rows, positions)):
+                self.trace.append(("router", self.sequence_ids[row], pos, j, router[i].detach().clone()))
+        if not final:
+            self.head_states.append((normed, exits_here))
+            for row in rows:
+                self.level[row] = j + 1
+            return
+        self.head_states.append((normed, torch.ones(len(rows), dtype=torch.bool, device=normed.device)))
+        states, self.head_states = self.head_states, []
+        exits_here = torch.stack([stop for _, stop in states])  # [K, R]
+        head = exits_here.int().argmax(0)  # the first head a token exits at (argmax returns the first maximum)
+        picked = torch.arange(len(rows), device=head.device)
+        with self.timer("adapter"):
+            adapted = torch.stack([self.model.heads[k].adapt(n) for k, (n, _) in enumerate(states)])[head, picked]
+        with self.timer("output"):
+            logits = adapted @ self.output_matrix
+        with self.timer("sampling"):
+            u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, k, STREAM_TOKEN)
+                                for k in range(self.num_heads) for row, pos in zip(rows, positions)])
+            tokens = sample_from_logits(logits, u.view(self.num_heads, len(rows))[head, picked])
+            tokens, heads = torch.stack([tokens, head]).tolist()  # the tick's one wait for the device
+        for n, (row, token, k) in enumerate(zip(rows, tokens, heads)):
+            out.results[row] = (token, k)
+            self.deciding.discard(row)
+            self.level[row] = None
+            if self.trace is not None:
+                self.trace.append(("logits", self.sequence_ids[row], self.avail[row], k, logits[n].clone()))
 
     def _mixture_decide(self, j, rows, positions, last, out: TickOutput) -> None:
         """Transformed sampling: collect every head's log-softmax and router, sample at the final head."""
