@@ -124,7 +124,7 @@ class StageEngine:
         # the price of every head's adapter on every token; on CPU there is no read-back to save
         self.decide_per_tick = (full_depth and transform is None and self.lo == 0 and self.is_last
                                 and self.device.type == "cuda")
-        self.head_states: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # this tick's (normed, exits here)
+        self.head_states: list[tuple[torch.Tensor, torch.Tensor]] = []  # this tick's (normed, exits here) per head
         self.segment_calls = [0] * self.num_heads  # statistics: calls and tokens run per segment
         self.segment_tokens = [0] * self.num_heads
         self.trace = [] if trace else None
@@ -296,8 +296,8 @@ class StageEngine:
                 log_q, _ = router_log_probs(router)
                 u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT)
                                     for row, pos in zip(rows, positions)])
-                stop = (u < log_q.double().exp()).tolist()  # the host's one wait per decision: it picks the rows'
-                # next segment
+                # the host's one wait per decision: the rows that continue make the next segment's call
+                stop = (u < log_q.double().exp()).tolist()
         if self.trace is not None and router is not None:
             for i, (row, pos) in enumerate(zip(rows, positions)):
                 self.trace.append(("router", self.sequence_ids[row], pos, j, router[i].detach().clone()))
