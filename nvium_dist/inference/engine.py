@@ -283,24 +283,20 @@ class StageEngine:
         if self.transform is not None:
             self._mixture_decide(j, rows, positions, last, out)
             return
-        if self.decide_per_tick:
-            self._full_depth_decide(j, rows, positions, last, out)
-            return
         final = j == self.num_heads - 1
         with timer("router"):
             # the router runs on every token reaching exit j, the adapter and output matrix only on those exiting
             normed, router = self.model.head_router(j, last)
-            if final:
-                stop = [True] * len(rows)
-            else:
-                log_q, _ = router_log_probs(router)
-                u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT)
-                                    for row, pos in zip(rows, positions)])
+            exits_here = None if final else self._exit_draws(j, rows, positions, router)
+            if not self.decide_per_tick:
                 # the host's one wait per decision: the rows that continue make the next segment's call
-                stop = (u < log_q.double().exp()).tolist()
+                stop = [True] * len(rows) if final else exits_here.tolist()
         if self.trace is not None and router is not None:
             for i, (row, pos) in enumerate(zip(rows, positions)):
                 self.trace.append(("router", self.sequence_ids[row], pos, j, router[i].detach().clone()))
+        if self.decide_per_tick:
+            self._decide_at_final_head(j, rows, positions, normed, exits_here, out)
+            return
         level, nxt = self.level, j + 1
         for i, row in enumerate(rows):
             if stop[i]:
@@ -336,22 +332,18 @@ class StageEngine:
             if self.trace is not None:
                 self.trace.append(("logits", self.sequence_ids[row], self.avail[row], head, logits[n].clone()))
 
-    def _full_depth_decide(self, j, rows, positions, last, out: TickOutput) -> None:
+    def _exit_draws(self, j: int, rows: list[int], positions: list[int], router: torch.Tensor) -> torch.Tensor:
+        """Per row, on the device: does its token exit at head j (its draw below the exit probability)?"""
+        log_q, _ = router_log_probs(router)
+        u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT)
+                            for row, pos in zip(rows, positions)])
+        return u < log_q.double().exp()
+
+    def _decide_at_final_head(self, j, rows, positions, normed, exits_here, out: TickOutput) -> None:
         """Full depth (decide_per_tick): the same decisions and draws as the exit-by-exit path, taken on the device
         at the final head: a token exits at the first head whose draw is below its exit probability. Every
         current token climbs in every tick at full depth, so `rows` are the same at each head of a tick."""
-        final = j == self.num_heads - 1
-        with self.timer("router"):
-            normed, router = self.model.head_router(j, last)
-            if not final:
-                log_q, _ = router_log_probs(router)
-                u = self._uniforms([(self.seeds[row], self.sequence_ids[row], pos, j, STREAM_EXIT)
-                                    for row, pos in zip(rows, positions)])
-                exits_here = u < log_q.double().exp()
-        if self.trace is not None and router is not None:
-            for i, (row, pos) in enumerate(zip(rows, positions)):
-                self.trace.append(("router", self.sequence_ids[row], pos, j, router[i].detach().clone()))
-        if not final:
+        if j < self.num_heads - 1:
             self.head_states.append((normed, exits_here))
             for row in rows:
                 self.level[row] = j + 1
