@@ -94,10 +94,10 @@ class RankZeroError(RuntimeError):
     """Raised on ranks > 0 when rank 0 failed at something all ranks wait on; rank 0 raises the original."""
 
 
-def raise_rank0_error(error: Exception | None, what: str, group=None) -> None:
+def raise_rank0_error(error: Exception | None, what: str) -> None:
     """Collective: rank 0 passes the exception it hit (None elsewhere or when it succeeded); rank 0 re-raises
     it and every other rank raises RankZeroError, so no rank waits forever for one that gave up."""
-    message = broadcast_object(f"{type(error).__name__}: {error}" if error is not None else None, group=group)
+    message = broadcast_object(f"{type(error).__name__}: {error}" if error is not None else None)
     if error is not None:
         raise error
     if message is not None:
@@ -227,7 +227,7 @@ def _full_disk_is_one_line(tmp: Path, root: Path):
         if not is_disk_full(err):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{_error_line(err, tmp)}; {_latest_note(root)}") from None
+        raise CheckpointError(f"{disk_full_message(tmp, err)}; {_latest_note(root)}") from None
 
 
 def _raise_failures(errors: list[str | None], what: str, final: Path, tmp: Path, rank: int) -> None:
