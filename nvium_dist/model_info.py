@@ -381,14 +381,23 @@ class ExtraMemory:
     """The extra memory an operation allocates and frees again (a checkpoint save or load: its buffers, not
     the state it leaves behind): torch storages on any device (`TensorMemoryTracker.transient_peak`) plus the
     Python heap's peak (tracemalloc: numpy arrays, the bytes safetensors reads). `bytes`: the two peaks
-    added, an upper bound of their joint peak."""
+    added, an upper bound of their joint peak.
+
+    Python-heap tracing starts with the first measurement (call `start_tracing` earlier, before the process
+    starts threads) and stays on: tracemalloc.stop() races allocations made by other threads without the GIL
+    and can crash the process on Python before 3.12.9 (cpython#128679)."""
+
+    @staticmethod
+    def start_tracing() -> None:
+        import tracemalloc
+
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
 
     def __enter__(self):
         import tracemalloc
 
-        self._started_tracing = not tracemalloc.is_tracing()
-        if self._started_tracing:
-            tracemalloc.start()
+        self.start_tracing()
         tracemalloc.reset_peak()
         self._python_base = tracemalloc.get_traced_memory()[0]
         self._tensors = TensorMemoryTracker().__enter__()
@@ -399,7 +408,5 @@ class ExtraMemory:
 
         self._tensors.__exit__(*exc)
         self.python_bytes = max(0, tracemalloc.get_traced_memory()[1] - self._python_base)
-        if self._started_tracing:
-            tracemalloc.stop()
         self.torch_bytes = self._tensors.transient_peak
         self.bytes = self.torch_bytes + self.python_bytes

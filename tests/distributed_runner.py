@@ -2,21 +2,36 @@
 
 Processes come from a forkserver that has already imported torch and megatron-core, so each test pays
 well under a second of start-up instead of ~10 s per spawned process.
+
+A rank that dies (a crash, os._exit) fails the run at once with its exit code and, after a crash, its Python
+stacks (faulthandler); a run that sends no result within `timeout` has every live rank write its stacks before
+it is killed, and the error carries them, so a hang in CI says where it hung.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import queue as queue_module
+import signal
+import sys
+import tempfile
+import time
 import traceback
+from pathlib import Path
 
 from nvium_dist.parallel import forkserver_context, free_port, get_result, put_result
 
 _PRELOAD = ("torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture")
+STACKS_SIGNAL = signal.SIGUSR2  # the trainer handles SIGTERM, SIGUSR1 and SIGINT itself
 
 
-def _worker(fn, rank, world_size, port, args, queue):
+def _worker(fn, rank, world_size, port, args, queue, stacks_dir=None):
     import torch
     import torch.distributed as dist
 
+    stacks = open(Path(stacks_dir) / f"rank{rank}.txt", "w") if stacks_dir else sys.stderr
+    faulthandler.enable(stacks, all_threads=True)
+    faulthandler.register(STACKS_SIGNAL, stacks, all_threads=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -33,28 +48,60 @@ def _worker(fn, rank, world_size, port, args, queue):
             dist.destroy_process_group()
 
 
+def _stacks(stacks_dir: str, ranks: list[int]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{(Path(stacks_dir) / f'rank{r}.txt').read_text()}" for r in ranks)
+
+
+def _next_result(queue, procs, results: dict, deadline: float, stacks_dir: str):
+    """The next (rank, status, value); raises RuntimeError once a rank without a result has died, or at the
+    deadline after every live rank dumped its stacks; either error carries the ranks' stacks."""
+    while True:
+        try:
+            return get_result(queue, timeout=1.0)
+        except queue_module.Empty:
+            pass
+        dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+        if dead:
+            try:  # a rank that failed cleanly sent its traceback before exiting
+                return get_result(queue, timeout=1.0)
+            except queue_module.Empty:
+                raise RuntimeError("distributed worker died without a result: " + ", ".join(
+                    f"rank {r} exit code {code}" for r, code in dead) + _stacks(stacks_dir, [r for r, _ in dead])) \
+                    from None
+        if time.monotonic() > deadline:
+            waiting = [r for r, p in enumerate(procs) if r not in results]
+            for r in waiting:
+                if procs[r].is_alive():
+                    os.kill(procs[r].pid, STACKS_SIGNAL)
+            time.sleep(2)
+            raise RuntimeError(f"distributed workers {waiting} sent no result in time" + _stacks(stacks_dir, waiting))
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     """fn(rank, world_size, *args) in `world_size` processes; returns their results ordered by rank."""
     ctx = forkserver_context(_PRELOAD)
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
+    stacks_dir = tempfile.TemporaryDirectory(prefix="nvium-stacks-")
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue, stacks_dir.name))
+             for r in range(world_size)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout
     results, errors = {}, []
     try:
-        for _ in range(world_size):
-            rank, status, value = get_result(queue, timeout=timeout)
-            if status == "ok":
-                results[rank] = value
-            else:
+        while len(results) < world_size:
+            rank, status, value = _next_result(queue, procs, results, deadline, stacks_dir.name)
+            if status != "ok":
                 errors.append(f"rank {rank}:\n{value}")
                 break
+            results[rank] = value
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
             if p.is_alive():
                 p.kill()
+        stacks_dir.cleanup()
     if errors:
         raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -36,6 +36,7 @@ def measured_training(config_path: str | None, overrides: list[str]) -> dict:
     from nvium_dist.training import checkpoint as ckpt
     from nvium_dist.training.trainer import Trainer
 
+    ExtraMemory.start_tracing()  # before the trainer starts its threads (see ExtraMemory)
     peaks = {"save": 0, "resume": 0}
     parts = {}
 
