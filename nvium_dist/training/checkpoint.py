@@ -309,14 +309,18 @@ def save_checkpoint(engine, config: NviumConfig, step: int, trainer_state: dict,
         _raise_failures([line for line, _ in reports], "read back its share", final, tmp, rank)
         error = None
         if rank == 0:
+            renamed = False
             try:
                 write_manifest(tmp, {name: record for _, part in reports for name, record in part.items()})
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
+                renamed = True
                 update_latest(root, final.name)
             except OSError as err:
                 error = _error_line(err, tmp)
+                if renamed:  # a step `latest` does not name is not written: the next resume must not find it
+                    shutil.rmtree(final, ignore_errors=True)
         _raise_failures(all_gather_object(error, group=group), "publish it (manifest, rename, `latest`)", final, tmp,
                         rank)
         if rank == 0:
