@@ -54,10 +54,14 @@ def forkserver_context(preload: tuple[str, ...]):
 
 
 def put_result(queue, rank: int, status: str, value) -> None:
-    """Sends a worker's result to its parent by value. A tensor put on a torch.multiprocessing queue travels as
-    a file descriptor that the parent fetches from the worker's process when it reads the queue; a worker that
-    has exited by then makes the parent's read fail (FileNotFoundError on the resource sharer's socket)."""
+    """Sends a worker's one result to its parent by value and returns once it is in the pipe. A tensor put on a
+    torch.multiprocessing queue travels as a file descriptor that the parent fetches from the worker's process
+    when it reads the queue; a worker that has exited by then makes the parent's read fail (FileNotFoundError
+    on the resource sharer's socket). The queue's feeder thread writes the pipe and needs the GIL, so the
+    result is flushed before the worker's teardown (destroy_process_group) can hold the GIL or hang."""
     queue.put((rank, status, pickle.dumps(value)))
+    queue.close()
+    queue.join_thread()
 
 
 def get_result(queue, timeout: float) -> tuple[int, str, object]:
