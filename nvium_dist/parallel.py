@@ -14,7 +14,9 @@ import datetime
 import functools
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,55 @@ def get_result(queue, timeout: float) -> tuple[int, str, object]:
     """(rank, status, value) of the next result a worker sent with put_result."""
     rank, status, payload = queue.get(timeout=timeout)
     return rank, status, pickle.loads(payload)  # our own workers' bytes, never a file's
+
+
+class WorkerFailure(RuntimeError):
+    """A worker process raised, died without a result or sent none in time; `ranks` names those workers."""
+
+    def __init__(self, message: str, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def collect_results(queue, procs: list, timeout: float, on_timeout=None) -> dict[int, object]:
+    """The value each worker in `procs` (index = rank) sent with put_result -> {rank: value}. Raises WorkerFailure
+    at the first worker that raised (its traceback), or that exited without a result (its exit code: a crash is
+    known at once, not at the timeout), or when `timeout` seconds pass, after `on_timeout(waiting ranks)`. Either
+    way the workers are reaped: each gets 10 s to finish its teardown (0.5 s after a failure), then is killed."""
+    results, deadline, failed = {}, time.monotonic() + timeout, True
+    try:
+        while len(results) < len(procs):
+            rank, status, value = _next_result(queue, procs, results, deadline, timeout, on_timeout)
+            if status != "ok":
+                raise WorkerFailure(f"rank {rank}:\n{value}", [rank])
+            results[rank] = value
+        failed = False
+    finally:
+        for p in procs:
+            p.join(timeout=0.5 if failed else 10)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+def _next_result(queue, procs: list, results: dict, deadline: float, timeout: float, on_timeout):
+    while True:
+        try:
+            return get_result(queue, timeout=1.0)
+        except queue_module.Empty:
+            pass
+        exited = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+        if exited:
+            try:  # a result written just before its worker exited
+                return get_result(queue, timeout=1.0)
+            except queue_module.Empty:
+                raise WorkerFailure("died without a result: " + ", ".join(
+                    f"rank {r} exit code {procs[r].exitcode}" for r in exited), exited) from None
+        if time.monotonic() > deadline:
+            waiting = [r for r in range(len(procs)) if r not in results]
+            if on_timeout is not None:
+                on_timeout(waiting)
+            raise WorkerFailure(f"workers {waiting} sent no result in time ({timeout:.0f} s)", waiting)
 
 
 def _env_int(name: str, default: int) -> int:

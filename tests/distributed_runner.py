@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import queue as queue_module
 import signal
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from nvium_dist.parallel import forkserver_context, free_port, get_result, put_result
+from nvium_dist.parallel import WorkerFailure, collect_results, forkserver_context, free_port, put_result
 
 _PRELOAD = ("torch", "megatron.core.tensor_parallel", "nvium_dist.model", "nvium_dist.mixture")
 STACKS_SIGNAL = signal.SIGUSR2  # the trainer handles SIGTERM, SIGUSR1 and SIGINT itself
@@ -49,32 +48,16 @@ def _worker(fn, rank, world_size, port, args, queue, stacks_dir=None):
 
 
 def _stacks(stacks_dir: str, ranks: list[int]) -> str:
-    return "".join(f"\n--- rank {r} ---\n{(Path(stacks_dir) / f'rank{r}.txt').read_text()}" for r in ranks)
+    """What faulthandler wrote for `ranks` (a crash report, or the stacks a hung rank dumped on STACKS_SIGNAL)."""
+    dumps = {r: (Path(stacks_dir) / f"rank{r}.txt").read_text() for r in ranks}
+    return "".join(f"\n--- rank {r} ---\n{text}" for r, text in dumps.items() if text)
 
 
-def _next_result(queue, procs, results: dict, deadline: float, stacks_dir: str):
-    """The next (rank, status, value); raises RuntimeError once a rank without a result has died, or at the
-    deadline after every live rank dumped its stacks; either error carries the ranks' stacks."""
-    while True:
-        try:
-            return get_result(queue, timeout=1.0)
-        except queue_module.Empty:
-            pass
-        dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-        if dead:
-            try:  # a rank that failed cleanly sent its traceback before exiting
-                return get_result(queue, timeout=1.0)
-            except queue_module.Empty:
-                raise RuntimeError("distributed worker died without a result: " + ", ".join(
-                    f"rank {r} exit code {code}" for r, code in dead) + _stacks(stacks_dir, [r for r, _ in dead])) \
-                    from None
-        if time.monotonic() > deadline:
-            waiting = [r for r, p in enumerate(procs) if r not in results]
-            for r in waiting:
-                if procs[r].is_alive():
-                    os.kill(procs[r].pid, STACKS_SIGNAL)
-            time.sleep(2)
-            raise RuntimeError(f"distributed workers {waiting} sent no result in time" + _stacks(stacks_dir, waiting))
+def _dump_stacks(procs: list, ranks: list[int]) -> None:
+    for r in ranks:
+        if procs[r].is_alive():
+            os.kill(procs[r].pid, STACKS_SIGNAL)
+    time.sleep(2)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
@@ -87,21 +70,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
              for r in range(world_size)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout
-    results, errors = {}, []
     try:
-        while len(results) < world_size:
-            rank, status, value = _next_result(queue, procs, results, deadline, stacks_dir.name)
-            if status != "ok":
-                errors.append(f"rank {rank}:\n{value}")
-                break
-            results[rank] = value
+        results = collect_results(queue, procs, timeout, on_timeout=lambda ranks: _dump_stacks(procs, ranks))
+    except WorkerFailure as failure:
+        raise RuntimeError(f"distributed worker failed: {failure}{_stacks(stacks_dir.name, failure.ranks)}") \
+            from None
     finally:
-        for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
-            if p.is_alive():
-                p.kill()
         stacks_dir.cleanup()
-    if errors:
-        raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

@@ -234,7 +234,7 @@ def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: list[int
                  return_caches: bool = False, timeout: float = 600.0) -> dict:
     """Decodes with `stages` processes over `rows` rows (default: one per prompt);
     -> {"tokens", "exits", "rows", "seconds" (stage 0's decode time), "caches"?}."""
-    from nvium_dist.parallel import forkserver_context, free_port, get_result
+    from nvium_dist.parallel import WorkerFailure, collect_results, forkserver_context, free_port
 
     config = _model_config(export_dir)
     stage_segments(config.num_heads_total, [b - a for a, b in config.segment_ranges], stages)  # validates
@@ -249,29 +249,10 @@ def run_pipeline(export_dir: str, stages: int, prompts, max_new_tokens: list[int
              for rank in range(stages)]
     for p in procs:
         p.start()
-    results, errors = {}, []
     try:
-        deadline = time.time() + timeout
-        while len(results) < stages and not errors:
-            try:
-                rank, status, value = get_result(queue, timeout=max(1.0, min(5.0, deadline - time.time())))
-            except Exception:  # queue.Empty: check the processes are alive
-                dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in results]
-                if dead or time.time() > deadline:
-                    errors.append(f"stage(s) {dead} exited without a result" if dead else
-                                  f"pipeline decoding timed out after {timeout:.0f} s")
-                continue
-            if status == "ok":
-                results[rank] = value
-            else:
-                errors.append(f"stage {rank}:\n{value}")
-    finally:
-        for p in procs:
-            p.join(timeout=10 if not errors else 0.5)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("pipeline decoding failed\n" + "\n".join(errors))
+        results = collect_results(queue, procs, timeout)
+    except WorkerFailure as failure:
+        raise RuntimeError(f"pipeline decoding failed: {failure}") from None
     result = dict(results[0])
     if return_caches:
         caches = {}
