@@ -124,14 +124,15 @@ def verify_marker(directory: Path) -> dict | None:
     return marker
 
 
-def _process_is_gone(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether process `pid` is running on this host (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except OSError:  # a live process of another user
         return False
-    return False
+    except OSError:  # a live process of another user
+        return True
+    return True
 
 
 def _writer_is_gone(tmp: Path) -> bool:
@@ -139,7 +140,7 @@ def _writer_is_gone(tmp: Path) -> bool:
         pid = int(json.loads((tmp / PARTIAL_FILE).read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):  # not ours, or unreadable
         return False
-    return _process_is_gone(pid)
+    return not process_exists(pid)
 
 
 def recover_interrupted_swap(out: Path) -> None:
@@ -149,7 +150,7 @@ def recover_interrupted_swap(out: Path) -> None:
     for old in out.parent.glob(f"{out.name}.old-*"):
         pid = old.name.rsplit("-", 1)[1]
         if (not pid.isdigit() or old.is_symlink() or not old.is_dir() or read_marker(old) is None
-                or not _process_is_gone(int(pid))):
+                or process_exists(int(pid))):
             continue
         if not out.exists() and not out.is_symlink():
             os.replace(old, out)

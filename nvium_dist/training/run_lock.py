@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from nvium_dist.output_dir import process_exists
+
 LOCK_FILE = ".lock"
 EXCLUSIVE_LOCK_FILE = ".lock.excl"
 # flock unsupported by the filesystem (Lustre noflock: ENOSYS; some FUSE and NFS setups: the others)
@@ -39,16 +41,6 @@ def _holder_line() -> str:
 def _in_use(run_dir: Path, holder: str, lock: Path) -> RunDirInUseError:
     return RunDirInUseError(f"run directory {run_dir} is in use by {holder} (lock {lock}); wait for that training "
                             "to finish, stop it, or choose another training.run_dir")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunDirLock:
@@ -138,7 +130,7 @@ class RunDirLock:
         except FileNotFoundError:
             return True
         holder = self._read_exclusive_file()
-        dead_here = holder is not None and holder[0] == socket.gethostname() and not _pid_alive(holder[1])
+        dead_here = holder is not None and holder[0] == socket.gethostname() and not process_exists(holder[1])
         if not (dead_here or silent > STALE_SECONDS):
             return False
         self.exclusive_path.unlink(missing_ok=True)
